@@ -1,0 +1,159 @@
+import math
+
+import pytest
+import torch
+
+from opdx.divergences import DIVERGENCES, get_divergence
+from opdx.objective import analytic_loss, discounted_future_sum, opd_loss, token_advantages
+
+LOGP = torch.log(torch.tensor([[0.5, 0.25, 0.8], [0.1, 0.9, 0.3]], dtype=torch.float64))
+LOGQ = torch.log(torch.tensor([[0.25, 0.5, 0.4], [0.3, 0.6, 0.6]], dtype=torch.float64))
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+
+def test_reverse_kl_stopgrad_value_by_hand():
+    logp = LOGP.clone().requires_grad_(True)
+    loss = opd_loss(logp, LOGQ, MASK, "reverse_kl", "stopgrad")
+    log_u = (LOGQ - LOGP) * MASK
+    expected = -(log_u * LOGP * MASK).sum() / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, -log_u / 2)  # d L / d log p = -A / B
+
+
+def test_forward_kl_unbiased_advantage_is_u():
+    advantages, log_u = token_advantages(LOGP, LOGQ, MASK, "forward_kl", "unbiased")
+    expected = torch.tensor([[0.5, 2.0, 0.5], [3.0, 2 / 3, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(log_u, (LOGQ - LOGP) * MASK)
+
+
+def test_discount_semantics_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 4.0, 8.0]], dtype=torch.float64)
+    torch.testing.assert_close(discounted_future_sum(rewards, 0.0), torch.zeros(1, 4, dtype=torch.float64))
+    torch.testing.assert_close(
+        discounted_future_sum(rewards, 1.0), torch.tensor([[14.0, 12.0, 8.0, 0.0]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        discounted_future_sum(rewards, 0.5),
+        torch.tensor([[0.5 * 2 + 0.25 * 4 + 0.125 * 8, 0.5 * 4 + 0.25 * 8, 4.0, 0.0]], dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_advantage_is_own_term_plus_discounted_future_rewards(gamma):
+    div = get_divergence("js")
+    log_u = (LOGQ - LOGP) * MASK
+    rewards = -div.f(log_u) * MASK
+    for estimator, own in (("stopgrad", rewards), ("unbiased", div.unbiased_advantage(log_u))):
+        advantages, _ = token_advantages(LOGP, LOGQ, MASK, div, estimator, gamma)
+        for b in range(2):
+            for n in range(3):
+                if not MASK[b, n]:
+                    assert advantages[b, n] == 0
+                    continue
+                future = sum(gamma ** (m - n) * rewards[b, m] for m in range(n + 1, 3))
+                assert advantages[b, n].item() == pytest.approx((own[b, n] + future).item(), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["stopgrad", "unbiased"])
+def test_masked_positions_change_neither_value_nor_gradient(estimator):
+    garbage_p = LOGP.clone()
+    garbage_q = LOGQ.clone()
+    garbage_p[1, 2], garbage_q[1, 2] = float("-inf"), float("nan")
+    results = []
+    for logp_in, logq_in in ((LOGP, LOGQ), (garbage_p, garbage_q)):
+        logp = logp_in.clone().requires_grad_(True)
+        loss = opd_loss(logp, logq_in, MASK.bool(), "forward_kl", estimator, gamma=1.0)
+        (grad,) = torch.autograd.grad(loss, logp)
+        results.append((loss, grad))
+    assert torch.isfinite(results[1][0])
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[1][1][1, 2] == 0
+
+
+def test_padding_after_the_mask_does_not_leak_through_the_discount():
+    short = opd_loss(LOGP[1:, :2].clone().requires_grad_(True), LOGQ[1:, :2], MASK[1:, :2], "js", "unbiased", 1.0)
+    padded = opd_loss(LOGP[1:].clone().requires_grad_(True), LOGQ[1:], MASK[1:], "js", "unbiased", 1.0)
+    torch.testing.assert_close(short, padded)
+
+
+def test_dtypes_are_kept():
+    for dtype in (torch.float64, torch.float32):
+        loss = opd_loss(LOGP.to(dtype).requires_grad_(True), LOGQ.to(dtype), MASK, "js", "unbiased")
+        assert loss.dtype == dtype
+
+
+def test_token_mean_divides_by_response_tokens():
+    base = opd_loss(LOGP, LOGQ, MASK, "js", "unbiased")
+    token_mean = opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", token_mean=True)
+    assert token_mean.item() == pytest.approx(base.item() * 2 / 5, rel=1e-12)
+
+
+def test_batch_baseline_and_whitening():
+    advantages, _ = token_advantages(LOGP, LOGQ, MASK, "forward_kl", "unbiased")
+    valid = advantages[MASK.bool()]
+    logp = LOGP.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(opd_loss(logp, LOGQ, MASK, "forward_kl", "unbiased", batch_baseline=True), logp)
+    torch.testing.assert_close(grad, -(advantages - valid.mean()) * MASK / 2)
+    (grad,) = torch.autograd.grad(opd_loss(logp, LOGQ, MASK, "forward_kl", "unbiased", whiten=True), logp)
+    torch.testing.assert_close(grad, -(advantages - valid.mean()) / (valid.std() + 1e-8) * MASK / 2)
+
+
+def test_log_ratio_clip():
+    advantages, log_u = token_advantages(LOGP, LOGQ, MASK, "reverse_kl", "stopgrad", log_ratio_clip=0.5)
+    assert log_u.abs().max().item() == pytest.approx(0.5)
+    assert advantages[1, 0].item() == pytest.approx(0.5)  # log(0.3/0.1) = 1.10 clipped to 0.5
+
+
+def test_importance_ratio_is_one_on_policy_and_ppo_clips_off_policy():
+    logp = LOGP.clone().requires_grad_(True)
+    on_policy = opd_loss(logp, LOGQ, MASK, "js", "unbiased", behaviour_logprobs=LOGP, ppo_clip=0.2)
+    (grad_on,) = torch.autograd.grad(on_policy, logp)
+    (grad_plain,) = torch.autograd.grad(opd_loss(logp, LOGQ, MASK, "js", "unbiased"), logp)
+    torch.testing.assert_close(grad_on, grad_plain)
+    # the current policy moved far up on every token: ratio e > 1.2 gets clipped where A > 0 (no gradient)
+    moved = (LOGP + 1.0).requires_grad_(True)
+    (grad_moved,) = torch.autograd.grad(
+        opd_loss(moved, LOGQ, MASK, "js", "unbiased", behaviour_logprobs=LOGP, ppo_clip=0.2), moved
+    )
+    advantages, _ = token_advantages(LOGP, LOGQ, MASK, "js", "unbiased")
+    assert bool((grad_moved[advantages > 0] == 0).all())
+    assert bool((grad_moved[(advantages < 0) & MASK.bool()] != 0).all())
+
+
+def test_analytic_gradient_equals_exact_per_state_gradient():
+    """d D_f(q||p) / d z_k = -p_k (w_f(u_k) - E_p[w_f(u)]) for student logits z (equation (1))."""
+    generator = torch.Generator().manual_seed(0)
+    logits_p = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
+    logits_q = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    for name in DIVERGENCES:
+        div = get_divergence(name)
+        z = logits_p.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(analytic_loss(z, logits_q, mask, div, chunk_size=4), z)
+        p = logits_p.softmax(-1)
+        w = div.unbiased_advantage(logits_q.log_softmax(-1) - logits_p.log_softmax(-1))
+        expected = -p * (w - (p * w).sum(-1, keepdim=True)) * mask.unsqueeze(-1) / 2
+        torch.testing.assert_close(grad, expected, msg=name)
+
+
+def test_analytic_loss_value_and_masking():
+    logits_p = torch.zeros(1, 2, 2, dtype=torch.float64)
+    logits_q = torch.log(torch.tensor([[[0.9, 0.1], [0.2, 0.8]]], dtype=torch.float64))
+    value = analytic_loss(logits_p, logits_q, torch.tensor([[1, 0]]), "forward_kl").item()
+    assert value == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2))
+
+
+def test_errors_name_the_bad_value_and_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'biased'.*stopgrad, unbiased"):
+        opd_loss(LOGP, LOGQ, MASK, "js", "biased")
+    with pytest.raises(ValueError, match=r"analytic_loss"):
+        opd_loss(LOGP, LOGQ, MASK, "js", "analytic")
+    with pytest.raises(ValueError, match=r"'kl'.*reverse_kl"):
+        opd_loss(LOGP, LOGQ, MASK, "kl", "unbiased")
+    with pytest.raises(ValueError, match=r"gamma.*\[0, 1\].*2"):
+        opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", gamma=2)
+    with pytest.raises(ValueError, match="behaviour_logprobs"):
+        opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", ppo_clip=0.2)

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from opdx.divergences import DIVERGENCES
+from opdx.verify import (
+    TabularProblem,
+    divergence_for,
+    exact_table,
+    main,
+    monte_carlo_table,
+    per_response_gradients,
+    true_gradient,
+)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return exact_table(seed=3)
+
+
+def test_enumeration_covers_every_response():
+    problem = TabularProblem.random(vocab=3, length=3, seed=0)
+    assert problem.responses_Y_T.shape == (27, 3)
+    assert problem.logits_student_S_V.shape == (13, 3)  # 1 + 3 + 9 prefix states
+    total = problem.token_logprobs(problem.logits_student_S_V).sum(-1).exp().sum()
+    assert total.item() == pytest.approx(1.0, abs=1e-14)
+
+
+def test_unbiased_is_exact_for_every_divergence_and_gamma(table):
+    unbiased = table[table.estimator == "unbiased"]
+    assert len(unbiased) == len(DIVERGENCES) * 3  # gamma 0 and 1 on the tabular policy, plus T = 1
+    assert unbiased.rel_error.max() < 1e-12
+    assert unbiased.cosine.min() > 1 - 1e-12
+
+
+def test_stopgrad_is_exact_only_for_reverse_kl(table):
+    stopgrad = table[table.estimator == "stopgrad"].set_index(["setting", "divergence", "gamma"])
+    for (_, name, _), row in stopgrad.iterrows():
+        if name == "reverse_kl":
+            assert row.rel_error < 1e-12
+        else:
+            assert row.rel_error > 0.1, name
+
+
+def test_analytic_is_exact_at_gamma_zero_only(table):
+    analytic = table[table.estimator == "analytic"]
+    assert analytic[analytic.gamma == 0].rel_error.max() < 1e-12
+    assert analytic[analytic.gamma == 1].rel_error.min() > 0.1
+    assert table.ok.all()
+
+
+def test_gamma_zero_and_one_targets_differ():
+    problem = TabularProblem.random(seed=1)
+    div = divergence_for("js", 0.5)
+    per_state, full = true_gradient(problem, div, 0.0), true_gradient(problem, div, 1.0)
+    assert (per_state - full).norm() > 0.3 * full.norm()
+
+
+def test_a_broken_estimator_would_fail():
+    """The check has teeth: the unbiased estimate with a wrong gamma misses the gamma = 1 target."""
+    problem = TabularProblem.random(seed=2)
+    div = divergence_for("forward_kl", 0.5)
+    weight_Y = problem.token_logprobs(problem.logits_student_S_V).sum(-1).exp()
+    expected = torch.einsum("y,ysv->sv", weight_Y, per_response_gradients(problem, div, "unbiased", 0.0))
+    assert (expected - true_gradient(problem, div, 1.0)).norm() / true_gradient(problem, div, 1.0).norm() > 0.05
+
+
+def test_monte_carlo_unbiased_error_shrinks_like_inverse_sqrt_and_stopgrad_plateaus():
+    mc = monte_carlo_table(4096, seed=0, gamma=1.0, repeats=40).set_index(["divergence", "estimator", "samples"])
+    error = mc.rms_rel_error
+    ratio_unbiased = error["forward_kl", "unbiased", 256] / error["forward_kl", "unbiased", 4096]
+    assert 2.5 < ratio_unbiased < 6.5  # sqrt(16) = 4
+    ratio_stopgrad = error["forward_kl", "stopgrad", 256] / error["forward_kl", "stopgrad", 4096]
+    assert ratio_stopgrad < 1.3
+    assert error["forward_kl", "stopgrad", 4096] > 5 * error["forward_kl", "unbiased", 4096]
+
+
+def test_cli_writes_tables_and_exits_zero(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--samples", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "forward_kl" in out and "OK:" in out and "Monte-Carlo" in out
+    for name in ("exact.md", "exact.csv", "monte_carlo.md", "monte_carlo.csv"):
+        assert (tmp_path / name).stat().st_size > 100
