@@ -1,15 +1,23 @@
-"""The `opdx` command.
+"""The `opdx` command (also `python -m opdx`).
 
-opdx verify [--samples N]       # exact check of the estimators (opdx/verify.py)
+    opdx train [overrides...]        # Hydra app: opdx train divergence=js estimator=unbiased
+    opdx train -m divergence=reverse_kl,forward_kl,js estimator=stopgrad,unbiased seed=0,1,2
+    opdx train trainer.resume=<run dir> [overrides...]   # continue a killed run in place
+    opdx prepare model=tiny [out=DIR] [seed=0]           # rebuild the tiny teacher/student
+    opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 COMMANDS = {
+    "train": "on-policy distillation run (Hydra app; --help lists the config groups)",
+    "prepare": "build the weights of a model config that is built locally (model=tiny)",
     "verify": "exact-enumeration check of the OPD and OPD+ estimators",
 }
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def usage() -> str:
@@ -18,12 +26,83 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def resume_overrides(argv: list[str]) -> list[str]:
+    """With ``trainer.resume=DIR``: the original run's overrides, then the new ones, run in DIR."""
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("trainer.resume=")]
+    if not resume or resume[-1] in ("", "null"):
+        return argv
+    run_dir = Path(resume[-1])
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not (run_dir / "checkpoint.pt").exists() or not saved.exists():
+        raise SystemExit(f"opdx train: trainer.resume={run_dir} has no checkpoint.pt and .hydra/overrides.yaml to resume")
+    from omegaconf import OmegaConf
+
+    original = [o for o in OmegaConf.load(saved) if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
+    return [*original, *argv, f"hydra.run.dir={run_dir}"]
+
+
+def run_hydra(task, argv: list[str], prog: str) -> None:
+    """Run ``task(cfg)`` as a Hydra app over conf/config.yaml with the command-line ``argv``."""
+    import hydra
+
+    from opdx.config import register_schema
+    from opdx.models import register_resolvers
+
+    register_schema()
+    register_resolvers()
+    sys.argv = [prog, *argv]
+    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(task)()
+
+
+def train_task(cfg) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from opdx.config import ConfigError, validate
+
+    try:
+        run = validate(cfg)
+    except ConfigError as error:
+        sys.exit(f"opdx train: invalid config: {error}")
+    from opdx.trainer import train
+
+    hydra_cfg = HydraConfig.get()
+    if run.logger.group is None and run.experiment is None and hydra_cfg.mode.name == "MULTIRUN":
+        run.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
+    summary = train(run, Path(hydra_cfg.runtime.output_dir))
+    return summary["final_eval"]["greedy_acc"]
+
+
+def prepare(argv: list[str]) -> int:
+    from opdx.models import MODELS, asset_path
+
+    options = dict(a.split("=", 1) for a in argv if "=" in a)
+    unknown = set(options) - {"model", "out", "seed"} | {a for a in argv if "=" not in a}
+    if unknown:
+        print(f"opdx prepare: unknown arguments {sorted(unknown)}; usage: opdx prepare model=NAME [out=DIR] [seed=N]")
+        return 2
+    name = options.get("model", "tiny")
+    builder = MODELS.get(name, "unknown")
+    if builder is None or builder == "unknown":
+        buildable = [k for k, v in MODELS.items() if v is not None]
+        print(f"opdx prepare: model={name!r} is not built locally; models built by prepare: {', '.join(buildable)}")
+        return 2
+    out = Path(options.get("out", asset_path(name)))
+    builder(out, seed=int(options.get("seed", 0)))
+    print(f"written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "train":
+        run_hydra(train_task, resume_overrides(rest), "opdx train")
+        return 0
+    if command == "prepare":
+        return prepare(rest)
     if command == "verify":
         from opdx import verify
 

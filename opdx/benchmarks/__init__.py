@@ -1,0 +1,50 @@
+"""Benchmarks (config group `benchmark`): prompts, reference answers and a verifier each.
+
+A benchmark gives a train split (prompts for on-policy rollouts), a disjoint eval split, a
+``score(problem, response) -> float`` verifier in [0, 1], and for SFT a worked solution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its reference answer and the raw entry of its source dataset."""
+
+    prompt: str
+    answer: str
+    entry: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+class Benchmark(Protocol):
+    name: str
+    train: list[Problem]
+    eval: list[Problem]
+
+    def score(self, problem: Problem, response: str) -> float:
+        """1.0 if the response's final answer is right, else 0.0 (or partial credit)."""
+        ...
+
+    def worked_solution(self, problem: Problem) -> str:
+        """A correct response, for supervised fine-tuning."""
+        ...
+
+
+def _arith(**kwargs: Any) -> Benchmark:
+    from opdx.benchmarks.arith import ArithBenchmark
+
+    return ArithBenchmark(**kwargs)
+
+
+BENCHMARKS: dict[str, Callable[..., Benchmark]] = {"arith": _arith}
+
+
+def get_benchmark(name: str, **kwargs: Any) -> Benchmark:
+    """The benchmark registered as ``name``, built with ``kwargs``; ValueError lists the valid names."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name](**kwargs)

@@ -1,0 +1,106 @@
+"""`arith`: multi-step integer arithmetic from reasoning-gym's procedural generators.
+
+Problems come from ``reasoning_gym.create_dataset(generator, seed=..., ...)`` (chain_sum by
+default: 2-3 terms of 1-2 digits joined by + and -). Item i of a dataset uses Random(seed + i),
+so the train and eval seeds are kept far apart and eval expressions are removed from train.
+Prompts are the compact expression (``98+93-77=``); a worked response writes the running
+partial sums (``98+93=191;191-77=114``) and the final answer is the number after the last
+``=``, graded by the generator's own ``score_answer``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import reasoning_gym
+
+from opdx.benchmarks import Problem
+
+EVAL_SEED_OFFSET = 10_000_000
+
+
+def compact(expression: str) -> str:
+    return expression.replace(" ", "")
+
+
+def final_answer(response: str) -> str:
+    """The text after the last '=' (the whole response if there is none), stripped."""
+    return response.rsplit("=", 1)[-1].strip()
+
+
+def running_sums(expression: str) -> str:
+    """Left-to-right worked solution of a +/- chain: '98+93-77' -> '98+93=191;191-77=114'."""
+    terms = re.findall(r"[+-]?\d+", compact(expression))
+    total = int(terms[0])
+    steps = []
+    for term in terms[1:]:
+        new_total = total + int(term)
+        steps.append(f"{total}{term[0]}{term[1:]}={new_total}")
+        total = new_total
+    return ";".join(steps)
+
+
+@dataclass
+class ArithBenchmark:
+    name: str = "arith"
+    generator: str = "chain_sum"
+    train_size: int = 20_000
+    eval_size: int = 1_000
+    seed: int = 0
+    min_terms: int = 2
+    max_terms: int = 3
+    min_digits: int = 1
+    max_digits: int = 2
+    _datasets: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        counts = ("train_size", "eval_size", "seed", "min_terms", "max_terms", "min_digits", "max_digits")
+        for key in counts:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"benchmark.{key}={value!r} is invalid; it must be a non-negative integer")
+        if not (self.min_terms <= self.max_terms and self.min_digits <= self.max_digits):
+            raise ValueError(f"benchmark: min_terms/min_digits must not exceed max_terms/max_digits, got {self}")
+        if self.generator not in reasoning_gym.factory.DATASETS:
+            raise ValueError(
+                f"benchmark.generator={self.generator!r} is not a reasoning-gym dataset; "
+                f"e.g. chain_sum, basic_arithmetic, products (all: {len(reasoning_gym.factory.DATASETS)})"
+            )
+
+    def _dataset(self, split: str):
+        if split not in self._datasets:
+            size, seed = (
+                (self.train_size, self.seed) if split == "train" else (self.eval_size, self.seed + EVAL_SEED_OFFSET)
+            )
+            self._datasets[split] = reasoning_gym.create_dataset(
+                self.generator,
+                size=size,
+                seed=seed,
+                min_terms=self.min_terms,
+                max_terms=self.max_terms,
+                min_digits=self.min_digits,
+                max_digits=self.max_digits,
+            )
+        return self._datasets[split]
+
+    @staticmethod
+    def _problem(entry: dict) -> Problem:
+        return Problem(prompt=compact(entry["metadata"]["expression"]) + "=", answer=entry["answer"], entry=entry)
+
+    @cached_property
+    def eval(self) -> list[Problem]:
+        return [self._problem(entry) for entry in self._dataset("eval")]
+
+    @cached_property
+    def train(self) -> list[Problem]:
+        held_out = {problem.prompt for problem in self.eval}
+        return [p for p in map(self._problem, self._dataset("train")) if p.prompt not in held_out]
+
+    def score(self, problem: Problem, response: str) -> float:
+        """Exact match of the final answer (reasoning-gym gives 0.01 to any wrong number; we count 0)."""
+        return float(self._dataset("eval").score_answer(final_answer(response), problem.entry) == 1.0)
+
+    def worked_solution(self, problem: Problem) -> str:
+        return running_sums(problem.entry["metadata"]["expression"])

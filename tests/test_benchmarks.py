@@ -1,0 +1,39 @@
+import pytest
+
+from opdx.benchmarks import get_benchmark
+from opdx.benchmarks.arith import final_answer, running_sums
+
+
+@pytest.fixture(scope="module")
+def arith():
+    return get_benchmark("arith", train_size=3000, eval_size=300)
+
+
+def test_splits_are_disjoint_and_reproducible(arith):
+    assert len(arith.eval) == 300
+    assert not {p.prompt for p in arith.train} & {p.prompt for p in arith.eval}
+    again = get_benchmark("arith", train_size=3000, eval_size=300)
+    assert [p.prompt for p in again.eval[:20]] == [p.prompt for p in arith.eval[:20]]
+
+
+def test_prompts_are_reasoning_gym_chain_sums(arith):
+    for problem in arith.eval[:50]:
+        assert problem.prompt == problem.entry["metadata"]["expression"].replace(" ", "") + "="
+        assert int(problem.answer) == eval(problem.prompt[:-1])  # noqa: S307 - digits and +/- only
+
+
+def test_worked_solution_and_grading(arith):
+    assert running_sums("98 + 93 - 77") == "98+93=191;191-77=114"
+    assert running_sums("4 - 9") == "4-9=-5"
+    assert final_answer("98+93=191;191-77=114") == "114"
+    for problem in arith.eval[:50]:
+        assert arith.score(problem, arith.worked_solution(problem)) == 1.0
+        assert arith.score(problem, f"={int(problem.answer) + 1}") == 0.0
+    problem = arith.eval[0]
+    assert arith.score(problem, f"1+1=2;  ={problem.answer} ") == 1.0
+    assert arith.score(problem, "") == 0.0
+
+
+def test_unknown_benchmark():
+    with pytest.raises(ValueError, match="'gsm9k'.*arith"):
+        get_benchmark("gsm9k")

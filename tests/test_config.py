@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from opdx.benchmarks import BENCHMARKS
+from opdx.cli import CONF_DIR
+from opdx.config import ConfigError, RunConfig, register_schema, validate
+from opdx.divergences import DIVERGENCES
+from opdx.logging import LOGGERS
+from opdx.models import MODELS, register_resolvers
+from opdx.objective import ESTIMATORS
+
+REGISTRIES = {
+    "divergence": DIVERGENCES,
+    "estimator": ESTIMATORS,
+    "model": MODELS,
+    "benchmark": BENCHMARKS,
+    "logger": LOGGERS,
+}
+
+register_schema()
+register_resolvers()
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group", list(REGISTRIES))
+def test_config_group_files_mirror_the_registry(group):
+    stems = {p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")}
+    assert stems == set(REGISTRIES[group]), f"conf/{group} vs registry"
+
+
+@pytest.mark.parametrize(
+    "override", [f"{group}={name}" for group in REGISTRIES for name in REGISTRIES[group]]
+)
+def test_every_yaml_composes_and_validates(override):
+    run = validate(composed(override))
+    assert isinstance(run, RunConfig)
+    group, name = override.split("=")
+    assert getattr(run, group)["name"] if group == "benchmark" else getattr(run, group).name == name
+
+
+def test_default_choices_and_user_facing_names():
+    run = validate(composed("seed=3", "trainer.steps=7", "trainer.lr=0.01", "estimator.gamma=0.5"))
+    assert (run.model.name, run.divergence.name, run.estimator.name, run.benchmark["name"]) == (
+        "tiny", "reverse_kl", "unbiased", "arith"
+    )
+    assert (run.seed, run.trainer.steps, run.trainer.lr, run.estimator.gamma) == (3, 7, 0.01, 0.5)
+    assert Path(run.model.teacher, "config.json").exists()
+    run = validate(composed("divergence=alpha", "divergence.alpha=0.3"))
+    assert run.divergence.alpha == 0.3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["estimator.gamma=2"], r"estimator.gamma=2.0 is invalid; gamma must lie in \[0, 1\]"),
+        (["divergence=alpha", "divergence.alpha=1"], "alpha divergence needs a finite alpha not equal to 0 or 1"),
+        (["divergence.alpha=0.3"], "'reverse_kl' takes no parameters"),
+        (["trainer.schedule=step"], "valid: constant, cosine, linear"),
+        (["trainer.steps=0"], "trainer.steps=0 is invalid"),
+        (["benchmark.max_terms=x"], "max_terms"),
+        (["+benchmark.difficulty=3"], "difficulty"),
+        (["model.dtype=fp8"], "valid dtypes: float32, bfloat16"),
+    ],
+)
+def test_bad_values_fail_validation_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(composed(*overrides))
+
+
+def test_bad_type_fails_while_composing():
+    with pytest.raises(Exception, match="trainer.lr=abc") as error:
+        composed("trainer.lr=abc")
+    assert "could not be converted to Float" in str(error.value.__cause__)
+
+
+def test_cli_rejects_bad_input_before_loading_models(opdx_cli, tmp_path):
+    result = opdx_cli("train", "divergence=jsd", f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode != 0
+    assert "Could not find 'divergence/jsd'" in result.stderr and "forward_kl" in result.stderr
+    result = opdx_cli("train", "estimator.gamma=2", f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode != 0
+    assert "gamma must lie in [0, 1]" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_hydra_flags_work(opdx_cli):
+    job = OmegaConf.create(opdx_cli("train", "--cfg", "job", "divergence=js").stdout)
+    assert job.divergence.name == "js" and job.estimator.name == "unbiased"
+    assert "divergence: alpha, forward_kl" in opdx_cli("train", "--help").stdout

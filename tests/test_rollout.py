@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from opdx.models import asset_path
+from opdx.rollout import (
+    Rollout,
+    SamplingParams,
+    decode_responses,
+    response_mask,
+    sample,
+    sequence_logits,
+    sequence_logprobs,
+)
+
+PROMPTS = ["12+7=", "3-45+6=", "9="]
+
+
+@pytest.fixture(scope="module")
+def student():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = asset_path("tiny/student")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_response_mask_includes_first_eos_only():
+    tokens = torch.tensor([[5, 6, 2, 0, 0], [5, 5, 5, 5, 5], [2, 7, 2, 0, 0]])
+    mask, finished = response_mask(tokens, eos_token_id=2)
+    assert mask.int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert finished.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.8)]
+)
+def test_recorded_logprobs_are_those_of_the_sampling_distribution(student, params):
+    model, tokenizer = student
+    torch.manual_seed(0)
+    rollout = sample(model, tokenizer, PROMPTS, 4, 12, params)
+    assert rollout.response_tokens_B_T.shape[0] == 12
+    mask = rollout.response_mask_B_T
+    recomputed = sequence_logprobs(model, rollout, params)
+    torch.testing.assert_close(recomputed[mask], rollout.logp_sampling_B_T[mask], atol=2e-5, rtol=0)
+    if not params.is_plain:  # the raw student's log-probs differ from the warped ones
+        assert (sequence_logprobs(model, rollout)[mask] - rollout.logp_sampling_B_T[mask]).abs().max() > 1e-2
+    assert bool((rollout.logp_sampling_B_T[mask] > -float("inf")).all())
+
+
+def test_chunking_and_left_padding_do_not_change_logprobs(student):
+    model, tokenizer = student
+    torch.manual_seed(1)
+    rollout = sample(model, tokenizer, PROMPTS, 2, 10)
+    full = sequence_logprobs(model, rollout, chunk_size=128)
+    torch.testing.assert_close(sequence_logprobs(model, rollout, chunk_size=3), full)
+    alone = Rollout(
+        rollout.prompt_tokens_B_L[-1:, -2:], rollout.prompt_mask_B_L[-1:, -2:],
+        rollout.response_tokens_B_T[-1:], rollout.response_mask_B_T[-1:],
+    )  # "9=" has BOS + 2 tokens: drop its left padding
+    alone.prompt_tokens_B_L = rollout.prompt_tokens_B_L[-1:, -3:]
+    alone.prompt_mask_B_L = rollout.prompt_mask_B_L[-1:, -3:]
+    mask = rollout.response_mask_B_T[-1]
+    torch.testing.assert_close(sequence_logprobs(model, alone)[0][mask], full[-1][mask], atol=1e-5, rtol=0)
+
+
+def test_chunked_logprobs_backprop_like_full_logits(student):
+    model, tokenizer = student
+    torch.manual_seed(2)
+    rollout = sample(model, tokenizer, PROMPTS, 2, 8)
+    mask = rollout.response_mask_B_T
+    chunked = (sequence_logprobs(model, rollout, chunk_size=2) * mask).sum()
+    grads_chunked = torch.autograd.grad(chunked, list(model.parameters()))
+    logits = sequence_logits(model, rollout)
+    full = (logits.log_softmax(-1).gather(-1, rollout.response_tokens_B_T[..., None]).squeeze(-1) * mask).sum()
+    grads_full = torch.autograd.grad(full, list(model.parameters()))
+    for a, b in zip(grads_chunked, grads_full, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_is_deterministic_and_decodes_text(student):
+    model, tokenizer = student
+    first = decode_responses(tokenizer, sample(model, tokenizer, PROMPTS, 1, 12, greedy=True))
+    second = decode_responses(tokenizer, sample(model, tokenizer, PROMPTS, 1, 12, greedy=True))
+    assert first == second
+    assert all(set(text) <= set("0123456789+-*/()=;# ") for text in first)
