@@ -1,10 +1,10 @@
 """The `opdx` command (also `python -m opdx`).
 
-    opdx train [overrides...]        # Hydra app: opdx train divergence=js estimator=unbiased
-    opdx train -m divergence=reverse_kl,forward_kl,js estimator=stopgrad,unbiased seed=0,1,2
-    opdx train trainer.resume=<run dir> [overrides...]   # continue a killed run in place
-    opdx prepare model=tiny [out=DIR] [seed=0]           # rebuild the tiny teacher/student
-    opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
+opdx train [overrides...]        # Hydra app: opdx train divergence=js estimator=unbiased
+opdx train -m divergence=reverse_kl,forward_kl,js estimator=stopgrad,unbiased seed=0,1,2
+opdx train trainer.resume=<run dir> [overrides...]   # continue a killed run in place
+opdx prepare model=tiny [out=DIR] [seed=0]           # rebuild the tiny teacher/student
+opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def resume_overrides(argv: list[str]) -> list[str]:
     run_dir = Path(resume[-1])
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not (run_dir / "checkpoint.pt").exists() or not saved.exists():
-        raise SystemExit(f"opdx train: trainer.resume={run_dir} has no checkpoint.pt and .hydra/overrides.yaml to resume")
+        raise SystemExit(
+            f"opdx train: trainer.resume={run_dir} has no checkpoint.pt and .hydra/overrides.yaml to resume"
+        )
     from omegaconf import OmegaConf
 
     original = [o for o in OmegaConf.load(saved) if not o.startswith(("trainer.resume=", "hydra.run.dir="))]

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.benchmarks import Benchmark, Problem
-from opdx.rollout import SamplingParams, decode_responses, sample, sequence_logprobs
+from opdx.rollout import PLAIN_SAMPLING, SamplingParams, decode_responses, sample, sequence_logprobs
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def evaluate(
     problems: Sequence[Problem],
     n_samples: int = 0,
     max_new_tokens: int = 32,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = PLAIN_SAMPLING,
     teacher: PreTrainedModel | None = None,
     batch_size: int = 500,
 ) -> dict[str, float]:

@@ -56,6 +56,9 @@ class SamplingParams:
         return logits_N_V
 
 
+PLAIN_SAMPLING = SamplingParams()
+
+
 @dataclass
 class Rollout:
     """Left-padded prompts and right-padded responses; ``response_mask_B_T`` marks tokens up to
@@ -145,7 +148,7 @@ def sample(
     prompts: Sequence[str],
     samples_per_prompt: int,
     max_new_tokens: int,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = PLAIN_SAMPLING,
     greedy: bool = False,
 ) -> Rollout:
     """``samples_per_prompt`` responses per prompt (grouped: B = P * G, prompt-major)."""
@@ -180,12 +183,17 @@ def sample(
     return Rollout(prompt_tokens_B_L, prompt_mask_B_L, response_tokens_B_T, mask_B_T, logp_sampling_B_T, finished_B)
 
 
+def gather_logprobs(logits_B_T_V: Tensor, tokens_B_T: Tensor) -> Tensor:
+    """log softmax(logits)[token] at every position, [B, T]."""
+    return torch.log_softmax(logits_B_T_V, dim=-1).gather(-1, tokens_B_T.unsqueeze(-1)).squeeze(-1)
+
+
 def _chunk_logprobs(
     lm_head: torch.nn.Module, params: SamplingParams, hidden_B_C_D: Tensor, tokens_B_C: Tensor
 ) -> Tensor:
-    logits_N_V = params.warp(lm_head(hidden_B_C_D).float().flatten(0, 1))
-    logp_N = torch.log_softmax(logits_N_V, dim=-1).gather(-1, tokens_B_C.reshape(-1, 1)).squeeze(-1)
-    return logp_N.view(tokens_B_C.shape)
+    logits_B_C_V = lm_head(hidden_B_C_D).float()
+    logits_B_C_V = params.warp(logits_B_C_V.flatten(0, 1)).view_as(logits_B_C_V)
+    return gather_logprobs(logits_B_C_V, tokens_B_C)
 
 
 def sequence_hidden_states(model: PreTrainedModel, rollout: Rollout) -> Tensor:
@@ -201,7 +209,7 @@ def sequence_hidden_states(model: PreTrainedModel, rollout: Rollout) -> Tensor:
 
 
 def sequence_logprobs(
-    model: PreTrainedModel, rollout: Rollout, params: SamplingParams = SamplingParams(), chunk_size: int = 128
+    model: PreTrainedModel, rollout: Rollout, params: SamplingParams = PLAIN_SAMPLING, chunk_size: int = 128
 ) -> Tensor:
     """log p(response token | prefix) under ``model`` (warped by ``params``), [B, T], float32.
 
@@ -218,10 +226,10 @@ def sequence_logprobs(
             chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             chunks.append(_chunk_logprobs(*args))
-    return torch.cat(chunks, dim=1).cpu() if hidden_B_T_D.device.type != "cpu" else torch.cat(chunks, dim=1)
+    return torch.cat(chunks, dim=1).cpu()
 
 
-def sequence_logits(model: PreTrainedModel, rollout: Rollout, params: SamplingParams = SamplingParams()) -> Tensor:
+def sequence_logits(model: PreTrainedModel, rollout: Rollout, params: SamplingParams = PLAIN_SAMPLING) -> Tensor:
     """Full warped next-token logits at each response position, [B, T, V] (analytic estimator)."""
     hidden_B_T_D = sequence_hidden_states(model, rollout)
     logits_B_T_V = model.get_output_embeddings()(hidden_B_T_D).float()

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from opdx.benchmarks import Benchmark, get_benchmark
 from opdx.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
@@ -29,7 +30,7 @@ from opdx.evaluation import evaluate
 from opdx.logging import LOGGERS, read_metrics, timed
 from opdx.models import load_pair
 from opdx.objective import LossOptions, analytic_loss, normalise_advantages, policy_gradient_loss, token_advantages
-from opdx.rollout import Rollout, SamplingParams, sample, sequence_logits, sequence_logprobs
+from opdx.rollout import Rollout, SamplingParams, gather_logprobs, sample, sequence_logits, sequence_logprobs
 
 SUMMARY_FILE = "summary.json"
 
@@ -74,6 +75,42 @@ def rollout_metrics(rollout: Rollout, log_u_B_T: torch.Tensor, advantages_B_T: t
         "rollout/len_mean": rollout.lengths_B.float().mean().item(),
         "rollout/eos_rate": rollout.finished_B.float().mean().item(),
     }
+
+
+def score_with_teacher(
+    teacher: PreTrainedModel, rollout: Rollout, params: SamplingParams, estimator: str, chunk: int
+) -> torch.Tensor:
+    """Teacher log q of the sampled tokens [B, T], or its full logits [B, T, V] for "analytic"."""
+    if estimator == "analytic":
+        return sequence_logits(teacher, rollout, params)
+    return sequence_logprobs(teacher, rollout, params, chunk)
+
+
+def distillation_loss(
+    student: PreTrainedModel,
+    rollout: Rollout,
+    teacher_scores: torch.Tensor,
+    div: Divergence,
+    cfg: RunConfig,
+    params: SamplingParams,
+    options: LossOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss (with grad) and, for metrics, log p_B_T, log u_B_T and the advantages A_B_T."""
+    est, mask_B_T = cfg.estimator, rollout.response_mask_B_T
+    if est.name == "analytic":
+        logits_student_B_T_V = sequence_logits(student, rollout, params)
+        logp_student_B_T = gather_logprobs(logits_student_B_T_V, rollout.response_tokens_B_T)
+        logp_teacher_B_T = gather_logprobs(teacher_scores, rollout.response_tokens_B_T)
+        advantages_B_T, log_u_B_T = token_advantages(logp_student_B_T, logp_teacher_B_T, mask_B_T, div)
+        loss = analytic_loss(logits_student_B_T_V, teacher_scores, mask_B_T, div, est.token_mean)
+        return loss, logp_student_B_T, log_u_B_T, advantages_B_T
+    logp_student_B_T = sequence_logprobs(student, rollout, params, cfg.trainer.logprob_chunk)
+    advantages_B_T, log_u_B_T = token_advantages(
+        logp_student_B_T, teacher_scores, mask_B_T, div, est.name, est.gamma, est.log_ratio_clip
+    )
+    advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, options)
+    loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, options)
+    return loss, logp_student_B_T, log_u_B_T, advantages_B_T
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -128,8 +165,9 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     )
     if not checkpoint:
         state["teacher_eval"] = run_eval(teacher)
-        state["initial_eval"] = state["best_eval"] = run_eval(student)
-        logger.log({f"eval/{bench}/{k}": v for k, v in state["initial_eval"].items()}, step=0)
+        state["initial_eval"] = state["best_eval"] = {**run_eval(student), "step": 0}
+        initial = {f"eval/{bench}/{k}": v for k, v in state["initial_eval"].items() if k != "step"}
+        logger.log({**initial, **{f"eval/{bench}/teacher/{k}": v for k, v in state["teacher_eval"].items()}}, step=0)
 
     started = time.perf_counter() - state["elapsed"]
     progress = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="opdx train", mininterval=1)
@@ -143,22 +181,11 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             )
         mask_B_T = rollout.response_mask_B_T
         with timed(metrics, "teacher"), torch.no_grad():
-            if est.name == "analytic":
-                logits_teacher_B_T_V = sequence_logits(teacher, rollout, params)
-            logp_teacher_B_T = sequence_logprobs(teacher, rollout, params, t.logprob_chunk)
+            teacher_scores = score_with_teacher(teacher, rollout, params, est.name, t.logprob_chunk)
         with timed(metrics, "update"):
-            logp_student_B_T = sequence_logprobs(student, rollout, params, t.logprob_chunk)
-            if est.name == "analytic":
-                advantages_B_T, log_u_B_T = token_advantages(logp_student_B_T, logp_teacher_B_T, mask_B_T, div)
-                loss = analytic_loss(
-                    sequence_logits(student, rollout, params), logits_teacher_B_T_V, mask_B_T, div, est.token_mean
-                )
-            else:
-                advantages_B_T, log_u_B_T = token_advantages(
-                    logp_student_B_T, logp_teacher_B_T, mask_B_T, div, est.name, est.gamma, est.log_ratio_clip
-                )
-                advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, options)
-                loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, options)
+            loss, logp_student_B_T, log_u_B_T, advantages_B_T = distillation_loss(
+                student, rollout, teacher_scores, div, cfg, params, options
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)

@@ -35,9 +35,7 @@ def test_config_group_files_mirror_the_registry(group):
     assert stems == set(REGISTRIES[group]), f"conf/{group} vs registry"
 
 
-@pytest.mark.parametrize(
-    "override", [f"{group}={name}" for group in REGISTRIES for name in REGISTRIES[group]]
-)
+@pytest.mark.parametrize("override", [f"{group}={name}" for group in REGISTRIES for name in REGISTRIES[group]])
 def test_every_yaml_composes_and_validates(override):
     run = validate(composed(override))
     assert isinstance(run, RunConfig)
@@ -48,7 +46,10 @@ def test_every_yaml_composes_and_validates(override):
 def test_default_choices_and_user_facing_names():
     run = validate(composed("seed=3", "trainer.steps=7", "trainer.lr=0.01", "estimator.gamma=0.5"))
     assert (run.model.name, run.divergence.name, run.estimator.name, run.benchmark["name"]) == (
-        "tiny", "reverse_kl", "unbiased", "arith"
+        "tiny",
+        "reverse_kl",
+        "unbiased",
+        "arith",
     )
     assert (run.seed, run.trainer.steps, run.trainer.lr, run.estimator.gamma) == (3, 7, 0.01, 0.5)
     assert Path(run.model.teacher, "config.json").exists()

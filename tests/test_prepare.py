@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,7 +39,10 @@ def test_sft_learns_the_worked_solutions():
 
     def loss() -> float:
         with torch.no_grad():
-            return -(sequence_logprobs(model, batch) * batch.response_mask_B_T).sum().item() / batch.response_mask_B_T.sum().item()
+            return (
+                -(sequence_logprobs(model, batch) * batch.response_mask_B_T).sum().item()
+                / batch.response_mask_B_T.sum().item()
+            )
 
     before = loss()
     supervised_finetune(model, tokenizer, benchmark, spec, seed=0, desc="test SFT")
@@ -47,10 +51,13 @@ def test_sft_learns_the_worked_solutions():
 
 
 def test_shipped_pair_matches_its_report():
-    report = json.loads(open(asset_path("tiny/prepare_report.json")).read())
+    report = json.loads(Path(asset_path("tiny/prepare_report.json")).read_text())
     teacher = AutoModelForCausalLM.from_pretrained(asset_path("tiny/teacher"))
     student = AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"))
     assert sum(p.numel() for p in teacher.parameters()) == report["teacher"]["parameters"]
     assert sum(p.numel() for p in student.parameters()) == report["student"]["parameters"]
     assert report["teacher"]["greedy_accuracy"] > 0.8 > 0.3 > report["student"]["greedy_accuracy"]
-    check_same_tokenizer(AutoTokenizer.from_pretrained(asset_path("tiny/teacher")), AutoTokenizer.from_pretrained(asset_path("tiny/student")))
+    check_same_tokenizer(
+        AutoTokenizer.from_pretrained(asset_path("tiny/teacher")),
+        AutoTokenizer.from_pretrained(asset_path("tiny/student")),
+    )

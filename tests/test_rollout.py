@@ -53,8 +53,10 @@ def test_chunking_and_left_padding_do_not_change_logprobs(student):
     full = sequence_logprobs(model, rollout, chunk_size=128)
     torch.testing.assert_close(sequence_logprobs(model, rollout, chunk_size=3), full)
     alone = Rollout(
-        rollout.prompt_tokens_B_L[-1:, -2:], rollout.prompt_mask_B_L[-1:, -2:],
-        rollout.response_tokens_B_T[-1:], rollout.response_mask_B_T[-1:],
+        rollout.prompt_tokens_B_L[-1:, -2:],
+        rollout.prompt_mask_B_L[-1:, -2:],
+        rollout.response_tokens_B_T[-1:],
+        rollout.response_mask_B_T[-1:],
     )  # "9=" has BOS + 2 tokens: drop its left padding
     alone.prompt_tokens_B_L = rollout.prompt_tokens_B_L[-1:, -3:]
     alone.prompt_mask_B_L = rollout.prompt_mask_B_L[-1:, -3:]

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import FAST_TRAIN
+
 from opdx.config import TrainerConfig
 from opdx.logging import read_metrics
 from opdx.trainer import lr_lambda
@@ -22,9 +22,22 @@ def test_smoke_run_writes_metrics_summary_and_checkpoint(opdx_cli, tmp_path):
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     step = records[1]
     for key in (
-        "train/loss", "train/grad_norm", "train/lr", "reward/token_mean", "adv/mean", "adv/std", "div/f_mean",
-        "div/reverse_kl", "div/forward_kl", "div/log_u_mean", "rollout/len_mean", "rollout/eos_rate",
-        "time/rollout", "time/teacher", "time/update", "perf/tokens_per_s",
+        "train/loss",
+        "train/grad_norm",
+        "train/lr",
+        "reward/token_mean",
+        "adv/mean",
+        "adv/std",
+        "div/f_mean",
+        "div/reverse_kl",
+        "div/forward_kl",
+        "div/log_u_mean",
+        "rollout/len_mean",
+        "rollout/eos_rate",
+        "time/rollout",
+        "time/teacher",
+        "time/update",
+        "perf/tokens_per_s",
     ):
         assert key in step, key
     assert step["div/f_mean"] == pytest.approx(step["div/forward_kl"], rel=1e-5)  # f = u log u
