@@ -68,7 +68,7 @@ def train_task(cfg) -> float | None:
     from opdx.trainer import train
 
     hydra_cfg = HydraConfig.get()
-    if run.logger.group is None and run.experiment is None and hydra_cfg.mode.name == "MULTIRUN":
+    if run.logger.group is None and hydra_cfg.mode.name == "MULTIRUN":
         run.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     summary = train(run, Path(hydra_cfg.runtime.output_dir))
     return summary["final_eval"]["greedy_acc"]
@@ -83,13 +83,12 @@ def prepare(argv: list[str]) -> int:
         print(f"opdx prepare: unknown arguments {sorted(unknown)}; usage: opdx prepare model=NAME [out=DIR] [seed=N]")
         return 2
     name = options.get("model", "tiny")
-    builder = MODELS.get(name, "unknown")
-    if builder is None or builder == "unknown":
-        buildable = [k for k, v in MODELS.items() if v is not None]
+    buildable = [k for k, builder in MODELS.items() if builder is not None]
+    if name not in buildable:
         print(f"opdx prepare: model={name!r} is not built locally; models built by prepare: {', '.join(buildable)}")
         return 2
     out = Path(options.get("out", asset_path(name)))
-    builder(out, seed=int(options.get("seed", 0)))
+    MODELS[name](out, seed=int(options.get("seed", 0)))
     print(f"written to {out}")
     return 0
 

@@ -62,8 +62,8 @@ class EstimatorConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 300
-    prompts_per_step: int = 32
+    steps: int = 1000
+    prompts_per_step: int = 64
     samples_per_prompt: int = 4
     max_new_tokens: int = 24
     lr: float = 1e-3
@@ -74,10 +74,10 @@ class TrainerConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    eval_every: int = 50
+    eval_every: int = 100
     eval_problems: int = 1000
     eval_samples: int = 4
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     resume: str | None = None
     threads: int | None = None
     device: str = "auto"
@@ -117,7 +117,6 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
-    experiment: str | None = None
 
 
 def register_schema() -> None:
@@ -144,6 +143,12 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(run.model.name in MODELS, f"model={run.model.name!r} is unknown; valid models: {', '.join(MODELS)}")
     _check(run.estimator.name in ESTIMATORS, f"estimator={run.estimator.name!r}; valid: {', '.join(ESTIMATORS)}")
     _check(run.logger.name in LOGGERS, f"logger={run.logger.name!r} is unknown; valid loggers: {', '.join(LOGGERS)}")
+    sampling = (run.trainer.temperature, run.trainer.top_k, run.trainer.top_p)
+    _check(
+        run.estimator.name != "analytic" or sampling == (1.0, 0, 1.0),
+        f"estimator=analytic needs the student's own distribution: trainer.temperature=1, top_k=0, top_p=1 "
+        f"(got {sampling})",
+    )
     for key in ("dtype", "teacher_dtype"):
         value = getattr(run.model, key)
         _check(value in DTYPES, f"model.{key}={value!r} is invalid; valid dtypes: {', '.join(DTYPES)}")

@@ -41,9 +41,9 @@ def evaluate(
             responses = decode_responses(tokenizer, rollout)
             sampled_scores += [benchmark.score(batch[i // n_samples], r) for i, r in enumerate(responses)]
             if teacher is not None:
-                logp_teacher_B_T = sequence_logprobs(teacher, rollout, params)
-                log_ratio_B_T = (rollout.logp_sampling_B_T - logp_teacher_B_T) * rollout.response_mask_B_T
-                log_ratio_sum += log_ratio_B_T.sum().item()
+                logp_teacher_B_T = sequence_logprobs(teacher, rollout)
+                log_ratio_B_T = rollout.logp_sampling_B_T - logp_teacher_B_T
+                log_ratio_sum += log_ratio_B_T[rollout.response_mask_B_T].sum().item()
                 token_count += int(rollout.response_mask_B_T.sum())
     metrics = {"greedy_acc": sum(greedy_scores) / len(greedy_scores)}
     if n_samples:

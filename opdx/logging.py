@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,8 +59,9 @@ class JsonlLogger:
 
 
 class WandbLogger(JsonlLogger):
-    """metrics.jsonl plus a wandb run: resolved config, metrics, summary; group = sweep or
-    experiment name, tags = divergence, estimator, model, benchmark. Resumes the same run id."""
+    """metrics.jsonl plus a wandb run: resolved config, metrics, summary; group =
+    logger.group (default under -m: the sweep directory name), tags = divergence, estimator,
+    model, benchmark. Resumes the same run id."""
 
     def __init__(
         self,
@@ -75,7 +77,7 @@ class WandbLogger(JsonlLogger):
 
         super().__init__(run_dir, config, resume_from_step)
         id_file = Path(run_dir) / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=project,

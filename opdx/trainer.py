@@ -77,13 +77,14 @@ def rollout_metrics(rollout: Rollout, log_u_B_T: torch.Tensor, advantages_B_T: t
     }
 
 
-def score_with_teacher(
-    teacher: PreTrainedModel, rollout: Rollout, params: SamplingParams, estimator: str, chunk: int
-) -> torch.Tensor:
-    """Teacher log q of the sampled tokens [B, T], or its full logits [B, T, V] for "analytic"."""
+def score_with_teacher(teacher: PreTrainedModel, rollout: Rollout, estimator: str, chunk: int) -> torch.Tensor:
+    """Teacher log q of the sampled tokens [B, T], or its full logits [B, T, V] for "analytic".
+
+    The teacher is always scored at temperature 1 with no truncation: q is the teacher itself,
+    whatever warp the student sampled with."""
     if estimator == "analytic":
-        return sequence_logits(teacher, rollout, params)
-    return sequence_logprobs(teacher, rollout, params, chunk)
+        return sequence_logits(teacher, rollout)
+    return sequence_logprobs(teacher, rollout, chunk_size=chunk)
 
 
 def distillation_loss(
@@ -159,7 +160,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         cfg_dict(cfg),
         resume_from_step=start_step if checkpoint else None,
         project=cfg.logger.project,
-        group=cfg.logger.group or cfg.experiment,
+        group=cfg.logger.group,
         tags=[*cfg.logger.tags, cfg.divergence.name, cfg.estimator.name, cfg.model.name, bench],
         name=run_dir.name,
     )
@@ -181,7 +182,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             )
         mask_B_T = rollout.response_mask_B_T
         with timed(metrics, "teacher"), torch.no_grad():
-            teacher_scores = score_with_teacher(teacher, rollout, params, est.name, t.logprob_chunk)
+            teacher_scores = score_with_teacher(teacher, rollout, est.name, t.logprob_chunk)
         with timed(metrics, "update"):
             loss, logp_student_B_T, log_u_B_T, advantages_B_T = distillation_loss(
                 student, rollout, teacher_scores, div, cfg, params, options
@@ -192,9 +193,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
         metrics.update(rollout_metrics(rollout, log_u_B_T, advantages_B_T, div))
-        metrics["rollout/logprob_mismatch"] = (
-            ((rollout.logp_sampling_B_T - logp_student_B_T.detach()).abs() * mask_B_T).max().item()
-        )
+        mismatch_B_T = (rollout.logp_sampling_B_T - logp_student_B_T.detach()).abs()
+        metrics["rollout/logprob_mismatch"] = mismatch_B_T[mask_B_T].max().item()
         metrics["train/loss"] = loss.item()
         metrics["train/grad_norm"] = grad_norm.item()
         metrics["train/lr"] = scheduler.get_last_lr()[0]
@@ -257,7 +257,7 @@ def make_summary(cfg: RunConfig, state: dict[str, Any], run_dir: Path) -> dict[s
         "benchmark": cfg.benchmark["name"],
         "seed": cfg.seed,
         "steps": cfg.trainer.steps,
-        "experiment": cfg.experiment,
+        "group": cfg.logger.group,
         "teacher_eval": state["teacher_eval"],
         "initial_eval": state["initial_eval"],
         "final_eval": state["final_eval"],

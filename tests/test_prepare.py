@@ -33,7 +33,7 @@ def test_sft_learns_the_worked_solutions():
     torch.manual_seed(0)
     benchmark = get_benchmark("arith", train_size=500, eval_size=50)
     tokenizer = build_char_tokenizer()
-    spec = TinyLMSpec(32, 1, 2, 64, sft_steps=60, sft_lr=1e-2, sft_batch=32)
+    spec = TinyLMSpec(32, 1, 2, 64, sft_steps=200, sft_lr=1e-2, sft_batch=32)
     model = build_tiny_llama(spec, tokenizer, seed=0)
     batch = sft_batch(tokenizer, benchmark.train[:64], benchmark)
 
@@ -60,4 +60,22 @@ def test_shipped_pair_matches_its_report():
     check_same_tokenizer(
         AutoTokenizer.from_pretrained(asset_path("tiny/teacher")),
         AutoTokenizer.from_pretrained(asset_path("tiny/student")),
+    )
+
+
+def test_build_and_sft_are_reproducible():
+    benchmark = get_benchmark("arith", train_size=300, eval_size=20)
+    tokenizer = build_char_tokenizer()
+    spec = TinyLMSpec(32, 1, 2, 64, sft_steps=5, sft_lr=1e-2, sft_batch=16)
+    states = []
+    for _ in range(2):
+        model = build_tiny_llama(spec, tokenizer, seed=7)
+        supervised_finetune(model, tokenizer, benchmark, spec, seed=7, desc="repro")
+        states.append(model.state_dict())
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    other = build_tiny_llama(spec, tokenizer, seed=8).state_dict()
+    assert not torch.equal(
+        other["model.embed_tokens.weight"],
+        build_tiny_llama(spec, tokenizer, 7).state_dict()["model.embed_tokens.weight"],
     )

@@ -61,7 +61,7 @@ def test_chunking_and_left_padding_do_not_change_logprobs(student):
     alone.prompt_tokens_B_L = rollout.prompt_tokens_B_L[-1:, -3:]
     alone.prompt_mask_B_L = rollout.prompt_mask_B_L[-1:, -3:]
     mask = rollout.response_mask_B_T[-1]
-    torch.testing.assert_close(sequence_logprobs(model, alone)[0][mask], full[-1][mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sequence_logprobs(model, alone)[0][mask], full[-1][mask], atol=5e-5, rtol=0)
 
 
 def test_chunked_logprobs_backprop_like_full_logits(student):
