@@ -16,6 +16,8 @@ COMMANDS = {
     "train": "on-policy distillation run (Hydra app; --help lists the config groups)",
     "prepare": "build the weights of a model config that is built locally (model=tiny)",
     "verify": "exact-enumeration check of the OPD and OPD+ estimators",
+    "table": "ablation table (mean ± 95% CI over seeds) of run / multirun directories",
+    "plot": "learning curves of run / multirun directories (PNG and SVG)",
 }
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -108,5 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         from opdx import verify
 
         return verify.main(rest)
+    if command in ("table", "plot"):
+        from opdx import tables
+
+        return tables.table_main(rest) if command == "table" else tables.plot_main(rest)
     print(f"opdx: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
     return 2

@@ -1,0 +1,322 @@
+"""Run directories -> pandas -> ablation tables (markdown / CSV / LaTeX) and learning curves.
+
+    opdx table multirun/2026-11-26/10-00-00              # rows divergence, columns estimator
+    opdx table outputs/ --rows divergence --cols estimator --facet benchmark --format latex
+    opdx plot multirun/2026-11-26/10-00-00 --out plots/
+
+A run directory is any directory holding `.hydra/config.yaml`. Finished runs have a
+`summary.json`; the others (crashed or still running) are reported as incomplete with the last
+step they logged. Cells are the mean and the 95% confidence interval over seeds (Student t);
+the paired difference OPD+ minus OPD is taken per seed within each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from opdx.logging import read_metrics
+
+GROUP_KEYS = ("model", "divergence", "estimator", "benchmark", "logger")
+ESTIMATOR_PAIR = ("stopgrad", "unbiased")
+# t_{0.975, df} for df = 1..30; beyond, the normal 1.96 is within 2%
+T_975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def find_run_dirs(paths: list[Path]) -> list[Path]:
+    """Every directory at or below ``paths`` that holds a Hydra run (``.hydra/config.yaml``)."""
+    found = set()
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"no such run or multirun directory: {path}")
+        found.update(p.parent.parent for p in path.glob("**/.hydra/config.yaml"))
+    return sorted(found)
+
+
+def config_key(name: str) -> str:
+    """``divergence`` -> ``divergence.name``; any other dotted config key is kept."""
+    return f"{name}.name" if name in GROUP_KEYS else name
+
+
+def load_runs(paths: list[Path]) -> pd.DataFrame:
+    """One row per run: flattened config, status, steps done, initial / final / best eval."""
+    rows = []
+    for run_dir in find_run_dirs(paths):
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
+        row: dict[str, Any] = {"run_dir": str(run_dir), **pd.json_normalize(config, sep=".").iloc[0].to_dict()}
+        metrics = read_metrics(run_dir)
+        row["steps_done"] = metrics[-1]["step"] if metrics else 0
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            row["status"] = "complete"
+            for stage in ("initial", "final", "best"):
+                for key, value in summary[f"{stage}_eval"].items():
+                    row[f"{stage}/{key}"] = value
+        else:
+            row["status"] = "incomplete"
+        rows.append(row)
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        raise FileNotFoundError(f"no run directories (with .hydra/config.yaml) under {', '.join(map(str, paths))}")
+    if "final/greedy_acc" in runs:
+        final, initial = runs["final/greedy_acc"], runs["initial/greedy_acc"]
+        runs["collapsed"] = (runs["status"] == "complete") & (final.isna() | (final < initial))
+    else:
+        runs["collapsed"] = False
+    return runs
+
+
+def mean_ci(values: pd.Series) -> tuple[float, float, int]:
+    """Mean, half-width of the 95% Student-t interval (nan for one value), and the count."""
+    values = values.dropna()
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(values.iloc[0]), math.nan, 1
+    half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * values.std(ddof=1) / math.sqrt(n)
+    return float(values.mean()), float(half), n
+
+
+def format_cell(mean: float, half: float, n: int, percent: bool = True, flags: str = "") -> str:
+    if n == 0:
+        return "—"
+    scale = 100 if percent else 1
+    text = f"{scale * mean:.1f}" if math.isnan(half) else f"{scale * mean:.1f} ± {scale * half:.1f}"
+    return f"{text}{flags}"
+
+
+def ablation_table(
+    runs: pd.DataFrame, rows: str = "divergence", cols: str = "estimator", metric: str = "greedy_acc"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(display table of strings, numeric table of means) over complete runs.
+
+    Columns: for each value of ``cols``, the final and the best ``metric`` (mean ± 95% CI over
+    seeds, ``†`` marking a cell with a collapsed run); when ``cols`` is the estimator, the
+    paired OPD+ minus OPD difference of the final metric, matched by seed.
+    """
+    row_key, col_key = config_key(rows), config_key(cols)
+    complete = runs[runs["status"] == "complete"]
+    display: dict[tuple[str, str], dict[str, str]] = {}
+    numeric: dict[tuple[str, str], dict[str, float]] = {}
+    for (row_value, col_value), group in complete.groupby([row_key, col_key], sort=False):
+        for stage in ("final", "best"):
+            mean, half, n = mean_ci(group[f"{stage}/{metric}"])
+            collapsed = int(group["collapsed"].sum())
+            flags = f" †{collapsed}" if stage == "final" and collapsed else ""
+            display.setdefault((str(col_value), stage), {})[str(row_value)] = format_cell(mean, half, n, flags=flags)
+            numeric.setdefault((str(col_value), stage), {})[str(row_value)] = mean
+    if col_key == "estimator.name":
+        for row_value, group in complete.groupby(row_key, sort=False):
+            by_seed = group.pivot_table(index="seed", columns=col_key, values=f"final/{metric}")
+            if all(e in by_seed for e in ESTIMATOR_PAIR):
+                diff = (by_seed[ESTIMATOR_PAIR[1]] - by_seed[ESTIMATOR_PAIR[0]]).dropna()
+                mean, half, n = mean_ci(diff)
+                display.setdefault(("OPD+ − OPD", "final"), {})[str(row_value)] = format_cell(mean, half, n)
+    table = pd.DataFrame(display)
+    table.index.name = rows
+    return table, pd.DataFrame(numeric)
+
+
+def mark_best(table: pd.DataFrame, numeric: pd.DataFrame, bold: tuple[str, str]) -> pd.DataFrame:
+    """Wrap the cell with the highest mean final metric in ``bold``."""
+    finals = [(row, col) for col in numeric.columns if col[1] == "final" for row in numeric.index]
+    finals = [cell for cell in finals if not math.isnan(numeric.at[cell])]
+    if not finals:
+        return table
+    row, col = max(finals, key=lambda cell: numeric.at[cell])
+    marked = table.copy()
+    marked.at[row, col] = f"{bold[0]}{marked.at[row, col]}{bold[1]}"
+    return marked
+
+
+def render(table: pd.DataFrame, fmt: str) -> str:
+    flat = table.copy()
+    flat.columns = [f"{col} ({stage})" for col, stage in flat.columns]
+    if fmt == "csv":
+        return flat.to_csv()
+    if fmt == "latex":
+        return flat.to_latex(escape=False)
+    return flat.to_markdown()
+
+
+RUN_COLUMNS = ("run_dir", "status", "steps_done", "collapsed", "seed")
+
+
+def pooled_keys(runs: pd.DataFrame, shown: list[str]) -> list[str]:
+    """Config keys, besides the shown ones and the seed, on which the pooled runs differ."""
+    config_columns = [c for c in runs if c not in RUN_COLUMNS and "/" not in c and c not in shown]
+    return [c for c in config_columns if runs[c].astype(str).nunique() > 1]
+
+
+def status_report(runs: pd.DataFrame) -> str:
+    lines = []
+    for _, run in runs[runs["status"] != "complete"].iterrows():
+        total = run.get("trainer.steps", "?")
+        lines.append(f"- incomplete (crashed or running): {run['run_dir']} at step {run['steps_done']} of {total}")
+    for _, run in runs[runs["collapsed"]].iterrows():
+        lines.append(
+            f"- collapsed: {run['run_dir']} (final greedy_acc {run['final/greedy_acc']:.3f} < "
+            f"initial {run['initial/greedy_acc']:.3f})"
+        )
+    return "\n".join(lines)
+
+
+def table_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="opdx table", description="Ablation table of opdx runs")
+    parser.add_argument("paths", nargs="+", type=Path, help="run or multirun directories")
+    parser.add_argument("--rows", default="divergence", help="config key of the rows (default: divergence)")
+    parser.add_argument("--cols", default="estimator", help="config key of the columns (default: estimator)")
+    parser.add_argument("--facet", default="benchmark", help="one table per value of this key")
+    parser.add_argument("--metric", default="greedy_acc", help="eval metric: greedy_acc, avg@4, ...")
+    parser.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex"))
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.paths)
+    except FileNotFoundError as error:
+        print(f"opdx table: {error}")
+        return 2
+    for key in (args.rows, args.cols, args.facet):
+        if config_key(key) not in runs:
+            print(f"opdx table: no config key {key!r}; e.g. divergence, estimator, seed, estimator.gamma, trainer.lr")
+            return 2
+    bold = {"markdown": ("**", "**"), "latex": (r"\textbf{", "}"), "csv": ("", " (best)")}[args.format]
+    for facet_value, facet_runs in runs.groupby(config_key(args.facet), sort=False):
+        table, numeric = ablation_table(facet_runs, args.rows, args.cols, args.metric)
+        if args.format == "markdown":
+            n_complete = int((facet_runs["status"] == "complete").sum())
+            print(
+                f"\n{args.facet} = {facet_value}: {args.metric}, % (mean ± 95% CI over seeds; "
+                f"{n_complete} of {len(facet_runs)} runs complete; †k = k collapsed runs)\n"
+            )
+            pooled = pooled_keys(facet_runs, [config_key(k) for k in (args.rows, args.cols, args.facet)])
+            if pooled:
+                print(f"warning: cells pool runs that differ in {', '.join(pooled)}\n")
+        print(render(mark_best(table, numeric, bold), args.format))
+    report = status_report(runs)
+    if report:
+        print("\n" + report)
+    return 0
+
+
+PLOT_PANELS = (
+    ("eval/{benchmark}/greedy_acc", "greedy accuracy (held-out)", 1),
+    ("div/reverse_kl", "sampled KL(p‖q) per token, nats", 25),
+    ("rollout/len_mean", "response length, tokens", 25),
+)
+
+
+def learning_curves(runs: pd.DataFrame, line_keys: list[str]) -> dict[str, pd.DataFrame]:
+    """Per panel metric: a long frame of (config label, seed, step, value), train metrics smoothed
+    by a rolling mean over ``window`` steps."""
+    curves: dict[str, list[pd.DataFrame]] = {}
+    for _, run in runs.iterrows():
+        records = pd.DataFrame(read_metrics(Path(run["run_dir"])))
+        if records.empty:
+            continue
+        label = " / ".join(str(run[config_key(k)]) for k in line_keys)
+        for template, _, window in PLOT_PANELS:
+            key = template.format(benchmark=run.get("benchmark.name", ""))
+            if key not in records:
+                continue
+            series = records[["step", key]].dropna()
+            values = series[key].rolling(window, min_periods=1).mean()
+            frame = pd.DataFrame({"label": label, "seed": run.get("seed", 0), "step": series["step"], "value": values})
+            curves.setdefault(template, []).append(frame)
+    return {key: pd.concat(frames, ignore_index=True) for key, frames in curves.items()}
+
+
+def plot_runs(runs: pd.DataFrame, out_dir: Path, line_keys: list[str]) -> list[Path]:
+    """One figure, a panel per metric, a line per config: mean over seeds with a min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = learning_curves(runs, line_keys)
+    fig, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(5.2 * len(PLOT_PANELS), 4.2), constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = sorted({label for frame in curves.values() for label in frame["label"]})
+    for ax, (template, title, window) in zip(axes, PLOT_PANELS, strict=True):
+        frame = curves.get(template)
+        ax.set_title(title + (f" (rolling mean, {window} steps)" if window > 1 else ""), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        if frame is None:
+            ax.text(0.5, 0.5, "not logged", ha="center", transform=ax.transAxes)
+            continue
+        for i, label in enumerate(labels):
+            per_step = frame[frame["label"] == label].groupby("step")["value"]
+            if per_step.ngroups == 0:
+                continue
+            mean, low, high = per_step.mean(), per_step.min(), per_step.max()
+            color = colors[i % len(colors)]
+            seeds = frame[frame["label"] == label]["seed"].nunique()
+            ax.plot(mean.index, mean.values, color=color, label=f"{label} (n={seeds})", lw=1.6)
+            ax.fill_between(mean.index, low.values, high.values, color=color, alpha=0.18, lw=0)
+    axes[0].legend(fontsize=8, title=" / ".join(line_keys), title_fontsize=8)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "learning_curves.png", out_dir / "learning_curves.svg"]
+    for path in paths:
+        fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return paths
+
+
+def plot_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="opdx plot", description="Learning curves of opdx runs")
+    parser.add_argument("paths", nargs="+", type=Path, help="run or multirun directories")
+    parser.add_argument("--lines", default="divergence,estimator", help="config keys that make one line")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first path)")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.paths)
+    except FileNotFoundError as error:
+        print(f"opdx plot: {error}")
+        return 2
+    line_keys = args.lines.split(",")
+    missing = [k for k in line_keys if config_key(k) not in runs]
+    if missing:
+        print(f"opdx plot: no config key {missing}; e.g. divergence, estimator, estimator.gamma, trainer.lr")
+        return 2
+    for path in plot_runs(runs, args.out or args.paths[0], line_keys):
+        print(f"written {path}")
+    return 0

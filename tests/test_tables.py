@@ -1,0 +1,109 @@
+import json
+import math
+
+import pandas as pd
+import pytest
+from conftest import FAST_TRAIN
+from omegaconf import OmegaConf
+
+from opdx.tables import ablation_table, load_runs, mean_ci, plot_main, table_main
+
+FINALS = {  # (divergence, estimator) -> final greedy accuracy of seeds 0, 1, 2
+    ("reverse_kl", "stopgrad"): [0.10, 0.20, 0.30],
+    ("reverse_kl", "unbiased"): [0.30, 0.40, 0.60],
+    ("forward_kl", "stopgrad"): [0.00, 0.00, 0.10],
+    ("forward_kl", "unbiased"): [0.50, 0.55, 0.60],
+}
+
+
+def write_run(path, divergence, estimator, seed, final, initial=0.08, complete=True, steps=10):
+    (path / ".hydra").mkdir(parents=True)
+    config = {
+        "model": {"name": "tiny"},
+        "divergence": {"name": divergence, "alpha": None},
+        "estimator": {"name": estimator, "gamma": 0.0},
+        "benchmark": {"name": "arith"},
+        "trainer": {"steps": steps, "lr": 0.001},
+        "logger": {"name": "jsonl"},
+        "seed": seed,
+    }
+    (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    done = steps if complete else steps // 2
+    records = [{"step": 0, "eval/arith/greedy_acc": initial}]
+    records += [{"step": s, "div/reverse_kl": 3.0 - s / 10, "rollout/len_mean": 12.0} for s in range(1, done + 1)]
+    records[-1]["eval/arith/greedy_acc"] = final
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if complete:
+        summary = {
+            "initial_eval": {"greedy_acc": initial, "step": 0},
+            "final_eval": {"greedy_acc": final, "step": steps},
+            "best_eval": {"greedy_acc": max(final, initial), "step": steps},
+        }
+        (path / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for i, ((divergence, estimator), finals) in enumerate(FINALS.items()):
+        for seed, final in enumerate(finals):
+            write_run(tmp_path / f"{i}_{divergence}_{estimator}_s{seed}", divergence, estimator, seed, final)
+    return tmp_path
+
+
+def test_mean_and_95_ci_by_hand():
+    mean, half, n = mean_ci(pd.Series([0.1, 0.2, 0.3]))
+    assert (mean, n) == (pytest.approx(0.2), 3)
+    assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-4)  # t_{0.975,2} s / sqrt(n)
+    assert math.isnan(mean_ci(pd.Series([0.4]))[1])
+
+
+def test_table_cells_difference_and_collapse(sweep):
+    runs = load_runs([sweep])
+    assert len(runs) == 12 and (runs.status == "complete").all()
+    assert runs.collapsed.sum() == 2  # forward_kl stopgrad seeds 0 and 1 end below 0.08
+    table, numeric = ablation_table(runs)
+    assert table.loc["reverse_kl", ("stopgrad", "final")] == "20.0 ± 24.8"
+    assert table.loc["reverse_kl", ("unbiased", "final")] == "43.3 ± 37.9"  # sd 0.1528
+    # paired by seed: (0.2, 0.2, 0.3) -> 23.3 ± 4.303 * 0.0577 / sqrt(3)
+    assert table.loc["reverse_kl", ("OPD+ − OPD", "final")] == "23.3 ± 14.3"
+    assert table.loc["forward_kl", ("stopgrad", "final")] == "3.3 ± 14.3 †2"
+    assert numeric.loc["forward_kl", ("unbiased", "final")] == pytest.approx(0.55)
+
+
+def test_cli_markdown_marks_best_and_reports_incomplete_runs(sweep, capsys):
+    write_run(sweep / "crashed", "js", "unbiased", 0, 0.3, complete=False)
+    assert table_main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "**55.0 ± 12.4**" in out  # forward_kl / unbiased: the best final mean
+    assert "12 of 13 runs complete" in out
+    assert "incomplete (crashed or running): " in out and "crashed at step 5 of 10" in out
+    assert "collapsed: " in out
+    assert table_main([str(sweep), "--format", "latex"]) == 0
+    assert r"\textbf{55.0 ± 12.4}" in capsys.readouterr().out
+    assert table_main([str(sweep), "--format", "csv", "--rows", "seed", "--cols", "divergence"]) == 0
+    assert capsys.readouterr().out.startswith("seed,")
+
+
+def test_bad_arguments(sweep, tmp_path, capsys):
+    assert table_main([str(sweep), "--rows", "nonsense"]) == 2
+    assert "no config key 'nonsense'" in capsys.readouterr().out
+    assert table_main([str(tmp_path / "missing")]) == 2
+
+
+def test_plot_writes_png_and_svg(sweep, tmp_path):
+    assert plot_main([str(sweep), "--out", str(tmp_path / "plots")]) == 0
+    png, svg = tmp_path / "plots" / "learning_curves.png", tmp_path / "plots" / "learning_curves.svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    text = svg.read_text()
+    assert "forward_kl / unbiased (n=3)" in text and "training step" in text
+
+
+def test_end_to_end_on_a_two_run_multirun(opdx_cli, tmp_path, capsys):
+    opdx_cli(
+        "train", "-m", "estimator=stopgrad,unbiased", *FAST_TRAIN, "trainer.steps=2", f"hydra.sweep.dir={tmp_path}"
+    )
+    assert table_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 runs complete" in out and "forward_kl" in out and "OPD+ − OPD (final)" in out
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / "learning_curves.png").exists()
