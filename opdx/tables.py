@@ -200,6 +200,20 @@ def status_report(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def load_with_keys(paths: list[Path], keys: list[str], prog: str) -> pd.DataFrame | None:
+    """``load_runs``, or None after saying why: no run directory, or a key no config has."""
+    try:
+        runs = load_runs(paths)
+    except FileNotFoundError as error:
+        print(f"{prog}: {error}")
+        return None
+    missing = [key for key in keys if config_key(key) not in runs]
+    if missing:
+        print(f"{prog}: no config key {missing[0]!r}; e.g. divergence, estimator, seed, estimator.gamma, trainer.lr")
+        return None
+    return runs
+
+
 def table_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="opdx table", description="Ablation table of opdx runs")
     parser.add_argument("paths", nargs="+", type=Path, help="run or multirun directories")
@@ -209,15 +223,9 @@ def table_main(argv: list[str]) -> int:
     parser.add_argument("--metric", default="greedy_acc", help="eval metric: greedy_acc, avg@4, ...")
     parser.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex"))
     args = parser.parse_args(argv)
-    try:
-        runs = load_runs(args.paths)
-    except FileNotFoundError as error:
-        print(f"opdx table: {error}")
+    runs = load_with_keys(args.paths, [args.rows, args.cols, args.facet], "opdx table")
+    if runs is None:
         return 2
-    for key in (args.rows, args.cols, args.facet):
-        if config_key(key) not in runs:
-            print(f"opdx table: no config key {key!r}; e.g. divergence, estimator, seed, estimator.gamma, trainer.lr")
-            return 2
     bold = {"markdown": ("**", "**"), "latex": (r"\textbf{", "}"), "csv": ("", " (best)")}[args.format]
     for facet_value, facet_runs in runs.groupby(config_key(args.facet), sort=False):
         table, numeric = ablation_table(facet_runs, args.rows, args.cols, args.metric)
@@ -307,15 +315,9 @@ def plot_main(argv: list[str]) -> int:
     parser.add_argument("--lines", default="divergence,estimator", help="config keys that make one line")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first path)")
     args = parser.parse_args(argv)
-    try:
-        runs = load_runs(args.paths)
-    except FileNotFoundError as error:
-        print(f"opdx plot: {error}")
-        return 2
     line_keys = args.lines.split(",")
-    missing = [k for k in line_keys if config_key(k) not in runs]
-    if missing:
-        print(f"opdx plot: no config key {missing}; e.g. divergence, estimator, estimator.gamma, trainer.lr")
+    runs = load_with_keys(args.paths, line_keys, "opdx plot")
+    if runs is None:
         return 2
     for path in plot_runs(runs, args.out or args.paths[0], line_keys):
         print(f"written {path}")
