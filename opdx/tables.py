@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
         if not path.exists():
             raise FileNotFoundError(f"no such run or multirun directory: {path}")
         found.update(p.parent.parent for p in path.glob("**/.hydra/config.yaml"))
-    return sorted(found)
+    # natural order, so a sweep's jobs 0, 1, ..., 10 keep the grid's order
+    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
 
 
 def config_key(name: str) -> str:
