@@ -89,6 +89,9 @@ def prepare(argv: list[str]) -> int:
     if name not in buildable:
         print(f"opdx prepare: model={name!r} is not built locally; models built by prepare: {', '.join(buildable)}")
         return 2
+    if not options.get("seed", "0").isdigit():
+        print(f"opdx prepare: seed={options['seed']!r} is invalid; use a non-negative integer")
+        return 2
     out = Path(options.get("out", asset_path(name)))
     MODELS[name](out, seed=int(options.get("seed", 0)))
     print(f"written to {out}")

@@ -149,6 +149,13 @@ def validate(cfg: DictConfig) -> RunConfig:
         f"estimator=analytic needs the student's own distribution: trainer.temperature=1, top_k=0, top_p=1 "
         f"(got {sampling})",
     )
+    est = run.estimator
+    _check(
+        est.name != "analytic"
+        or (est.gamma, est.log_ratio_clip, est.batch_baseline, est.whiten) == (0, None, False, False),
+        "estimator=analytic is the exact per-state loss: estimator.gamma, log_ratio_clip, batch_baseline and whiten "
+        "do not apply to it (leave them at 0 / null / false)",
+    )
     for key in ("dtype", "teacher_dtype"):
         value = getattr(run.model, key)
         _check(value in DTYPES, f"model.{key}={value!r} is invalid; valid dtypes: {', '.join(DTYPES)}")

@@ -72,7 +72,8 @@ class Divergence:
             p_S_V = logp_S_V.exp()
             # A student probability that underflows to 0 would give 0 * inf = nan; such terms
             # are dropped, which is exact only for the f with finite f'(inf) (reverse_kl, js, tv).
-            term_S_V = torch.where(p_S_V > 0, p_S_V * self.f(logq_S_V - logp_S_V), 0.0)
+            log_u_S_V = torch.where(p_S_V > 0, logq_S_V - logp_S_V, 0.0)  # keeps backward finite too
+            term_S_V = torch.where(p_S_V > 0, p_S_V * self.f(log_u_S_V), 0.0)
             chunks.append(term_S_V.sum(dim=-1))
         return torch.cat(chunks).reshape(batch_shape)
 

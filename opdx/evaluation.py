@@ -26,7 +26,8 @@ def evaluate(
 ) -> dict[str, float]:
     """``greedy_acc``; with ``n_samples`` > 0 ``avg@n`` (mean score over n samples per problem)
     and, given the teacher, ``reverse_kl_per_token`` = mean over sampled tokens of
-    log p(y) - log q(y), an estimate of KL(p || q) per token."""
+    log p(y) - log q(y), an estimate of KL(p || q) per token (p = the sampling distribution,
+    warped when ``params`` change temperature / top-k / top-p)."""
     greedy_scores: list[float] = []
     sampled_scores: list[float] = []
     log_ratio_sum, token_count = 0.0, 0

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from opdx.config import ModelConfig
 
@@ -60,4 +66,12 @@ def load_pair(
     student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=getattr(torch, cfg.dtype)).to(device)
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=getattr(torch, cfg.teacher_dtype)).to(device)
     teacher.eval().requires_grad_(False)
+    # Sampling settings come from opdx alone: a hub model's generation_config (repetition
+    # penalty, min_p, ...) would change the distribution sampled from without u = q/p knowing.
+    for model in (student, teacher):
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return student, teacher, tokenizer

@@ -112,7 +112,8 @@ def normalise_advantages(advantages_B_T: Tensor, mask_B_T: Tensor, options: Loss
     values = advantages_B_T[mask_B_T]
     centred_B_T = advantages_B_T - values.mean()
     if options.whiten:
-        centred_B_T = centred_B_T / (values.std() + 1e-8)
+        std = values.std() if values.numel() > 1 else values.new_zeros(())
+        centred_B_T = centred_B_T / (std + 1e-8)
     return torch.where(mask_B_T, centred_B_T, 0.0)
 
 

@@ -97,10 +97,13 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Te
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt: the chat template when the tokenizer has one, else BOS + text."""
+    """Token ids of each prompt: the chat template when the tokenizer has one, else the plain
+    encoding with the tokenizer's own special tokens (BOS for the tiny tokenizer)."""
     if tokenizer.chat_template:
         return [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
             for p in prompts
         ]
     return tokenizer(list(prompts))["input_ids"]
@@ -122,8 +125,7 @@ class SampledLogprobRecorder(LogitsProcessor):
             self.logps.append(self.previous_logp_B_V.gather(-1, sampled_B[:, None]).squeeze(-1))
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.previous_logp_B_V is not None:
-            self._gather_previous(input_ids[:, -1])
+        self._gather_previous(input_ids[:, -1])
         self.previous_logp_B_V = torch.log_softmax(scores.float(), dim=-1)
         return scores
 

@@ -36,7 +36,7 @@ SUMMARY_FILE = "summary.json"
 
 
 def lr_lambda(trainer: TrainerConfig):
-    """Linear warmup, then constant, cosine or linear decay to 0 at the last step."""
+    """Linear warmup, then constant, or cosine / linear decay towards 0 at ``steps``."""
 
     def factor(step: int) -> float:
         if step < trainer.warmup_steps:
@@ -100,11 +100,13 @@ def distillation_loss(
     est, mask_B_T = cfg.estimator, rollout.response_mask_B_T
     if est.name == "analytic":
         logits_student_B_T_V = sequence_logits(student, rollout, params)
-        logp_student_B_T = gather_logprobs(logits_student_B_T_V, rollout.response_tokens_B_T)
-        logp_teacher_B_T = gather_logprobs(teacher_scores, rollout.response_tokens_B_T)
-        advantages_B_T, log_u_B_T = token_advantages(logp_student_B_T, logp_teacher_B_T, mask_B_T, div)
-        loss = analytic_loss(logits_student_B_T_V, teacher_scores, mask_B_T, div, est.token_mean)
-        return loss, logp_student_B_T, log_u_B_T, advantages_B_T
+        device = logits_student_B_T_V.device
+        tokens_B_T, mask_on_device_B_T = rollout.response_tokens_B_T.to(device), mask_B_T.to(device)
+        logp_student_B_T = gather_logprobs(logits_student_B_T_V, tokens_B_T)
+        logp_teacher_B_T = gather_logprobs(teacher_scores, tokens_B_T)
+        advantages_B_T, log_u_B_T = token_advantages(logp_student_B_T, logp_teacher_B_T, mask_on_device_B_T, div)
+        loss = analytic_loss(logits_student_B_T_V, teacher_scores, mask_on_device_B_T, div, est.token_mean)
+        return loss, logp_student_B_T.cpu(), log_u_B_T.cpu(), advantages_B_T.cpu()
     logp_student_B_T = sequence_logprobs(student, rollout, params, cfg.trainer.logprob_chunk)
     advantages_B_T, log_u_B_T = token_advantages(
         logp_student_B_T, teacher_scores, mask_B_T, div, est.name, est.gamma, est.log_ratio_clip
@@ -191,13 +193,14 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
             optimizer.step()
+            lr_used = scheduler.get_last_lr()[0]
             scheduler.step()
         metrics.update(rollout_metrics(rollout, log_u_B_T, advantages_B_T, div))
         mismatch_B_T = (rollout.logp_sampling_B_T - logp_student_B_T.detach()).abs()
         metrics["rollout/logprob_mismatch"] = mismatch_B_T[mask_B_T].max().item()
         metrics["train/loss"] = loss.item()
         metrics["train/grad_norm"] = grad_norm.item()
-        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics["train/lr"] = lr_used
         step_time = metrics["time/rollout"] + metrics["time/teacher"] + metrics["time/update"]
         metrics["perf/tokens_per_s"] = mask_B_T.sum().item() / step_time
         done = step + 1
@@ -227,6 +230,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                 },
             )
     progress.close()
+    if "final_eval" not in state:  # resumed at or past trainer.steps: nothing ran, evaluate once
+        state["final_eval"] = {**run_eval(student), "step": start_step}
 
     student.save_pretrained(run_dir / "student")
     tokenizer.save_pretrained(run_dir / "student")

@@ -69,6 +69,7 @@ def test_default_choices_and_user_facing_names():
         (["benchmark.max_terms=x"], "max_terms"),
         (["+benchmark.difficulty=3"], "difficulty"),
         (["model.dtype=fp8"], "valid dtypes: float32, bfloat16"),
+        (["estimator=analytic", "estimator.gamma=1"], "do not apply to it"),
     ],
 )
 def test_bad_values_fail_validation_with_a_clear_message(overrides, message):

@@ -160,3 +160,11 @@ def test_alpha_rejects_degenerate_parameters(alpha):
 def test_parameter_on_a_divergence_without_one():
     with pytest.raises(ValueError, match="takes no parameters"):
         get_divergence("js", alpha=0.3)
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_full_divergence_gradient_stays_finite_when_student_probability_underflows(name):
+    student = torch.tensor([[0.0, -800.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.zeros(1, 3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(get_divergence(name).full(student, teacher).sum(), student)
+    assert torch.isfinite(grad).all()

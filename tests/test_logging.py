@@ -1,4 +1,3 @@
-
 from opdx.logging import JsonlLogger, read_metrics, timed
 
 

@@ -157,3 +157,9 @@ def test_errors_name_the_bad_value_and_the_valid_ones():
         opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", gamma=2)
     with pytest.raises(ValueError, match="behaviour_logprobs"):
         opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", ppo_clip=0.2)
+
+
+def test_whitening_a_single_token_stays_finite():
+    logp = LOGP[:1, :1].clone().requires_grad_(True)
+    loss = opd_loss(logp, LOGQ[:1, :1], MASK[:1, :1], "js", "unbiased", whiten=True)
+    assert torch.isfinite(loss) and loss.item() == 0.0

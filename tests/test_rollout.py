@@ -84,3 +84,16 @@ def test_greedy_is_deterministic_and_decodes_text(student):
     second = decode_responses(tokenizer, sample(model, tokenizer, PROMPTS, 1, 12, greedy=True))
     assert first == second
     assert all(set(text) <= set("0123456789+-*/()=;# ") for text in first)
+
+
+def test_prompts_go_through_the_chat_template_when_there_is_one(student):
+    from opdx.rollout import encode_prompts
+
+    _, tokenizer = student
+    templated = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    templated.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}=;{% endif %}"
+    )
+    ids = encode_prompts(templated, ["1+2"])
+    assert isinstance(ids[0], list) and all(isinstance(i, int) for i in ids[0])
+    assert templated.decode(ids[0]) == "1+2=;"

@@ -88,6 +88,9 @@ def test_bad_arguments(sweep, tmp_path, capsys):
     assert table_main([str(sweep), "--rows", "nonsense"]) == 2
     assert "no config key 'nonsense'" in capsys.readouterr().out
     assert table_main([str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    assert table_main([str(sweep), "--metric", "avg@8"]) == 2
+    assert "no eval metric 'avg@8' in these runs; logged: greedy_acc" in capsys.readouterr().out
 
 
 def test_plot_writes_png_and_svg(sweep, tmp_path):
