@@ -170,14 +170,33 @@ def opd_loss(
     which also switches on the importance ratio (PPO-clipped if ``ppo_clip``).
     """
     options = LossOptions(log_ratio_clip, token_mean, batch_baseline, whiten, ppo_clip)
-    if ppo_clip is not None and behaviour_logprobs is None:
-        raise ValueError("ppo_clip needs behaviour_logprobs (the log-probs the batch was sampled with)")
-    sampling_logprobs = student_logprobs if behaviour_logprobs is None else behaviour_logprobs
-    advantages, _ = token_advantages(
-        sampling_logprobs, teacher_logprobs, mask, divergence, estimator, gamma, log_ratio_clip
+    loss, _, _ = sampled_loss(
+        student_logprobs, teacher_logprobs, mask, divergence, estimator, gamma, options, behaviour_logprobs
     )
-    advantages = normalise_advantages(advantages, mask, options)
-    return policy_gradient_loss(student_logprobs, advantages, mask, options, behaviour_logprobs)
+    return loss
+
+
+def sampled_loss(
+    logp_student_B_T: Tensor,
+    logp_teacher_B_T: Tensor,
+    mask_B_T: Tensor,
+    divergence: str | Divergence,
+    estimator: str,
+    gamma: float,
+    options: LossOptions = LossOptions(),
+    logp_behaviour_B_T: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``opd_loss`` with its options as one object; also returns the advantages A_B_T (after
+    baseline / whitening) and log u_B_T, which the trainer logs."""
+    if options.ppo_clip is not None and logp_behaviour_B_T is None:
+        raise ValueError("ppo_clip needs behaviour_logprobs (the log-probs the batch was sampled with)")
+    logp_sampling_B_T = logp_student_B_T if logp_behaviour_B_T is None else logp_behaviour_B_T
+    advantages_B_T, log_u_B_T = token_advantages(
+        logp_sampling_B_T, logp_teacher_B_T, mask_B_T, divergence, estimator, gamma, options.log_ratio_clip
+    )
+    advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, options)
+    loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, options, logp_behaviour_B_T)
+    return loss, advantages_B_T, log_u_B_T
 
 
 def analytic_loss(

@@ -29,7 +29,7 @@ from opdx.divergences import Divergence, get_divergence
 from opdx.evaluation import evaluate
 from opdx.logging import LOGGERS, read_metrics, timed
 from opdx.models import load_pair
-from opdx.objective import LossOptions, analytic_loss, normalise_advantages, policy_gradient_loss, token_advantages
+from opdx.objective import LossOptions, analytic_loss, sampled_loss, token_advantages
 from opdx.rollout import Rollout, SamplingParams, gather_logprobs, sample, sequence_logits, sequence_logprobs
 
 SUMMARY_FILE = "summary.json"
@@ -108,11 +108,9 @@ def distillation_loss(
         loss = analytic_loss(logits_student_B_T_V, teacher_scores, mask_on_device_B_T, div, est.token_mean)
         return loss, logp_student_B_T.cpu(), log_u_B_T.cpu(), advantages_B_T.cpu()
     logp_student_B_T = sequence_logprobs(student, rollout, params, cfg.trainer.logprob_chunk)
-    advantages_B_T, log_u_B_T = token_advantages(
-        logp_student_B_T, teacher_scores, mask_B_T, div, est.name, est.gamma, est.log_ratio_clip
+    loss, advantages_B_T, log_u_B_T = sampled_loss(
+        logp_student_B_T, teacher_scores, mask_B_T, div, est.name, est.gamma, options
     )
-    advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, options)
-    loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, options)
     return loss, logp_student_B_T, log_u_B_T, advantages_B_T
 
 
