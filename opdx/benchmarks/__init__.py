@@ -1,7 +1,8 @@
 """Benchmarks (config group `benchmark`): prompts, reference answers and a verifier each.
 
-A benchmark gives a train split (prompts for on-policy rollouts), a disjoint eval split, a
-``score(problem, response) -> float`` verifier in [0, 1], and for SFT a worked solution.
+A benchmark gives a train split (prompts for on-policy rollouts), a disjoint eval split and a
+``score(problem, response) -> float`` verifier in [0, 1]. A problem is rendered with the chat
+template: an optional system message, the user prompt, and for tool use the tool schemas.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Problem:
-    """One prompt with its reference answer and the raw entry of its source dataset."""
+    """One prompt with its reference answer and the raw entry of its source dataset.
+
+    ``prompt`` is the user message; ``system`` an optional system message; ``tools`` JSON-schema
+    function definitions (``{"type": "function", "function": {"name", "description",
+    "parameters"}}``) handed to the chat template's ``tools=``."""
 
     prompt: str
     answer: str
     entry: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    system: str | None = None
+    tools: list[dict[str, Any]] | None = field(default=None, compare=False, hash=False)
 
 
 class Benchmark(Protocol):
@@ -27,10 +34,6 @@ class Benchmark(Protocol):
 
     def score(self, problem: Problem, response: str) -> float:
         """1.0 if the response's final answer is right, else 0.0 (or partial credit)."""
-        ...
-
-    def worked_solution(self, problem: Problem) -> str:
-        """A correct response, for supervised fine-tuning."""
         ...
 
 

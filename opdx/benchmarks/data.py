@@ -1,0 +1,79 @@
+"""Benchmark records from a local file or from the hub, one code path for users on either side.
+
+    load_records("gsm8k", path="data/gsm8k_test.jsonl")                  # local JSONL / JSON / parquet
+    load_records("gsm8k", hub_id="openai/gsm8k", hub_config="main", split="test")
+
+A local *directory* and a hub id both go through ``datasets.load_dataset``, so the hub path
+is tested by pointing it at a directory of parquet / JSONL files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class BenchmarkDataError(ValueError):
+    """Data that cannot be loaded; the message says what to pass instead."""
+
+
+def read_file(path: Path) -> list[dict[str, Any]]:
+    """Records of a .jsonl / .json (a list, or JSON lines as BFCL ships them) / .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict(orient="records")
+    if suffix not in (".json", ".jsonl"):
+        raise BenchmarkDataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # JSON lines under a .json name
+        if isinstance(data, list):
+            return data
+        if isinstance(data, dict):
+            return [data]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_records(
+    benchmark: str,
+    path: str | None = None,
+    hub_id: str | None = None,
+    hub_config: str | None = None,
+    split: str = "test",
+) -> list[dict[str, Any]]:
+    """The records of ``path`` (a file, or a directory loaded like a hub dataset), else of the
+    hub dataset ``hub_id`` / ``hub_config`` / ``split``. Raises BenchmarkDataError saying how to
+    pass ``benchmark.path=`` when the hub cannot be reached."""
+    if path is not None:
+        local = Path(path).expanduser()
+        if not local.exists():
+            raise BenchmarkDataError(f"benchmark {benchmark}: benchmark.path={path} does not exist")
+        if local.is_file():
+            return read_file(local)
+        source, config = str(local), None
+    elif hub_id is not None:
+        source, config = hub_id, hub_config
+    else:
+        raise BenchmarkDataError(f"benchmark {benchmark}: give benchmark.path=<file or directory> or a hub id")
+    try:
+        import datasets
+    except ImportError:
+        raise BenchmarkDataError(
+            f"benchmark {benchmark}: loading {source!r} needs the `datasets` package (pip install datasets), "
+            "or pass a local file: benchmark.path=/path/to/data.jsonl|.parquet"
+        ) from None
+    try:
+        return datasets.load_dataset(source, config, split=split).to_list()
+    except (ConnectionError, OSError, ValueError) as error:
+        where = "the directory" if path is not None else "the hub"
+        raise BenchmarkDataError(
+            f"benchmark {benchmark}: could not load {source!r} (config {config}, split {split!r}) from {where}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. Offline, download it elsewhere "
+            f"and pass a local copy: benchmark.path=/path/to/{benchmark}.jsonl (or .parquet, or a directory)"
+        ) from None
