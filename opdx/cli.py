@@ -3,7 +3,10 @@
 opdx train [overrides...]        # Hydra app: opdx train divergence=js estimator=unbiased
 opdx train -m divergence=reverse_kl,forward_kl,js estimator=stopgrad,unbiased seed=0,1,2
 opdx train trainer.resume=<run dir> [overrides...]   # continue a killed run in place
+opdx eval model=smollm2_135m benchmark=bfcl eval.problems=50 eval.n=8   # teacher vs student
+opdx eval eval.run=<run dir>                         # a trained run's student
 opdx prepare model=tiny [out=DIR] [seed=0]           # rebuild the tiny teacher/student
+opdx prepare model=smollm2_135m                      # GGUF teacher + depth-pruned student, into the cache
 opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
 """
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 COMMANDS = {
     "train": "on-policy distillation run (Hydra app; --help lists the config groups)",
+    "eval": "teacher and student side by side on a benchmark: greedy, avg@n, pass@k (Hydra app)",
     "prepare": "build the weights of a model config that is built locally (model=tiny)",
     "verify": "exact-enumeration check of the OPD and OPD+ estimators",
     "table": "ablation table (mean ± 95% CI over seeds) of run / multirun directories",
@@ -76,8 +80,53 @@ def train_task(cfg) -> float | None:
     return summary["final_eval"]["greedy_acc"]
 
 
+def model_build_dir(name: str) -> Path:
+    """Where ``conf/model/<name>.yaml`` expects the built pair: the parent of its teacher dir."""
+    from omegaconf import OmegaConf
+
+    from opdx.models import register_resolvers
+
+    register_resolvers()
+    return Path(OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml").teacher).parent
+
+
+def eval_overrides(argv: list[str]) -> list[str]:
+    """With ``eval.run=DIR``: that run's saved overrides (its model and benchmark), then the new
+    ones; outputs go to outputs/eval/ unless ``hydra.run.dir=`` is given."""
+    run = [a.split("=", 1)[1] for a in argv if a.startswith("eval.run=")]
+    original: list[str] = []
+    if run and run[-1] not in ("", "null"):
+        saved = Path(run[-1]) / ".hydra" / "overrides.yaml"
+        if not saved.exists():
+            raise SystemExit(f"opdx eval: eval.run={run[-1]} is not a run directory (no .hydra/overrides.yaml)")
+        from omegaconf import OmegaConf
+
+        skip = ("trainer.resume=", "hydra.run.dir=", "eval.")
+        original = [o for o in OmegaConf.load(saved) if not o.startswith(skip)]
+    out = [] if any(a.startswith("hydra.run.dir=") for a in argv) else [f"hydra.run.dir={EVAL_RUN_DIR}"]
+    return [*original, *argv, *out]
+
+
+EVAL_RUN_DIR = "outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}_${model.name}_${benchmark.name}"
+
+
+def eval_task(cfg) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from opdx.config import ConfigError, validate
+
+    try:
+        run = validate(cfg)
+    except ConfigError as error:
+        sys.exit(f"opdx eval: invalid config: {error}")
+    from opdx.evaluation import run_eval
+
+    record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
+    return record["results"]["student"]["greedy_acc"]
+
+
 def prepare(argv: list[str]) -> int:
-    from opdx.models import MODELS, asset_path
+    from opdx.models import MODELS
 
     options = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = set(options) - {"model", "out", "seed"} | {a for a in argv if "=" not in a}
@@ -92,7 +141,7 @@ def prepare(argv: list[str]) -> int:
     if not options.get("seed", "0").isdigit():
         print(f"opdx prepare: seed={options['seed']!r} is invalid; use a non-negative integer")
         return 2
-    out = Path(options.get("out", asset_path(name)))
+    out = Path(options["out"]) if "out" in options else model_build_dir(name)
     MODELS[name](out, seed=int(options.get("seed", 0)))
     print(f"written to {out}")
     return 0
@@ -106,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         run_hydra(train_task, resume_overrides(rest), "opdx train")
+        return 0
+    if command == "eval":
+        run_hydra(eval_task, eval_overrides(rest), "opdx eval")
         return 0
     if command == "prepare":
         return prepare(rest)

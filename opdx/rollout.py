@@ -10,6 +10,7 @@ log-probs are recomputed with grad, so u = q/p always uses that distribution.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from opdx.benchmarks import Problem
 
 
 @dataclass(frozen=True)
@@ -96,17 +99,46 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Te
     return tokens, mask
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt: the chat template when the tokenizer has one, else the plain
-    encoding with the tokenizer's own special tokens (BOS for the tiny tokenizer)."""
-    if tokenizer.chat_template:
-        return [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            for p in prompts
-        ]
-    return tokenizer(list(prompts))["input_ids"]
+TOOLS_INSTRUCTION = (
+    "You can call these functions. To call one, answer with "
+    '<tool_call>{"name": <function name>, "arguments": <arguments as a JSON object>}</tool_call>, '
+    "one block per call.\n<tools>\n"
+)
+
+
+def chat_messages(problem: Problem, template_has_tools: bool) -> list[dict[str, str]]:
+    """System (if any) and user messages; tool schemas go into the system message when the
+    chat template cannot take ``tools=`` itself."""
+    system = problem.system
+    if problem.tools and not template_has_tools:
+        schemas = "\n".join(json.dumps(tool) for tool in problem.tools)
+        system = f"{system}\n\n" if system else ""
+        system += f"{TOOLS_INSTRUCTION}{schemas}\n</tools>"
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": problem.prompt}]
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Problem | str]) -> list[list[int]]:
+    """Token ids of each prompt (a Problem, or a bare user message): the chat template when the
+    tokenizer has one (with the problem's tool schemas, through ``tools=`` when the template
+    handles them), else the plain encoding with the tokenizer's own special tokens (BOS for the
+    tiny tokenizer)."""
+    problems = [Problem(prompt=p, answer="") if isinstance(p, str) else p for p in prompts]
+    if not tokenizer.chat_template:
+        if any(p.system or p.tools for p in problems):
+            raise ValueError("system messages and tools need a tokenizer with a chat template")
+        return tokenizer([p.prompt for p in problems])["input_ids"]
+    template_has_tools = "tools" in tokenizer.chat_template
+    return [
+        tokenizer.apply_chat_template(
+            chat_messages(problem, template_has_tools),
+            tools=problem.tools if template_has_tools else None,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for problem in problems
+    ]
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -147,7 +179,7 @@ def response_mask(response_tokens_B_T: Tensor, eos_token_id: int) -> tuple[Tenso
 def sample(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[Problem | str],
     samples_per_prompt: int,
     max_new_tokens: int,
     params: SamplingParams = PLAIN_SAMPLING,

@@ -26,7 +26,7 @@ from opdx.benchmarks import Benchmark, get_benchmark
 from opdx.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from opdx.config import RunConfig, TrainerConfig
 from opdx.divergences import Divergence, get_divergence
-from opdx.evaluation import evaluate
+from opdx.evaluation import evaluate_model
 from opdx.logging import LOGGERS, read_metrics, timed
 from opdx.models import load_pair
 from opdx.objective import LossOptions, analytic_loss, sampled_loss, token_advantages
@@ -136,14 +136,10 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     student, teacher, tokenizer = load_pair(cfg.model, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
-    eval_problems = benchmark.eval[: t.eval_problems]
     bench = cfg.benchmark["name"]
 
     def run_eval(model) -> dict[str, float]:
-        teacher_for_kl = teacher if model is student else None
-        return evaluate(
-            model, tokenizer, benchmark, eval_problems, t.eval_samples, t.max_new_tokens, params, teacher_for_kl
-        )
+        return evaluate_model(model, tokenizer, benchmark, cfg, params, teacher if model is student else None)
 
     checkpoint = load_checkpoint(run_dir) if t.resume else None
     if checkpoint:
@@ -177,9 +173,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         problems = prompts_for_step(benchmark, cfg.seed, step, t.prompts_per_step)
         student.train()
         with timed(metrics, "rollout"):
-            rollout = sample(
-                student, tokenizer, [p.prompt for p in problems], t.samples_per_prompt, t.max_new_tokens, params
-            )
+            rollout = sample(student, tokenizer, problems, t.samples_per_prompt, t.max_new_tokens, params)
         mask_B_T = rollout.response_mask_B_T
         with timed(metrics, "teacher"), torch.no_grad():
             teacher_scores = score_with_teacher(teacher, rollout, est.name, t.logprob_chunk)

@@ -21,8 +21,8 @@ FAST_TRAIN = [
     "trainer.prompts_per_step=4",
     "trainer.samples_per_prompt=2",
     "trainer.eval_every=2",
-    "trainer.eval_problems=16",
-    "trainer.eval_samples=2",
+    "eval.problems=16",
+    "eval.n=2",
     "trainer.checkpoint_every=2",
     "trainer.threads=1",
 ]

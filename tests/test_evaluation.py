@@ -1,9 +1,12 @@
+import itertools
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdx.benchmarks import get_benchmark
-from opdx.evaluation import evaluate
+from opdx.evaluation import evaluate, format_side_by_side, pass_at_k, pass_at_k_values
 from opdx.models import asset_path
 from opdx.rollout import decode_responses, sample
 
@@ -32,8 +35,47 @@ def test_avg_at_n_and_reverse_kl_per_token(setup):
     torch.manual_seed(0)
     problems = benchmark.eval[:30]
     metrics = evaluate(student, tokenizer, benchmark, problems, n_samples=3, teacher=teacher)
-    assert set(metrics) == {"greedy_acc", "avg@3", "reverse_kl_per_token"}
+    assert set(metrics) == {"greedy_acc", "avg@3", "pass@2", "pass@3", "reverse_kl_per_token"}
+    assert metrics["avg@3"] <= metrics["pass@2"] <= metrics["pass@3"] <= 1
     assert 0 <= metrics["avg@3"] <= 1 and round(metrics["avg@3"] * 90) == pytest.approx(metrics["avg@3"] * 90)
     assert metrics["reverse_kl_per_token"] > 0.5  # the weak student is far from the teacher
     self_kl = evaluate(student, tokenizer, benchmark, problems, n_samples=2, teacher=student)["reverse_kl_per_token"]
     assert abs(self_kl) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("n", "correct", "k"), [(5, 2, 1), (5, 2, 2), (5, 2, 3), (5, 2, 4), (8, 0, 3), (8, 8, 1), (6, 3, 6)]
+)
+def test_pass_at_k_is_the_chance_a_random_k_subset_holds_a_right_sample(n, correct, k):
+    samples = [True] * correct + [False] * (n - correct)
+    subsets = list(itertools.combinations(samples, k))
+    by_enumeration = sum(any(s) for s in subsets) / len(subsets)
+    assert pass_at_k(n, correct, k) == pytest.approx(by_enumeration, abs=1e-12)
+    assert pass_at_k(n, correct, k) == pytest.approx(1 - math.comb(n - correct, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_pass_at_k_values_and_errors():
+    assert pass_at_k_values(1) == [] and pass_at_k_values(4) == [2, 4]
+    assert pass_at_k_values(8) == [2, 4, 8] and pass_at_k_values(6) == [2, 4, 6]
+    with pytest.raises(ValueError, match="0 < k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_pass_at_k_from_sampled_scores(setup):
+    """pass@n over the problems equals the fraction with at least one right sample."""
+    benchmark, teacher, _, tokenizer = setup
+    problems = benchmark.eval[:20]
+    torch.manual_seed(1)
+    metrics = evaluate(teacher, tokenizer, benchmark, problems, n_samples=4)
+    torch.manual_seed(1)
+    sample(teacher, tokenizer, problems, 1, 32, greedy=True)  # the same RNG use as evaluate's greedy pass
+    responses = decode_responses(tokenizer, sample(teacher, tokenizer, problems, 4, 32))
+    scores = [[benchmark.score(p, r) for r in responses[4 * i : 4 * i + 4]] for i, p in enumerate(problems)]
+    assert metrics["pass@4"] == pytest.approx(sum(any(s) for s in scores) / len(scores))
+    assert metrics["avg@4"] == pytest.approx(sum(map(sum, scores)) / 80)
+
+
+def test_side_by_side_table():
+    table = format_side_by_side({"teacher": {"greedy_acc": 0.9, "avg@2": 0.8}, "student": {"greedy_acc": 0.25}})
+    assert table.splitlines()[0] == "| metric | teacher | student |"
+    assert "| greedy_acc | 0.9000 | 0.2500 |" in table and "| avg@2 | 0.8000 | - |" in table

@@ -43,7 +43,33 @@ def _arith(**kwargs: Any) -> Benchmark:
     return ArithBenchmark(**kwargs)
 
 
-BENCHMARKS: dict[str, Callable[..., Benchmark]] = {"arith": _arith}
+def _math(name: str) -> Callable[..., Benchmark]:
+    def build(**kwargs: Any) -> Benchmark:
+        from opdx.benchmarks.math import MathBenchmark
+
+        return MathBenchmark(name=name, **kwargs)
+
+    return build
+
+
+def _bfcl(**kwargs: Any) -> Benchmark:
+    from opdx.benchmarks.bfcl import BfclBenchmark
+
+    return BfclBenchmark(**kwargs)
+
+
+def _toolalpaca(**kwargs: Any) -> Benchmark:
+    from opdx.benchmarks.toolalpaca import ToolAlpacaBenchmark
+
+    return ToolAlpacaBenchmark(**kwargs)
+
+
+BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
+    "arith": _arith,
+    **{name: _math(name) for name in ("deepmath", "gsm8k", "math500", "aime24", "aime25")},
+    "bfcl": _bfcl,
+    "toolalpaca": _toolalpaca,
+}
 
 
 def get_benchmark(name: str, **kwargs: Any) -> Benchmark:
