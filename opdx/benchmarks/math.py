@@ -1,0 +1,214 @@
+"""Math reasoning benchmarks: deepmath, gsm8k, math500, aime24, aime25, graded by math-verify.
+
+    opdx train benchmark=deepmath                      # DeepMath-103K prompts, 500 held out for eval
+    opdx eval model=smollm2_135m benchmark=gsm8k benchmark.path=tests/fixtures/gsm8k_sample.jsonl
+
+One loader and one verifier; a spec per dataset gives the hub id, the splits and the column
+names (every one a config key, so a local file with other columns works too):
+
+| name     | hub id                  | config | train split | eval split | question | answer       |
+|----------|-------------------------|--------|-------------|------------|----------|--------------|
+| deepmath | zwhe99/DeepMath-103K    | -      | train       | train      | question | final_answer |
+| gsm8k    | openai/gsm8k            | main   | train       | test       | question | answer       |
+| math500  | HuggingFaceH4/MATH-500  | -      | -           | test       | problem  | answer       |
+| aime24   | HuggingFaceH4/aime_2024 | -      | -           | train      | problem  | answer       |
+| aime25   | math-ai/aime25          | -      | -           | test       | problem  | answer       |
+
+Splits, one rule for all: eval is the eval split (all of it, or ``eval_size`` problems chosen by
+a seeded shuffle, kept in file order); train is the train split minus every problem whose
+question is in eval. So when both name the same split (deepmath) the eval problems are held out
+of it, and ``train_split: null`` makes an eval-only benchmark whose ``.train`` raises. A local
+file (``benchmark.path=x.jsonl``) is a single split: it serves as both, so training on a file
+needs ``eval_size`` to hold part of it out; a local directory is read like the hub.
+
+The gold answer is the answer column, or for GSM8K-style solutions the text after the last
+``####`` with thousands commas removed. ``score`` is 1.0 iff math-verify judges the response's
+final answer equal to the gold: the content of the last complete ``\\boxed{...}``, or, in a
+response with no box, what math-verify extracts from the whole text (``The answer is 72``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+from opdx.benchmarks import Problem
+from opdx.benchmarks.data import BenchmarkDataError, load_records
+
+PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+TIMEOUT_S = 5  # math-verify's own limit per parse and per comparison (signal.alarm, main thread only)
+
+
+@dataclass(frozen=True)
+class MathSpec:
+    hub_id: str
+    hub_config: str | None
+    train_split: str | None
+    eval_split: str
+    eval_size: int | None
+    question_key: str
+    answer_key: str
+
+
+SPECS: dict[str, MathSpec] = {
+    "deepmath": MathSpec("zwhe99/DeepMath-103K", None, "train", "train", 500, "question", "final_answer"),
+    "gsm8k": MathSpec("openai/gsm8k", "main", "train", "test", None, "question", "answer"),
+    "math500": MathSpec("HuggingFaceH4/MATH-500", None, None, "test", None, "problem", "answer"),
+    "aime24": MathSpec("HuggingFaceH4/aime_2024", None, None, "train", None, "problem", "answer"),
+    "aime25": MathSpec("math-ai/aime25", None, None, "test", None, "problem", "answer"),
+}
+FROM_SPEC: Any = "<from spec>"  # default of the spec-dependent fields: the dataset's own value
+
+
+def gold_answer(raw: Any) -> str:
+    """The reference answer as a string; a GSM8K solution ('...#### 1,200') gives '1200'."""
+    text = str(raw).strip()
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    return text
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` whose braces close, or None."""
+    for match in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
+        depth = 1
+        for i in range(match.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[match.end() : i]
+    return None
+
+
+@lru_cache(maxsize=65536)
+def _parse_gold(gold: str, timeout: int | None) -> list:
+    from math_verify import parse
+
+    return parse(f"${gold}$", parsing_timeout=timeout)  # '$...$' parses numbers, LaTeX, percents and text alike
+
+
+def grade(gold: str, response: str) -> float:
+    """1.0 iff math-verify finds the response's final answer equal to ``gold``, else 0.0.
+
+    The final answer is the last complete ``\\boxed{...}`` (math-verify on its own often reads
+    several bare boxes of a response as one set, so a corrected answer after a first box scored 0); with
+    no box, math-verify's own extraction from the whole response. Errors and timeouts score 0.
+    math-verify times out with signal.alarm, which works only in the main thread; elsewhere it
+    runs without a time limit."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    timeout = TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    boxed = last_boxed(response)
+    try:
+        target = parse(response if boxed is None else f"$\\boxed{{{boxed}}}$", parsing_timeout=timeout)
+        return float(bool(target) and verify(_parse_gold(gold, timeout), target, timeout_seconds=timeout))
+    except (Exception, TimeoutException):
+        return 0.0
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value != "")
+
+
+@dataclass
+class MathBenchmark:
+    name: str
+    path: str | None = None
+    hub_id: str | None = FROM_SPEC
+    hub_config: str | None = FROM_SPEC
+    train_split: str | None = FROM_SPEC
+    eval_split: str = FROM_SPEC
+    eval_size: int | None = FROM_SPEC
+    seed: int = 0
+    question_key: str = FROM_SPEC
+    answer_key: str = FROM_SPEC
+    prompt_suffix: str = PROMPT_SUFFIX
+    _records: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in SPECS:
+            raise ValueError(f"unknown math benchmark {self.name!r}; valid: {', '.join(SPECS)}")
+        spec = SPECS[self.name]
+        for key in ("hub_id", "hub_config", "train_split", "eval_split", "eval_size", "question_key", "answer_key"):
+            if getattr(self, key) is FROM_SPEC:
+                setattr(self, key, getattr(spec, key))
+        prefix = f"benchmark {self.name}: benchmark"
+        for key in ("path", "hub_id", "hub_config", "train_split"):
+            if not _optional_str(getattr(self, key)):
+                raise ValueError(f"{prefix}.{key}={getattr(self, key)!r} is invalid; give a non-empty string or null")
+        for key in ("eval_split", "question_key", "answer_key"):
+            if not (isinstance(getattr(self, key), str) and getattr(self, key)):
+                raise ValueError(f"{prefix}.{key}={getattr(self, key)!r} is invalid; give a non-empty string")
+        if not isinstance(self.prompt_suffix, str):
+            raise ValueError(f"{prefix}.prompt_suffix={self.prompt_suffix!r} is invalid; give a string ('' for none)")
+        size = self.eval_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"{prefix}.eval_size={size!r} is invalid; give a positive integer or null (all)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"{prefix}.seed={self.seed!r} is invalid; it must be a non-negative integer")
+        if self.path is None and self.hub_id is None:
+            raise ValueError(f"{prefix}.path and benchmark.hub_id are both null; give a local file or a hub id")
+        if self.path is not None and not Path(self.path).expanduser().exists():
+            raise ValueError(f"{prefix}.path={self.path} does not exist")
+
+    def _split(self, split: str) -> list[dict[str, Any]]:
+        if self.path is not None and Path(self.path).expanduser().is_file():
+            split = "<file>"  # a file is one split, whatever the config names it
+        if split not in self._records:
+            self._records[split] = load_records(
+                self.name, path=self.path, hub_id=self.hub_id, hub_config=self.hub_config, split=split
+            )
+        return self._records[split]
+
+    def _problem(self, record: dict[str, Any], split: str) -> Problem:
+        missing = [key for key in (self.question_key, self.answer_key) if record.get(key) is None]
+        if missing:
+            raise BenchmarkDataError(
+                f"benchmark {self.name}: a record of split {split!r} has no {' / '.join(missing)}; its keys are "
+                f"{', '.join(record)}. Name the columns with benchmark.question_key= and benchmark.answer_key="
+            )
+        question = str(record[self.question_key]).strip()
+        return Problem(prompt=question + self.prompt_suffix, answer=gold_answer(record[self.answer_key]), entry=record)
+
+    @cached_property
+    def eval(self) -> list[Problem]:
+        records = self._split(self.eval_split)
+        if self.eval_size is not None:
+            if self.eval_size > len(records):
+                raise BenchmarkDataError(
+                    f"benchmark {self.name}: eval_size={self.eval_size} but split {self.eval_split!r} has only "
+                    f"{len(records)} problems; lower benchmark.eval_size or set it to null (all)"
+                )
+            order = list(range(len(records)))
+            random.Random(self.seed).shuffle(order)
+            records = [records[i] for i in sorted(order[: self.eval_size])]
+        return [self._problem(record, self.eval_split) for record in records]
+
+    @cached_property
+    def train(self) -> list[Problem]:
+        with_train = ", ".join(name for name, spec in SPECS.items() if spec.train_split is not None)
+        if self.train_split is None:
+            raise ValueError(
+                f"benchmark {self.name} is eval-only (train_split: null), it has no train prompts; train on a "
+                f"benchmark that has them ({with_train}, or arith) and evaluate on {self.name}, or give "
+                f"benchmark.train_split=<split> with a dataset that has one"
+            )
+        held_out = {problem.prompt for problem in self.eval}
+        problems = [self._problem(record, self.train_split) for record in self._split(self.train_split)]
+        train = [problem for problem in problems if problem.prompt not in held_out]
+        if not train:
+            raise ValueError(
+                f"benchmark {self.name}: no train prompts left: all {len(problems)} problems of split "
+                f"{self.train_split!r} are eval problems (a local file is one split: set benchmark.eval_size "
+                f"to hold out only part of it, or give a directory with train and test files)"
+            )
+        return train
+
+    def score(self, problem: Problem, response: str) -> float:
+        """1.0 iff the response's final answer equals the gold answer under math-verify (see ``grade``)."""
+        return grade(problem.answer, response)
