@@ -101,7 +101,7 @@ def eval_overrides(argv: list[str]) -> list[str]:
             raise SystemExit(f"opdx eval: eval.run={run[-1]} is not a run directory (no .hydra/overrides.yaml)")
         from omegaconf import OmegaConf
 
-        skip = ("trainer.resume=", "hydra.run.dir=", "eval.")
+        skip = ("trainer.resume=", "hydra.run.dir=", "eval.run=")
         original = [o for o in OmegaConf.load(saved) if not o.startswith(skip)]
     out = [] if any(a.startswith("hydra.run.dir=") for a in argv) else [f"hydra.run.dir={EVAL_RUN_DIR}"]
     return [*original, *argv, *out]

@@ -40,3 +40,12 @@ def run_opdx(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.Com
 @pytest.fixture
 def opdx_cli():
     return run_opdx
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """$OPDX_CACHE with the smollm2_135m pair built once per test session (~45 s from GGUF)."""
+    cache = tmp_path_factory.mktemp("opdx_cache")
+    os.environ["OPDX_CACHE"] = str(cache)
+    run_opdx("prepare", "model=smollm2_135m")
+    return cache / "smollm2_135m"

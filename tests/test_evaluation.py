@@ -1,4 +1,5 @@
 import itertools
+import json
 import math
 
 import pytest
@@ -79,3 +80,61 @@ def test_side_by_side_table():
     table = format_side_by_side({"teacher": {"greedy_acc": 0.9, "avg@2": 0.8}, "student": {"greedy_acc": 0.25}})
     assert table.splitlines()[0] == "| metric | teacher | student |"
     assert "| greedy_acc | 0.9000 | 0.2500 |" in table and "| avg@2 | 0.8000 | - |" in table
+
+
+def test_opdx_eval_of_a_trained_run_matches_its_own_evals(opdx_cli, tmp_path):
+    """`opdx eval eval.run=DIR` re-applies the run's overrides and scores its saved student; greedy
+    decoding is deterministic, so it reproduces the run's final and teacher greedy accuracy."""
+    from conftest import FAST_TRAIN
+
+    opdx_cli("train", *FAST_TRAIN, "seed=3", f"hydra.run.dir={tmp_path / 'run'}")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    result = opdx_cli("eval", f"eval.run={tmp_path / 'run'}", "eval.n=2", f"hydra.run.dir={tmp_path / 'eval'}")
+    record = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert record["problems"] == 16 and record["n"] == 2 and record["benchmark"] == "arith"
+    assert record["student"] == str(tmp_path / "run" / "student")
+    assert record["results"]["student"]["greedy_acc"] == summary["final_eval"]["greedy_acc"]
+    assert record["results"]["teacher"]["greedy_acc"] == summary["teacher_eval"]["greedy_acc"]
+    assert {"avg@2", "pass@2", "reverse_kl_per_token"} <= set(record["results"]["student"])
+    assert "| metric | teacher | student |" in result.stdout
+    base = opdx_cli("eval", "eval.problems=16", "eval.n=0", f"hydra.run.dir={tmp_path / 'base'}")
+    initial = json.loads((tmp_path / "base" / "eval.json").read_text())["results"]["student"]
+    assert initial == {"greedy_acc": summary["initial_eval"]["greedy_acc"]}, base.stdout
+    missing = opdx_cli("eval", f"eval.run={tmp_path / 'nothing'}", check=False)
+    assert missing.returncode != 0 and "not a run directory" in missing.stderr
+
+
+@pytest.mark.slow
+def test_opdx_eval_and_train_on_real_weights_and_bfcl(opdx_cli, smollm2_cache, tmp_path):
+    """SmolLM2 teacher vs its pruned student on BFCL simple, then two OPD+ steps on BFCL prompts."""
+    result = opdx_cli(
+        "eval",
+        "model=smollm2_135m",
+        "benchmark=bfcl",
+        "benchmark.categories=[simple]",
+        "eval.problems=3",
+        "eval.n=2",
+        "eval.max_new_tokens=40",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
+    record = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert record["model"] == "smollm2_135m" and record["problems"] == 3
+    for role in ("teacher", "student"):
+        assert set(record["results"][role]) >= {"greedy_acc", "avg@2", "pass@2"}
+    assert record["results"]["student"]["reverse_kl_per_token"] > 0.1, result.stdout
+    opdx_cli(
+        "train",
+        "model=smollm2_135m",
+        "benchmark=bfcl",
+        "trainer.steps=2",
+        "trainer.prompts_per_step=2",
+        "trainer.samples_per_prompt=2",
+        "trainer.max_new_tokens=32",
+        "trainer.eval_every=2",
+        "eval.problems=2",
+        "eval.n=0",
+        "trainer.threads=1",
+        f"hydra.run.dir={tmp_path / 'train'}",
+    )
+    summary = json.loads((tmp_path / "train" / "summary.json").read_text())
+    assert summary["model"] == "smollm2_135m" and summary["final_eval"]["step"] == 2

