@@ -186,6 +186,8 @@ def test_deepmath_holds_out_eval_from_its_one_split(hf_cache):
         assert (len(bench.eval), len(bench.train)) == (3, 7)
         assert not {p.prompt for p in bench.eval} & {p.prompt for p in bench.train}
         assert all(p.answer == p.entry["final_answer"] for p in bench.eval + bench.train)
+        if path == directory:  # the hub code path keeps only the two columns it needs (DeepMath is GBs)
+            assert set(bench.eval[0].entry) == {"question", "final_answer"}
         splits.append(([p.prompt for p in bench.eval], [p.prompt for p in bench.train]))
     assert splits[0] == splits[1]  # the file and the hub code path give the same split
     again = get_benchmark("deepmath", path=str(file), eval_size=3)

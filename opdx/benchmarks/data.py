@@ -10,6 +10,7 @@ is tested by pointing it at a directory of parquet / JSONL files.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,13 @@ def load_records(
     hub_id: str | None = None,
     hub_config: str | None = None,
     split: str = "test",
+    columns: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The records of ``path`` (a file, or a directory loaded like a hub dataset), else of the
     hub dataset ``hub_id`` / ``hub_config`` / ``split``. Raises BenchmarkDataError saying how to
-    pass ``benchmark.path=`` when the hub cannot be reached."""
+    pass ``benchmark.path=`` when the hub cannot be reached. ``columns`` keeps only those columns
+    of a hub / directory dataset before it becomes Python objects (DeepMath-103K carries three
+    long solutions per problem: several GB as dicts)."""
     if path is not None:
         local = Path(path).expanduser()
         if not local.exists():
@@ -69,7 +73,7 @@ def load_records(
             "or pass a local file: benchmark.path=/path/to/data.jsonl|.parquet"
         ) from None
     try:
-        return datasets.load_dataset(source, config, split=split).to_list()
+        dataset = datasets.load_dataset(source, config, split=split)
     except (ConnectionError, OSError, ValueError) as error:
         where = "the directory" if path is not None else "the hub"
         raise BenchmarkDataError(
@@ -77,3 +81,6 @@ def load_records(
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. Offline, download it elsewhere "
             f"and pass a local copy: benchmark.path=/path/to/{benchmark}.jsonl (or .parquet, or a directory)"
         ) from None
+    if columns is not None:
+        dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
+    return dataset.to_list()

@@ -161,7 +161,12 @@ class MathBenchmark:
             split = "<file>"  # a file is one split, whatever the config names it
         if split not in self._records:
             self._records[split] = load_records(
-                self.name, path=self.path, hub_id=self.hub_id, hub_config=self.hub_config, split=split
+                self.name,
+                path=self.path,
+                hub_id=self.hub_id,
+                hub_config=self.hub_config,
+                split=split,
+                columns=(self.question_key, self.answer_key),
             )
         return self._records[split]
 
