@@ -87,7 +87,8 @@ def model_build_dir(name: str) -> Path:
     from opdx.models import register_resolvers
 
     register_resolvers()
-    return Path(OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml").teacher).parent
+    model_file = OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
+    return Path(model_file.get("model", model_file).teacher).parent  # `# @package _global_` files nest it
 
 
 def eval_overrides(argv: list[str]) -> list[str]:
