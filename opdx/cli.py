@@ -80,20 +80,10 @@ def train_task(cfg) -> float | None:
     return summary["final_eval"]["greedy_acc"]
 
 
-def model_build_dir(name: str) -> Path:
-    """Where ``conf/model/<name>.yaml`` expects the built pair: the parent of its teacher dir."""
-    from omegaconf import OmegaConf
-
-    from opdx.models import register_resolvers
-
-    register_resolvers()
-    model_file = OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
-    return Path(model_file.get("model", model_file).teacher).parent  # `# @package _global_` files nest it
-
-
 def eval_overrides(argv: list[str]) -> list[str]:
     """With ``eval.run=DIR``: that run's saved overrides (its model and benchmark), then the new
-    ones; outputs go to outputs/eval/ unless ``hydra.run.dir=`` is given."""
+    ones; a group switched on the command line (``benchmark=math500``) drops the run's settings
+    of that group (``benchmark.path=...``). Outputs go to outputs/eval/ unless ``hydra.run.dir=``."""
     run = [a.split("=", 1)[1] for a in argv if a.startswith("eval.run=")]
     original: list[str] = []
     if run and run[-1] not in ("", "null"):
@@ -102,8 +92,10 @@ def eval_overrides(argv: list[str]) -> list[str]:
             raise SystemExit(f"opdx eval: eval.run={run[-1]} is not a run directory (no .hydra/overrides.yaml)")
         from omegaconf import OmegaConf
 
-        skip = ("trainer.resume=", "hydra.run.dir=", "eval.run=")
-        original = [o for o in OmegaConf.load(saved) if not o.startswith(skip)]
+        switched = [a.split("=", 1)[0].lstrip("+") for a in argv if "=" in a]
+        groups = tuple(f"{key}{end}" for key in switched if "." not in key for end in ".=")  # the group, its keys
+        skip = ("trainer.resume=", "hydra.run.dir=", "eval.run=", *groups)
+        original = [o for o in OmegaConf.load(saved) if not o.lstrip("+").startswith(skip)]
     out = [] if any(a.startswith("hydra.run.dir=") for a in argv) else [f"hydra.run.dir={EVAL_RUN_DIR}"]
     return [*original, *argv, *out]
 
@@ -127,7 +119,7 @@ def eval_task(cfg) -> float | None:
 
 
 def prepare(argv: list[str]) -> int:
-    from opdx.models import MODELS
+    from opdx.models import MODELS, build, build_dir
 
     options = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = set(options) - {"model", "out", "seed"} | {a for a in argv if "=" not in a}
@@ -142,8 +134,8 @@ def prepare(argv: list[str]) -> int:
     if not options.get("seed", "0").isdigit():
         print(f"opdx prepare: seed={options['seed']!r} is invalid; use a non-negative integer")
         return 2
-    out = Path(options["out"]) if "out" in options else model_build_dir(name)
-    MODELS[name](out, seed=int(options.get("seed", 0)))
+    out = Path(options["out"]) if "out" in options else build_dir(name)
+    build(name, out, seed=int(options.get("seed", 0)))
     print(f"written to {out}")
     return 0
 

@@ -112,6 +112,10 @@ class EvalConfig:
         for key in ("problems", "batch_size"):
             _check(getattr(self, key) > 0, f"eval.{key}={getattr(self, key)!r} is invalid; it must be positive")
         _check(
+            self.batch_size >= self.n,
+            f"eval.batch_size={self.batch_size} is smaller than eval.n={self.n}: one problem's samples share a batch",
+        )
+        _check(
             self.max_new_tokens is None or self.max_new_tokens > 0,
             f"eval.max_new_tokens={self.max_new_tokens!r} is invalid; use a positive number or null",
         )

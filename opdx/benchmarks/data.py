@@ -74,12 +74,16 @@ def load_records(
         ) from None
     try:
         dataset = datasets.load_dataset(source, config, split=split)
-    except (ConnectionError, OSError, ValueError) as error:
+    except (ConnectionError, OSError) as error:
         where = "the directory" if path is not None else "the hub"
         raise BenchmarkDataError(
             f"benchmark {benchmark}: could not load {source!r} (config {config}, split {split!r}) from {where}: "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. Offline, download it elsewhere "
             f"and pass a local copy: benchmark.path=/path/to/{benchmark}.jsonl (or .parquet, or a directory)"
+        ) from None
+    except ValueError as error:  # e.g. a split the dataset does not have: its message lists the splits
+        raise BenchmarkDataError(
+            f"benchmark {benchmark}: {source!r} (config {config}, split {split!r}): {error}"
         ) from None
     if columns is not None:
         dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])

@@ -54,8 +54,7 @@ from opdx.benchmarks.tool_calls import parse_tool_calls, standardize_string
 
 SYSTEM_PROMPT = (
     "You can use the functions of the {name} API ({description}). Make the first function call that the "
-    "user's request needs, as JSON in a block "
-    '<tool_call>{{"name": <function name>, "arguments": <arguments as a JSON object>}}</tool_call>.'
+    "user's request needs."
 )
 NO_DATA = (
     "benchmark toolalpaca: no data; download ToolAlpaca's data/ directory (github.com/tangqiaoyu/ToolAlpaca: "
