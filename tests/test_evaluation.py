@@ -82,6 +82,7 @@ def test_side_by_side_table():
     assert "| greedy_acc | 0.9000 | 0.2500 |" in table and "| avg@2 | 0.8000 | - |" in table
 
 
+@pytest.mark.slow
 def test_opdx_eval_of_a_trained_run_matches_its_own_evals(opdx_cli, tmp_path):
     """`opdx eval eval.run=DIR` re-applies the run's overrides and scores its saved student; greedy
     decoding is deterministic, so it reproduces the run's final and teacher greedy accuracy."""

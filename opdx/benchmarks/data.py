@@ -10,9 +10,14 @@ is tested by pointing it at a directory of parquet / JSONL files.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from opdx.benchmarks import Problem
+
+Item = TypeVar("Item")
 
 
 class BenchmarkDataError(ValueError):
@@ -88,3 +93,31 @@ def load_records(
     if columns is not None:
         dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
     return dataset.to_list()
+
+
+def pick_eval(items: list[Item], eval_size: int | None, seed: int, benchmark: str, split: str) -> list[Item]:
+    """``eval_size`` of ``items`` chosen by a seeded shuffle, kept in their original order (all of
+    them for None); a larger eval_size picks a superset."""
+    if eval_size is None:
+        return items
+    if eval_size > len(items):
+        raise BenchmarkDataError(
+            f"benchmark {benchmark}: eval_size={eval_size} but split {split!r} has only {len(items)} problems; "
+            "lower benchmark.eval_size or set it to null (all)"
+        )
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:eval_size])]
+
+
+def drop_eval_prompts(train: list[Problem], eval: list[Problem], benchmark: str, split: str) -> list[Problem]:
+    """The train problems whose prompt is not an eval prompt; raises when none are left."""
+    held_out = {problem.prompt for problem in eval}
+    kept = [problem for problem in train if problem.prompt not in held_out]
+    if not kept:
+        raise ValueError(
+            f"benchmark {benchmark}: no train prompts left: all {len(train)} problems of split {split!r} are eval "
+            "problems (a single file is one split: set benchmark.eval_size to hold out only part of it, or give "
+            "a directory with train and test files)"
+        )
+    return kept

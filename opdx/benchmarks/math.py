@@ -29,7 +29,6 @@ response with no box, what math-verify extracts from the whole text (``The answe
 
 from __future__ import annotations
 
-import random
 import re
 import threading
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from opdx.benchmarks import Problem
-from opdx.benchmarks.data import BenchmarkDataError, load_records
+from opdx.benchmarks.data import BenchmarkDataError, drop_eval_prompts, load_records, pick_eval
 
 PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TIMEOUT_S = 5  # math-verify's own limit per parse and per comparison (signal.alarm, main thread only)
@@ -182,16 +181,7 @@ class MathBenchmark:
 
     @cached_property
     def eval(self) -> list[Problem]:
-        records = self._split(self.eval_split)
-        if self.eval_size is not None:
-            if self.eval_size > len(records):
-                raise BenchmarkDataError(
-                    f"benchmark {self.name}: eval_size={self.eval_size} but split {self.eval_split!r} has only "
-                    f"{len(records)} problems; lower benchmark.eval_size or set it to null (all)"
-                )
-            order = list(range(len(records)))
-            random.Random(self.seed).shuffle(order)
-            records = [records[i] for i in sorted(order[: self.eval_size])]
+        records = pick_eval(self._split(self.eval_split), self.eval_size, self.seed, self.name, self.eval_split)
         return [self._problem(record, self.eval_split) for record in records]
 
     @cached_property
@@ -203,16 +193,8 @@ class MathBenchmark:
                 f"benchmark that has them ({with_train}, or arith) and evaluate on {self.name}, or give "
                 f"benchmark.train_split=<split> with a dataset that has one"
             )
-        held_out = {problem.prompt for problem in self.eval}
         problems = [self._problem(record, self.train_split) for record in self._split(self.train_split)]
-        train = [problem for problem in problems if problem.prompt not in held_out]
-        if not train:
-            raise ValueError(
-                f"benchmark {self.name}: no train prompts left: all {len(problems)} problems of split "
-                f"{self.train_split!r} are eval problems (a local file is one split: set benchmark.eval_size "
-                f"to hold out only part of it, or give a directory with train and test files)"
-            )
-        return train
+        return drop_eval_prompts(problems, self.eval, self.name, self.train_split)
 
     def score(self, problem: Problem, response: str) -> float:
         """1.0 iff the response's final answer equals the gold answer under math-verify (see ``grade``)."""

@@ -42,14 +42,13 @@ for an unspecified optional parameter).
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from opdx.benchmarks import Problem
-from opdx.benchmarks.data import BenchmarkDataError, load_records
+from opdx.benchmarks.data import BenchmarkDataError, drop_eval_prompts, load_records, pick_eval
 from opdx.benchmarks.tool_calls import parse_tool_calls, standardize_string
 
 SYSTEM_PROMPT = (
@@ -301,17 +300,7 @@ class ToolAlpacaBenchmark:
 
     @cached_property
     def eval(self) -> list[Problem]:
-        problems = self._problems(self.eval_split)
-        if self.eval_size is not None:
-            if self.eval_size > len(problems):
-                raise BenchmarkDataError(
-                    f"benchmark toolalpaca: eval_size={self.eval_size} but split {self.eval_split!r} has only "
-                    f"{len(problems)} problems; lower benchmark.eval_size or set it to null (all)"
-                )
-            order = list(range(len(problems)))
-            random.Random(self.seed).shuffle(order)
-            problems = [problems[i] for i in sorted(order[: self.eval_size])]
-        return problems
+        return pick_eval(self._problems(self.eval_split), self.eval_size, self.seed, "toolalpaca", self.eval_split)
 
     @cached_property
     def train(self) -> list[Problem]:
@@ -319,16 +308,7 @@ class ToolAlpacaBenchmark:
             raise ValueError(
                 "benchmark toolalpaca is eval-only (train_split: null); give benchmark.train_split=train_data"
             )
-        held_out = {problem.prompt for problem in self.eval}
-        problems = self._problems(self.train_split)
-        train = [problem for problem in problems if problem.prompt not in held_out]
-        if not train:
-            raise ValueError(
-                f"benchmark toolalpaca: no train prompts left: all {len(problems)} problems of split "
-                f"{self.train_split!r} are eval problems (a single file is one split: set benchmark.eval_size to "
-                f"hold out only part of it)"
-            )
-        return train
+        return drop_eval_prompts(self._problems(self.train_split), self.eval, "toolalpaca", self.train_split)
 
     def score(self, problem: Problem, response: str) -> float:
         """1.0 iff the first call is the gold first action with equal arguments (see ``grade``)."""
