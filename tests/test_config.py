@@ -102,7 +102,7 @@ def test_hydra_flags_work(opdx_cli):
 def test_a_real_model_brings_its_trainer_and_eval_sizes_and_the_command_line_wins():
     run = validate(composed("model=smollm2_135m", "benchmark=bfcl"))
     assert (run.trainer.lr, run.trainer.prompts_per_step, run.trainer.max_new_tokens) == (1e-5, 8, 96)
-    assert (run.eval.problems, run.eval.n, run.trainer.steps) == (50, 2, 1000)
+    assert (run.eval.problems, run.eval.n, run.trainer.steps) == (20, 2, 1000)
     run = validate(composed("model=smollm2_135m", "trainer.lr=3e-5", "eval.n=4", "trainer.steps=3"))
     assert (run.trainer.lr, run.eval.n, run.trainer.steps, run.trainer.prompts_per_step) == (3e-5, 4, 3, 8)
     assert validate(composed()).trainer.lr == 1e-3  # the tiny default keeps trainer/default.yaml

@@ -127,6 +127,7 @@ def test_opdx_eval_and_train_on_real_weights_and_bfcl(opdx_cli, smollm2_cache, t
         "train",
         "model=smollm2_135m",
         "benchmark=bfcl",
+        "benchmark.categories=[simple]",
         "trainer.steps=2",
         "trainer.prompts_per_step=2",
         "trainer.samples_per_prompt=2",
