@@ -80,6 +80,7 @@ class TrainerConfig:
     threads: int | None = None
     device: str = "auto"
     logprob_chunk: int = 128
+    gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
 
     def __post_init__(self) -> None:
         for key in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):

@@ -134,6 +134,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         print(f"sampling with {params}: u = q/p uses the log-probs of that warped distribution, not the raw student")
 
     student, teacher, tokenizer = load_pair(cfg.model, device)
+    if t.gradient_checkpointing:
+        student.activation_checkpointing_enable({"use_reentrant": False})
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     bench = cfg.benchmark["name"]

@@ -137,3 +137,22 @@ def test_tools_go_to_the_system_message_when_the_template_has_no_tools_support()
     assert chat_messages(Problem(prompt="hi", answer=""), template_has_tools=False) == [
         {"role": "user", "content": "hi"}
     ]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(student):
+    """trainer.gradient_checkpointing recomputes layers in backward: same gradients, less memory."""
+    model, tokenizer = student
+    rollout = sample(model, tokenizer, PROMPTS, 2, 8)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        model.zero_grad()
+        sequence_logprobs(model, rollout)[rollout.response_mask_B_T].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.activation_checkpointing_disable()
+    model.eval()
+    for without, with_checkpointing in zip(*grads, strict=True):
+        torch.testing.assert_close(with_checkpointing, without, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0])
