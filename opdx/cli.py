@@ -71,12 +71,16 @@ def train_task(cfg) -> float | None:
         run = validate(cfg)
     except ConfigError as error:
         sys.exit(f"opdx train: invalid config: {error}")
+    from opdx.benchmarks.data import BenchmarkDataError
     from opdx.trainer import train
 
     hydra_cfg = HydraConfig.get()
     if run.logger.group is None and hydra_cfg.mode.name == "MULTIRUN":
         run.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
-    summary = train(run, Path(hydra_cfg.runtime.output_dir))
+    try:
+        summary = train(run, Path(hydra_cfg.runtime.output_dir))
+    except BenchmarkDataError as error:
+        sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 
 
@@ -112,9 +116,13 @@ def eval_task(cfg) -> float | None:
         run = validate(cfg)
     except ConfigError as error:
         sys.exit(f"opdx eval: invalid config: {error}")
+    from opdx.benchmarks.data import BenchmarkDataError
     from opdx.evaluation import run_eval
 
-    record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
+    except BenchmarkDataError as error:
+        sys.exit(f"opdx eval: {error}")
     return record["results"]["student"]["greedy_acc"]
 
 

@@ -162,6 +162,7 @@ def run_eval(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         if student_dir is not None:
             cfg.model.student = str(student_dir)
     benchmark = get_benchmark(cfg.benchmark["name"], **{k: v for k, v in cfg.benchmark.items() if k != "name"})
+    print(f"{benchmark.name}: {len(benchmark.eval)} eval problems")  # the data before the models: fail fast
     start = time.perf_counter()
     student, teacher, tokenizer = load_pair(cfg.model, device)
     if state_dict is not None:

@@ -124,6 +124,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     benchmark_kwargs = {k: v for k, v in cfg.benchmark.items() if k != "name"}
     benchmark = get_benchmark(cfg.benchmark["name"], **benchmark_kwargs)
+    bench = cfg.benchmark["name"]
     div = get_divergence(
         cfg.divergence.name, **({} if cfg.divergence.alpha is None else {"alpha": cfg.divergence.alpha})
     )
@@ -133,12 +134,12 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if not params.is_plain:
         print(f"sampling with {params}: u = q/p uses the log-probs of that warped distribution, not the raw student")
 
+    print(f"{bench}: {len(benchmark.train)} train prompts, {len(benchmark.eval)} eval problems")  # data before models
     student, teacher, tokenizer = load_pair(cfg.model, device)
     if t.gradient_checkpointing:
         student.activation_checkpointing_enable({"use_reentrant": False})
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
-    bench = cfg.benchmark["name"]
 
     def run_eval(model) -> dict[str, float]:
         return evaluate_model(model, tokenizer, benchmark, cfg, teacher if model is student else None)

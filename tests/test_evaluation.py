@@ -140,3 +140,10 @@ def test_opdx_eval_and_train_on_real_weights_and_bfcl(opdx_cli, smollm2_cache, t
     )
     summary = json.loads((tmp_path / "train" / "summary.json").read_text())
     assert summary["model"] == "smollm2_135m" and summary["final_eval"]["step"] == 2
+
+
+def test_a_hub_benchmark_offline_fails_before_any_model_loads(opdx_cli, tmp_path):
+    result = opdx_cli("eval", "benchmark=math500", f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode == 1
+    assert "opdx eval: benchmark math500" in result.stderr and "benchmark.path=" in result.stderr
+    assert "Loading weights" not in result.stderr + result.stdout and "Traceback" not in result.stderr
