@@ -238,7 +238,9 @@ def sequence_hidden_states(model: PreTrainedModel, rollout: Rollout) -> Tensor:
         [rollout.prompt_mask_B_L, torch.ones_like(rollout.response_tokens_B_T[:, :-1])], dim=1
     ).to(device)
     position_ids_B_N = (attention_B_N.cumsum(-1) - 1).clamp(min=0)
-    out = model.base_model(input_ids=tokens_B_N, attention_mask=attention_B_N, position_ids=position_ids_B_N)
+    out = model.base_model(
+        input_ids=tokens_B_N, attention_mask=attention_B_N, position_ids=position_ids_B_N, use_cache=False
+    )
     return out.last_hidden_state[:, rollout.prompt_tokens_B_L.shape[1] - 1 :]
 
 
