@@ -149,13 +149,12 @@ def student_of_run(run_dir: Path) -> tuple[Path | None, dict[str, torch.Tensor] 
 def run_eval(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     """`opdx eval`: teacher and student side by side on the benchmark; writes eval.json."""
     from opdx.benchmarks import get_benchmark
-    from opdx.models import load_pair
+    from opdx.models import load_pair, resolve_device
 
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.seed)
-    device_name = cfg.trainer.device
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name)
+    device = resolve_device(cfg.trainer.device)
     state_dict = None
     if cfg.eval.run:
         student_dir, state_dict = student_of_run(Path(cfg.eval.run))

@@ -150,6 +150,11 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
         )
 
 
+def resolve_device(name: str) -> torch.device:
+    """``trainer.device``: "auto" is CUDA when available, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def load_pair(
     cfg: ModelConfig, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:

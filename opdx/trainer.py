@@ -28,7 +28,7 @@ from opdx.config import RunConfig, TrainerConfig
 from opdx.divergences import Divergence, get_divergence
 from opdx.evaluation import evaluate_model
 from opdx.logging import LOGGERS, read_metrics, timed
-from opdx.models import load_pair
+from opdx.models import load_pair, resolve_device
 from opdx.objective import LossOptions, analytic_loss, sampled_loss, token_advantages
 from opdx.rollout import Rollout, SamplingParams, gather_logprobs, sample, sequence_logits, sequence_logprobs
 
@@ -120,7 +120,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
+    device = resolve_device(t.device)
     torch.manual_seed(cfg.seed)
     benchmark_kwargs = {k: v for k, v in cfg.benchmark.items() if k != "name"}
     benchmark = get_benchmark(cfg.benchmark["name"], **benchmark_kwargs)
