@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.benchmarks import Benchmark, Problem
 from opdx.config import RunConfig
-from opdx.rollout import PLAIN_SAMPLING, SamplingParams, decode_responses, sample, sequence_logprobs
+from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, decode_responses, sample, sequence_logprobs
 
 EVAL_FILE = "eval.json"
 
@@ -59,19 +59,31 @@ def evaluate(
     problem), ``pass@k`` for k in ``pass_at_k_values(n)`` (a score of 1 counts as correct) and,
     given the teacher, ``reverse_kl_per_token`` = mean over sampled tokens of log p(y) - log q(y),
     an estimate of KL(p || q) per token (p = the sampling distribution, warped when ``params``
-    change temperature / top-k / top-p). ``batch_size`` bounds the sequences per generate call."""
+    change temperature / top-k / top-p). ``batch_size`` bounds the sequences per generate call;
+    ``progress`` shows a bar of decoding steps (up to ``max_new_tokens`` per generate call)."""
     greedy_scores: list[float] = []
     sampled_scores_P_G: list[list[float]] = []
     neg_log_u_sum, token_count = 0.0, 0
     prompts_per_batch = max(1, batch_size // max(1, n_samples))
     starts = range(0, len(problems), prompts_per_batch)
-    for start in tqdm(starts, desc=f"eval {benchmark.name}", disable=not progress or len(starts) == 1):
+    generate_calls = len(starts) * (2 if n_samples else 1)
+    bar = tqdm(
+        total=generate_calls * max_new_tokens, desc=f"eval {benchmark.name}", unit="step", disable=not progress,
+        leave=False, mininterval=1,
+    )  # fmt: skip
+
+    def generate(batch: Sequence[Problem], samples: int, greedy: bool) -> Rollout:
+        rollout = sample(model, tokenizer, batch, samples, max_new_tokens, params, greedy, on_step=bar.update)
+        bar.update(-bar.n % max_new_tokens)  # a call that stopped early (every sequence ended) counts in full
+        return rollout
+
+    for start in starts:
         batch = problems[start : start + prompts_per_batch]
-        greedy = sample(model, tokenizer, batch, 1, max_new_tokens, greedy=True)
+        greedy = generate(batch, 1, greedy=True)
         responses = decode_responses(tokenizer, greedy)
         greedy_scores += [benchmark.score(p, r) for p, r in zip(batch, responses, strict=True)]
         if n_samples:
-            rollout = sample(model, tokenizer, batch, n_samples, max_new_tokens, params)
+            rollout = generate(batch, n_samples, greedy=False)
             responses = decode_responses(tokenizer, rollout)
             for i, problem in enumerate(batch):
                 group = responses[i * n_samples : (i + 1) * n_samples]
@@ -81,6 +93,7 @@ def evaluate(
                 log_u_B_T = logp_teacher_B_T - rollout.logp_sampling_B_T
                 neg_log_u_sum -= log_u_B_T[rollout.response_mask_B_T].sum().item()
                 token_count += int(rollout.response_mask_B_T.sum())
+    bar.close()
     metrics = {"greedy_acc": sum(greedy_scores) / len(greedy_scores)}
     if n_samples:
         metrics[f"avg@{n_samples}"] = sum(map(sum, sampled_scores_P_G)) / (len(sampled_scores_P_G) * n_samples)

@@ -11,7 +11,7 @@ log-probs are recomputed with grad, so u = q/p always uses that distribution.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +167,17 @@ class SampledLogprobRecorder(LogitsProcessor):
         return torch.stack(self.logps, dim=1)
 
 
+class DecodingProgress(LogitsProcessor):
+    """Calls ``on_step()`` once per decoding step (a progress bar's update); scores pass unchanged."""
+
+    def __init__(self, on_step: Callable[[], object]) -> None:
+        self.on_step = on_step
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.on_step()
+        return scores
+
+
 def response_mask(response_tokens_B_T: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
     """Mask of tokens up to and including the first EOS, and whether an EOS was emitted."""
     is_eos_B_T = response_tokens_B_T == eos_token_id
@@ -184,8 +195,10 @@ def sample(
     max_new_tokens: int,
     params: SamplingParams = PLAIN_SAMPLING,
     greedy: bool = False,
+    on_step: Callable[[], object] | None = None,
 ) -> Rollout:
-    """``samples_per_prompt`` responses per prompt (grouped: B = P * G, prompt-major)."""
+    """``samples_per_prompt`` responses per prompt (grouped: B = P * G, prompt-major); ``on_step``
+    is called after every decoding step."""
     prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts) for _ in range(samples_per_prompt)]
     prompt_tokens_B_L, prompt_mask_B_L = pad(prompt_ids, tokenizer.pad_token_id, left=True)
     device = model.device
@@ -202,6 +215,8 @@ def sample(
         **built_in_warpers_off,
     )
     processors = LogitsProcessorList(([] if greedy else list(params.warpers())) + [recorder])
+    if on_step is not None:
+        processors.append(DecodingProgress(on_step))
     was_training = model.training
     model.eval()
     sequences_B_N = model.generate(

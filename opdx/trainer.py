@@ -142,7 +142,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
 
     def run_eval(model) -> dict[str, float]:
-        return evaluate_model(model, tokenizer, benchmark, cfg, teacher if model is student else None)
+        return evaluate_model(model, tokenizer, benchmark, cfg, teacher if model is student else None, progress=True)
 
     checkpoint = load_checkpoint(run_dir) if t.resume else None
     if checkpoint:

@@ -67,7 +67,7 @@ def test_pass_at_k_from_sampled_scores(setup):
     benchmark, teacher, _, tokenizer = setup
     problems = benchmark.eval[:20]
     torch.manual_seed(1)
-    metrics = evaluate(teacher, tokenizer, benchmark, problems, n_samples=4)
+    metrics = evaluate(teacher, tokenizer, benchmark, problems, n_samples=4, progress=True)  # the bar changes nothing
     torch.manual_seed(1)
     sample(teacher, tokenizer, problems, 1, 32, greedy=True)  # the same RNG use as evaluate's greedy pass
     responses = decode_responses(tokenizer, sample(teacher, tokenizer, problems, 4, 32))

@@ -156,3 +156,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(student):
     for without, with_checkpointing in zip(*grads, strict=True):
         torch.testing.assert_close(with_checkpointing, without, rtol=1e-5, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_on_step_counts_decoding_steps_and_changes_nothing(student):
+    model, tokenizer = student
+    steps = []
+    torch.manual_seed(3)
+    counted = sample(model, tokenizer, PROMPTS, 2, 12, SamplingParams(temperature=0.8), on_step=lambda: steps.append(1))
+    torch.manual_seed(3)
+    plain = sample(model, tokenizer, PROMPTS, 2, 12, SamplingParams(temperature=0.8))
+    assert len(steps) == counted.response_tokens_B_T.shape[1] > 1
+    assert torch.equal(counted.response_tokens_B_T, plain.response_tokens_B_T)
+    assert torch.equal(counted.logp_sampling_B_T, plain.logp_sampling_B_T)
