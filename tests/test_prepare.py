@@ -79,3 +79,15 @@ def test_build_and_sft_are_reproducible():
         other["model.embed_tokens.weight"],
         build_tiny_llama(spec, tokenizer, 7).state_dict()["model.embed_tokens.weight"],
     )
+
+
+def test_same_token_ids_catches_a_tokenizer_that_splits_text_differently():
+    from tokenizers import normalizers
+
+    from opdx.prepare import same_token_ids
+
+    tokenizer, other = build_char_tokenizer(), build_char_tokenizer()
+    assert same_token_ids(tokenizer, other)
+    other.backend_tokenizer.normalizer = normalizers.Replace("1", "2")  # same vocabulary, other ids for "17*23"
+    check_same_tokenizer(tokenizer, other)
+    assert not same_token_ids(tokenizer, other)
