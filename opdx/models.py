@@ -57,12 +57,16 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
+class MissingWeightsError(FileNotFoundError):
+    """The files a locally built pair is made from are not installed; the message says how to get them."""
+
+
 def package_file(package: str, filename: str, install_hint: str) -> Path:
     """A data file shipped in ``package``, located without importing the package."""
     spec = importlib.util.find_spec(package)
     path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
     if path is None or not path.exists():
-        raise FileNotFoundError(f"{filename} not found: install it with `{install_hint}`")
+        raise MissingWeightsError(f"{filename} not found: install it with `{install_hint}`")
     return path
 
 
@@ -129,7 +133,7 @@ def assemble_split_gguf(split: SplitGGUF, out_file: Path) -> Path:
         if version != split.version:
             raise ValueError(f"{name} is version {version}, expected {split.version}: `{split.install_command}`")
     if missing:
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"{len(missing)} of the {split.parts} parts of the GGUF file are not installed ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}): install them with `{split.install_command}`"
         )

