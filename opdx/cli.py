@@ -14,7 +14,14 @@ opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from opdx.config import CONF_DIR, ConfigError, register_resolvers, register_schema
 
 COMMANDS = {
     "train": "on-policy distillation run (Hydra app; --help lists the config groups)",
@@ -24,7 +31,6 @@ COMMANDS = {
     "table": "ablation table (mean ± 95% CI over seeds) of run / multirun directories",
     "plot": "learning curves of run / multirun directories (PNG and SVG)",
 }
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def usage() -> str:
@@ -44,41 +50,33 @@ def resume_overrides(argv: list[str]) -> list[str]:
         raise SystemExit(
             f"opdx train: trainer.resume={run_dir} has no checkpoint.pt and .hydra/overrides.yaml to resume"
         )
-    from omegaconf import OmegaConf
-
     original = [o for o in OmegaConf.load(saved) if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
     return [*original, *argv, f"hydra.run.dir={run_dir}"]
 
 
-def run_hydra(task, argv: list[str], prog: str) -> None:
+def run_hydra(task: Callable[[DictConfig], float | None], argv: list[str], prog: str) -> None:
     """Run ``task(cfg)`` as a Hydra app over conf/config.yaml with the command-line ``argv``."""
-    import hydra
-
-    from opdx.config import register_schema
-    from opdx.models import register_resolvers
-
     register_schema()
     register_resolvers()
     sys.argv = [prog, *argv]
-    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(task)()
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
 
 
-def train_task(cfg) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from opdx.config import ConfigError, validate
+def train_task(cfg: DictConfig) -> float | None:
+    # The commands' modules load torch and transformers: imported when a command runs, so that
+    # `opdx --help`, `opdx table` and a config error answer without that cost.
+    from opdx.benchmarks.data import BenchmarkDataError
+    from opdx.pairs import WeightFilesError
+    from opdx.run import validate
+    from opdx.trainer import train
 
     try:
         run = validate(cfg)
     except ConfigError as error:
         sys.exit(f"opdx train: invalid config: {error}")
-    from opdx.benchmarks.data import BenchmarkDataError
-    from opdx.models import WeightFilesError
-    from opdx.trainer import train
-
     hydra_cfg = HydraConfig.get()
-    if run.logger.group is None and hydra_cfg.mode.name == "MULTIRUN":
-        run.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
+    if run.config.logger.group is None and hydra_cfg.mode.name == "MULTIRUN":
+        run.config.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     try:
         summary = train(run, Path(hydra_cfg.runtime.output_dir))
     except (BenchmarkDataError, WeightFilesError) as error:
@@ -96,8 +94,6 @@ def eval_overrides(argv: list[str]) -> list[str]:
         saved = Path(run[-1]) / ".hydra" / "overrides.yaml"
         if not saved.exists():
             raise SystemExit(f"opdx eval: eval.run={run[-1]} is not a run directory (no .hydra/overrides.yaml)")
-        from omegaconf import OmegaConf
-
         switched = [a.split("=", 1)[0].lstrip("+") for a in argv if "=" in a]
         groups = tuple(f"{key}{end}" for key in switched if "." not in key for end in ".=")  # the group, its keys
         skip = ("trainer.resume=", "hydra.run.dir=", "eval.run=", *groups)
@@ -109,19 +105,16 @@ def eval_overrides(argv: list[str]) -> list[str]:
 EVAL_RUN_DIR = "outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}_${model.name}_${benchmark.name}"
 
 
-def eval_task(cfg) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from opdx.config import ConfigError, validate
+def eval_task(cfg: DictConfig) -> float | None:
+    from opdx.benchmarks.data import BenchmarkDataError
+    from opdx.eval_command import run_eval
+    from opdx.pairs import WeightFilesError
+    from opdx.run import validate
 
     try:
         run = validate(cfg)
     except ConfigError as error:
         sys.exit(f"opdx eval: invalid config: {error}")
-    from opdx.benchmarks.data import BenchmarkDataError
-    from opdx.evaluation import run_eval
-    from opdx.models import WeightFilesError
-
     try:
         record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
     except (BenchmarkDataError, WeightFilesError) as error:
@@ -130,7 +123,7 @@ def eval_task(cfg) -> float | None:
 
 
 def prepare(argv: list[str]) -> int:
-    from opdx.models import MODELS, WeightFilesError, build, build_dir
+    from opdx.pairs import PAIRS, WeightFilesError, build, build_dir
 
     options = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = set(options) - {"model", "out", "seed"} | {a for a in argv if "=" not in a}
@@ -138,9 +131,8 @@ def prepare(argv: list[str]) -> int:
         print(f"opdx prepare: unknown arguments {sorted(unknown)}; usage: opdx prepare model=NAME [out=DIR] [seed=N]")
         return 2
     name = options.get("model", "tiny")
-    buildable = [k for k, builder in MODELS.items() if builder is not None]
-    if name not in buildable:
-        print(f"opdx prepare: model={name!r} is not built locally; models built by prepare: {', '.join(buildable)}")
+    if name not in PAIRS:
+        print(f"opdx prepare: model={name!r} is not built locally; models built by prepare: {', '.join(PAIRS)}")
         return 2
     if not options.get("seed", "0").isdigit():
         print(f"opdx prepare: seed={options['seed']!r} is invalid; use a non-negative integer")

@@ -1,27 +1,83 @@
-"""Typed run configuration: the schema Hydra composes into, validated once after all overrides.
+"""Typed run configuration: the schema Hydra composes into, and where the config files live.
 
-`conf/config.yaml` starts from ``base_config`` (``RunConfig`` below, registered in Hydra's
-ConfigStore), so a wrong type (``trainer.lr=abc``) fails while composing; ``validate`` then
-checks values and registry names (``estimator.gamma=2``, ``divergence.alpha=0``) before any
-model loads, and raises ConfigError with the bad value and the valid choices.
+``conf/config.yaml`` (under ``CONF_DIR``) starts from ``base_config`` (``RunConfig`` below,
+registered in Hydra's ConfigStore), so a wrong type (``trainer.lr=abc``) fails while composing;
+``opdx.run.validate`` then checks values and registry names (``estimator.gamma=2``,
+``divergence.alpha=0``) before any model loads and returns the built objects.
+
+The defaults of ``trainer``, ``eval`` and the estimator switches live in the dataclasses below
+(``opdx train --cfg job`` prints them); the defaults of a group option (a divergence's
+parameter, a benchmark's data, a model pair) live in its YAML file. Each default has one home.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+SCHEDULES = ("constant", "cosine", "linear")
+Schema = TypeVar("Schema")
 
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message names it and the valid choices."""
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``condition``."""
     if not condition:
         raise ConfigError(message)
+
+
+def asset_path(relative: str) -> str:
+    """Path of a file shipped in ``opdx/assets`` (the ``${asset:...}`` config resolver)."""
+    return str(resources.files("opdx") / "assets" / relative)
+
+
+def cache_path(relative: str) -> str:
+    """Path under ``$OPDX_CACHE`` (default ``~/.cache/opdx``), the ``${cache:...}`` resolver."""
+    return str(Path(os.environ.get("OPDX_CACHE", "~/.cache/opdx")).expanduser() / relative)
+
+
+def register_resolvers() -> None:
+    for name, resolver in (("asset", asset_path), ("cache", cache_path)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+def load_option(group: str, name: str) -> dict[str, Any]:
+    """The values of ``conf/<group>/<name>.yaml``, resolved (a ``# @package _global_`` model file
+    gives its ``model`` node). Raises ConfigError listing the group's options when there is no such file."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+        raise ConfigError(f"{group}={name!r} is unknown; valid: {valid}")
+    register_resolvers()
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return values.get(group, values) if group == "model" else values
+
+
+def typed(schema: type[Schema], values: Mapping[str, Any], key: str) -> Schema:
+    """``values`` merged into the dataclass ``schema`` with OmegaConf's type checks and
+    conversions (the same Hydra applies on the command line) and built, so the dataclass's
+    ``__post_init__`` checks run too. Raises ConfigError naming ``key.<field>`` and the problem."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), dict(values)))
+    except OmegaConfBaseException as error:
+        field_key = getattr(error, "full_key", None) or "?"
+        raise ConfigError(f"{key}.{field_key}: {str(error).splitlines()[0]}") from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclass
@@ -34,16 +90,28 @@ class ModelConfig:
     dtype: str = "float32"
     teacher_dtype: str = "float32"
 
-
-@dataclass
-class DivergenceConfig:
-    name: str = MISSING
-    alpha: float | None = None
+    def __post_init__(self) -> None:
+        for key in ("dtype", "teacher_dtype"):
+            value = getattr(self, key)
+            check(value in DTYPES, f"model.{key}={value!r} is invalid; valid dtypes: {', '.join(DTYPES)}")
 
 
 @dataclass
 class EstimatorConfig:
-    """Estimator of the gradient and the switches of opd-math.md, all off by default."""
+    """The estimator of the gradient (a name of ``opdx.objective.ESTIMATORS``) and its switches
+    (opd-math.md), all off by default; each trades bias for variance.
+
+    - ``gamma``: discount of future rewards (0: per-token reward; 1: unbiased for the sequence objective).
+    - ``log_ratio_clip``: clamp log u to [-c, c] before computing the advantage.
+    - ``token_mean``: divide the loss by the number of response tokens instead of by B.
+    - ``batch_baseline``: subtract the mean advantage over the batch's response tokens.
+    - ``whiten``: z-score the advantage over the batch's response tokens (erases the difference
+      between the estimators).
+    - ``rollout_correction``: ``tis`` or ``ppo`` weighs each token by the importance ratio
+      p_train / p_rollout of the trainer's and the sampler's log-probs, truncated at ``tis_cap``
+      (truncated importance sampling) or PPO-clipped to [1 - ``ppo_clip``, 1 + ``ppo_clip``];
+      null leaves the loss exactly as opd-math.md writes it.
+    """
 
     name: str = MISSING
     gamma: float = 0.0
@@ -51,13 +119,25 @@ class EstimatorConfig:
     token_mean: bool = False
     batch_baseline: bool = False
     whiten: bool = False
+    rollout_correction: str | None = None
+    tis_cap: float = 2.0
+    ppo_clip: float = 0.2
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.gamma <= 1.0, f"estimator.gamma={self.gamma!r} is invalid; gamma must lie in [0, 1]")
-        _check(
+        check(0.0 <= self.gamma <= 1.0, f"estimator.gamma={self.gamma!r} is invalid; gamma must lie in [0, 1]")
+        check(
             self.log_ratio_clip is None or self.log_ratio_clip > 0,
             f"estimator.log_ratio_clip={self.log_ratio_clip!r} is invalid; use a positive number or null",
         )
+        check(
+            self.rollout_correction in ROLLOUT_CORRECTIONS,
+            f"estimator.rollout_correction={self.rollout_correction!r} is invalid; valid: null, tis, ppo",
+        )
+        check(self.tis_cap >= 1, f"estimator.tis_cap={self.tis_cap!r} is invalid; it must be at least 1")
+        check(0 < self.ppo_clip < 1, f"estimator.ppo_clip={self.ppo_clip!r} is invalid; it must lie in (0, 1)")
+
+
+ROLLOUT_CORRECTIONS = (None, "tis", "ppo")
 
 
 @dataclass
@@ -69,7 +149,7 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "constant"
+    schedule: str = "constant"  # constant, cosine or linear decay to 0 at `steps` (transformers' schedules)
     grad_clip: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
@@ -83,19 +163,15 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
 
     def __post_init__(self) -> None:
-        for key in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
-            _check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
-        for key in ("eval_every", "checkpoint_every", "logprob_chunk"):
-            _check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
-        _check(self.lr > 0, f"trainer.lr={self.lr!r} is invalid; it must be positive")
-        _check(self.schedule in SCHEDULES, f"trainer.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        _check(self.temperature > 0, f"trainer.temperature={self.temperature!r} is invalid; it must be positive")
-        _check(0 < self.top_p <= 1, f"trainer.top_p={self.top_p!r} is invalid; it must lie in (0, 1]")
-        _check(self.top_k >= 0, f"trainer.top_k={self.top_k!r} is invalid; 0 disables top-k")
-        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"trainer.device={self.device!r}")
-
-
-SCHEDULES = ("constant", "cosine", "linear")
+        positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens")
+        for key in (*positive, "eval_every", "checkpoint_every", "logprob_chunk"):
+            check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
+        check(self.lr > 0, f"trainer.lr={self.lr!r} is invalid; it must be positive")
+        check(self.schedule in SCHEDULES, f"trainer.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        check(self.temperature > 0, f"trainer.temperature={self.temperature!r} is invalid; it must be positive")
+        check(0 < self.top_p <= 1, f"trainer.top_p={self.top_p!r} is invalid; it must lie in (0, 1]")
+        check(self.top_k >= 0, f"trainer.top_k={self.top_k!r} is invalid; 0 disables top-k")
+        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"trainer.device={self.device!r}")
 
 
 @dataclass
@@ -109,14 +185,14 @@ class EvalConfig:
     run: str | None = None  # opdx eval: evaluate the student of this run directory
 
     def __post_init__(self) -> None:
-        _check(self.n >= 0, f"eval.n={self.n!r} is invalid; 0 disables avg@n and pass@k")
+        check(self.n >= 0, f"eval.n={self.n!r} is invalid; 0 disables avg@n and pass@k")
         for key in ("problems", "batch_size"):
-            _check(getattr(self, key) > 0, f"eval.{key}={getattr(self, key)!r} is invalid; it must be positive")
-        _check(
+            check(getattr(self, key) > 0, f"eval.{key}={getattr(self, key)!r} is invalid; it must be positive")
+        check(
             self.batch_size >= self.n,
             f"eval.batch_size={self.batch_size} is smaller than eval.n={self.n}: one problem's samples share a batch",
         )
-        _check(
+        check(
             self.max_new_tokens is None or self.max_new_tokens > 0,
             f"eval.max_new_tokens={self.max_new_tokens!r} is invalid; use a positive number or null",
         )
@@ -132,10 +208,16 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
+    """One run. ``divergence`` and ``benchmark`` are their YAML files' values (name and options,
+    typed by their registries); ``rollout`` and ``teacher`` name a backend class (``_target_``)
+    and its options."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    divergence: dict[str, Any] = field(default_factory=dict)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     benchmark: dict[str, Any] = field(default_factory=dict)
+    rollout: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -144,56 +226,3 @@ class RunConfig:
 
 def register_schema() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
-
-
-def validate(cfg: DictConfig) -> RunConfig:
-    """The composed config as typed objects, with every name checked against its registry."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from opdx.benchmarks import BENCHMARKS, get_benchmark
-    from opdx.divergences import get_divergence
-    from opdx.logging import LOGGERS
-    from opdx.models import MODELS
-    from opdx.objective import ESTIMATORS
-
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    try:
-        run: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), plain))
-    except OmegaConfBaseException as error:
-        raise ConfigError(str(error).splitlines()[0] + f" (key: {getattr(error, 'full_key', '?')})") from None
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    _check(run.model.name in MODELS, f"model={run.model.name!r} is unknown; valid models: {', '.join(MODELS)}")
-    _check(run.estimator.name in ESTIMATORS, f"estimator={run.estimator.name!r}; valid: {', '.join(ESTIMATORS)}")
-    _check(run.logger.name in LOGGERS, f"logger={run.logger.name!r} is unknown; valid loggers: {', '.join(LOGGERS)}")
-    sampling = (run.trainer.temperature, run.trainer.top_k, run.trainer.top_p)
-    _check(
-        run.estimator.name != "analytic" or sampling == (1.0, 0, 1.0),
-        f"estimator=analytic needs the student's own distribution: trainer.temperature=1, top_k=0, top_p=1 "
-        f"(got {sampling})",
-    )
-    est = run.estimator
-    _check(
-        est.name != "analytic"
-        or (est.gamma, est.log_ratio_clip, est.batch_baseline, est.whiten) == (0, None, False, False),
-        "estimator=analytic is the exact per-state loss: estimator.gamma, log_ratio_clip, batch_baseline and whiten "
-        "do not apply to it (leave them at 0 / null / false)",
-    )
-    for key in ("dtype", "teacher_dtype"):
-        value = getattr(run.model, key)
-        _check(value in DTYPES, f"model.{key}={value!r} is invalid; valid dtypes: {', '.join(DTYPES)}")
-    params = {} if run.divergence.alpha is None else {"alpha": run.divergence.alpha}
-    try:
-        get_divergence(run.divergence.name, **params)
-        benchmark = dict(run.benchmark)
-        name = benchmark.pop("name", None)
-        _check(name in BENCHMARKS, f"benchmark={name!r} is unknown; valid benchmarks: {', '.join(BENCHMARKS)}")
-        get_benchmark(name, **benchmark)
-    except TypeError as error:
-        raise ConfigError(f"benchmark {run.benchmark.get('name')!r}: {error}") from None
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return run
-
-
-DTYPES = ("float32", "bfloat16", "float16", "float64")

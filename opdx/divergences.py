@@ -17,9 +17,11 @@ exactly the one of the table in opd-math.md.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -144,7 +146,7 @@ def _neyman() -> Divergence:
     )
 
 
-def _alpha(alpha: float = 0.5) -> Divergence:
+def _alpha(alpha: float) -> Divergence:
     # f(u) = (u^a - a u - (1 - a)) / (a (a - 1)) = (expm1(a lu) - a expm1(lu)) / (a (a - 1));
     # w = (u^a - 1) / a
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha in (0, 1):
@@ -173,18 +175,28 @@ DIVERGENCES: dict[str, Callable[..., Divergence]] = {
 }
 
 
-def get_divergence(name: str, **params: float) -> Divergence:
-    """The divergence registered as ``name``; ``alpha`` takes ``alpha=`` (default 0.5).
+def parameters(name: str) -> list[str]:
+    """The parameter names the divergence ``name`` takes (``["alpha"]`` for alpha, else none)."""
+    return list(inspect.signature(DIVERGENCES[name]).parameters)
 
-    Raises ValueError naming the bad name and the valid ones, or a parameter the divergence
-    does not take.
+
+def get_divergence(name: str, **params: float) -> Divergence:
+    """The divergence registered as ``name`` with its parameters (``alpha`` takes ``alpha=``).
+
+    Raises ValueError naming the bad name and the valid ones, or the parameters the divergence
+    takes when they are not exactly those given.
     """
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {name!r}; valid divergences: {', '.join(DIVERGENCES)}")
-    try:
-        return DIVERGENCES[name](**params)
-    except TypeError:
-        raise ValueError(
-            f"divergence {name!r} takes no parameters {sorted(params)}"
-            + ("; it takes alpha=" if name == "alpha" else "")
-        ) from None
+    expected = parameters(name)
+    if sorted(params) != sorted(expected):
+        takes = f"takes {', '.join(f'{p}=' for p in expected)}" if expected else "takes no parameters"
+        raise ValueError(f"divergence {name!r} {takes}; got {sorted(params) or 'none'}")
+    return DIVERGENCES[name](**params)
+
+
+def build_divergence(config: Mapping[str, Any]) -> Divergence:
+    """The divergence of a config node ``{name: ..., <parameter>: ...}`` (a ``conf/divergence``
+    file with its overrides), the one constructor for the run, its validation and ``opdx verify``."""
+    params = {key: value for key, value in config.items() if key != "name"}
+    return get_divergence(config["name"], **params)

@@ -1,29 +1,23 @@
 """Held-out evaluation with the benchmark's verifier, shared by `opdx eval` and the trainer:
 greedy accuracy, avg@n, pass@k, and the student's per-token reverse KL to the teacher on its
-own samples.
-
-    opdx eval model=smollm2_135m benchmark=bfcl eval.problems=50 eval.n=8
-    opdx eval eval.run=outputs/2026-11-26/10-00-00      # a trained run's student
+own samples. Models are used through their backends (``opdx.backends``): a sampler for the
+answers and, for the KL, the teacher's scorer.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
+import pandas as pd
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from opdx.backends import Sampler, Scorer
 from opdx.benchmarks import Benchmark, Problem
-from opdx.config import RunConfig
-from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, decode_responses, sample, sequence_logprobs
-
-EVAL_FILE = "eval.json"
+from opdx.config import EvalConfig
+from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, decode_responses
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:
@@ -44,14 +38,14 @@ def pass_at_k_values(n: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(
-    model: PreTrainedModel,
+    sampler: Sampler,
     tokenizer: PreTrainedTokenizerBase,
     benchmark: Benchmark,
     problems: Sequence[Problem],
     n_samples: int = 0,
     max_new_tokens: int = 32,
     params: SamplingParams = PLAIN_SAMPLING,
-    teacher: PreTrainedModel | None = None,
+    teacher: Scorer | None = None,
     batch_size: int = 2000,
     progress: bool = False,
 ) -> dict[str, float]:
@@ -73,7 +67,7 @@ def evaluate(
     )  # fmt: skip
 
     def generate(batch: Sequence[Problem], samples: int, greedy: bool) -> Rollout:
-        rollout = sample(model, tokenizer, batch, samples, max_new_tokens, params, greedy, on_step=bar.update)
+        rollout = sampler.sample(batch, samples, max_new_tokens, params, greedy, on_step=bar.update)
         bar.update(-bar.n % max_new_tokens)  # a call that stopped early (every sequence ended) counts in full
         return rollout
 
@@ -89,7 +83,7 @@ def evaluate(
                 group = responses[i * n_samples : (i + 1) * n_samples]
                 sampled_scores_P_G.append([benchmark.score(problem, r) for r in group])
             if teacher is not None:
-                logp_teacher_B_T = sequence_logprobs(teacher, rollout)
+                logp_teacher_B_T = teacher.logprobs(rollout)
                 log_u_B_T = logp_teacher_B_T - rollout.logp_sampling_B_T
                 neg_log_u_sum -= log_u_B_T[rollout.response_mask_B_T].sum().item()
                 token_count += int(rollout.response_mask_B_T.sum())
@@ -105,102 +99,40 @@ def evaluate(
     return metrics
 
 
+def markdown_table(table: pd.DataFrame) -> str:
+    """``table`` in markdown with 4 decimals and "-" where a value is missing."""
+    return table.astype(object).where(table.notna(), None).to_markdown(floatfmt=".4f", missingval="-")
+
+
 def format_side_by_side(results: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per metric, one column per model (teacher, student, ...)."""
-    columns = list(results)
-    metrics = list(dict.fromkeys(k for values in results.values() for k in values))
-    lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for metric in metrics:
-        cells = [f"{results[c][metric]:.4f}" if metric in results[c] else "-" for c in columns]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    table = pd.DataFrame(results)
+    table.index.name = "metric"
+    return markdown_table(table)
 
 
-def write_eval(out_dir: Path, record: dict[str, Any]) -> Path:
-    path = out_dir / EVAL_FILE
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
-
-
-def evaluate_model(
-    model: PreTrainedModel,
+def evaluate_split(
+    sampler: Sampler,
     tokenizer: PreTrainedTokenizerBase,
     benchmark: Benchmark,
-    cfg: RunConfig,
-    teacher: PreTrainedModel | None = None,
+    config: EvalConfig,
+    params: SamplingParams,
+    max_new_tokens: int,
+    teacher: Scorer | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """``evaluate`` with the run's ``eval`` settings on the first ``eval.problems`` eval problems,
-    sampling with the run's temperature / top-k / top-p."""
-    t = cfg.trainer
+    """``evaluate`` with the ``eval`` settings on the first ``config.problems`` eval problems,
+    sampling with ``params`` (the run's temperature / top-k / top-p) and ``config.max_new_tokens``
+    tokens, else ``max_new_tokens`` (the trainer's)."""
     return evaluate(
-        model,
+        sampler,
         tokenizer,
         benchmark,
-        benchmark.eval[: cfg.eval.problems],
-        cfg.eval.n,
-        cfg.eval.max_new_tokens or t.max_new_tokens,
-        SamplingParams(t.temperature, t.top_k, t.top_p),
+        benchmark.eval[: config.problems],
+        config.n,
+        config.max_new_tokens or max_new_tokens,
+        params,
         teacher,
-        cfg.eval.batch_size,
+        config.batch_size,
         progress,
     )
-
-
-def student_of_run(run_dir: Path) -> tuple[Path | None, dict[str, torch.Tensor] | None]:
-    """A run's trained student: its saved ``student/`` directory, else the last checkpoint's weights."""
-    if (run_dir / "student" / "config.json").exists():
-        return run_dir / "student", None
-    from opdx.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"eval.run={run_dir} has neither student/ nor checkpoint.pt")
-    return None, checkpoint["student"]
-
-
-def run_eval(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """`opdx eval`: teacher and student side by side on the benchmark; writes eval.json."""
-    from opdx.benchmarks import get_benchmark
-    from opdx.models import load_pair, resolve_device
-
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
-    state_dict = None
-    if cfg.eval.run:
-        student_dir, state_dict = student_of_run(Path(cfg.eval.run))
-        if student_dir is not None:
-            cfg.model.student = str(student_dir)
-    benchmark = get_benchmark(cfg.benchmark["name"], **{k: v for k, v in cfg.benchmark.items() if k != "name"})
-    print(f"{benchmark.name}: {len(benchmark.eval)} eval problems")  # the data before the models: fail fast
-    start = time.perf_counter()
-    student, teacher, tokenizer = load_pair(cfg.model, device)
-    if state_dict is not None:
-        student.load_state_dict(state_dict)
-    load_seconds = time.perf_counter() - start
-    results, seconds = {}, {}
-    for role, model in (("teacher", teacher), ("student", student)):
-        start = time.perf_counter()
-        results[role] = evaluate_model(
-            model, tokenizer, benchmark, cfg, teacher=teacher if role == "student" else None, progress=True
-        )
-        seconds[role] = round(time.perf_counter() - start, 1)
-    record = {
-        "model": cfg.model.name,
-        "teacher": cfg.model.teacher,
-        "student": cfg.model.student,
-        "run": cfg.eval.run,
-        "benchmark": cfg.benchmark["name"],
-        "problems": min(cfg.eval.problems, len(benchmark.eval)),
-        "n": cfg.eval.n,
-        "max_new_tokens": cfg.eval.max_new_tokens or cfg.trainer.max_new_tokens,
-        "results": results,
-        "seconds": {"load": round(load_seconds, 1), **seconds},
-    }
-    path = write_eval(out_dir, record)
-    print(f"\n{record['benchmark']}: {record['problems']} problems, n={record['n']} ({cfg.model.name})")
-    print(format_side_by_side(results))
-    print(f"written to {path}")
-    return record

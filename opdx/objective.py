@@ -1,4 +1,5 @@
-"""The OPD surrogate losses: stop-gradient OPD, unbiased OPD+, and the analytic reference.
+"""Gradient estimators of on-policy distillation: stop-gradient OPD, unbiased OPD+, and the
+analytic reference, one registry (config group ``estimator``).
 
 Shapes: B sequences, T token positions, V vocabulary. p = student, q = teacher, and for the
 sampled token of position n, log u_n = log q(y_n|s_n) - log p(y_n|s_n).
@@ -14,55 +15,185 @@ and the surrogate whose gradient estimates grad J^f, J^f = E_{y~p}[sum_n f(u_n)]
 
 With gamma = 1 the unbiased estimate is exact for grad J^f; with gamma = 0 it is exact for the
 per-state gradient sum_n grad D_f(q || p)(s_n) with the state distribution held fixed.
+
+Each estimator says what it needs from the teacher (``needs_teacher_logits``: the sampled
+tokens' log-probs, or full [B, T, V] logits), checks the switches of its ``EstimatorConfig`` and
+computes its loss; ``build_estimator`` is the one constructor.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from opdx.config import EstimatorConfig
 from opdx.divergences import Divergence, get_divergence
-
-ESTIMATORS: dict[str, str] = {
-    "stopgrad": "OPD: advantage -f(u) under stop-gradient (biased unless reverse_kl)",
-    "unbiased": "OPD+: advantage w_f(u) = -f(u) + u f'(u) (unbiased for every f)",
-    "analytic": "exact per-state D_f(q || p) over the full vocabulary (needs teacher logits)",
-}
-SAMPLED_ESTIMATORS = ("stopgrad", "unbiased")
+from opdx.rollout import gather_logprobs
 
 
 @dataclass(frozen=True)
-class LossOptions:
-    """Bias/variance switches of the surrogate, all off by default (opd-math.md).
+class LossTerms:
+    """An estimator's loss (a scalar with grad) and, detached for the metrics, the student's
+    log-probs of the sampled tokens, log u and the advantages, each [B, T]."""
 
-    - ``log_ratio_clip``: clamp log u to [-c, c] before computing the advantage.
-    - ``token_mean``: divide by the number of response tokens instead of by B.
-    - ``batch_baseline``: subtract the mean advantage over the batch's response tokens.
-    - ``whiten``: z-score the advantage over the batch's response tokens (erases the
-      difference between the estimators).
-    - ``ppo_clip``: with behaviour log-probs, clip the importance ratio to [1 - c, 1 + c].
-    """
+    loss: Tensor
+    logp_student_B_T: Tensor
+    log_u_B_T: Tensor
+    advantages_B_T: Tensor
 
-    log_ratio_clip: float | None = None
-    token_mean: bool = False
-    batch_baseline: bool = False
-    whiten: bool = False
-    ppo_clip: float | None = None
+
+class Estimator(ABC):
+    """A gradient estimator bound to its ``EstimatorConfig``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_teacher_logits: ClassVar[bool]  # full [B, T, V] logits rather than the sampled tokens' log-probs
+
+    def __init__(self, config: EstimatorConfig) -> None:
+        self.config = config
+
+    def check(self, plain_sampling: bool) -> None:  # noqa: B027 (every switch applies unless overridden)
+        """Raise ValueError if the config's switches (or warped sampling) do not apply to this estimator."""
+
+    @staticmethod
+    @abstractmethod
+    def is_exact(divergence: str, gamma: float) -> bool:
+        """Whether E[grad L] equals the true gradient for this divergence and discount (``opdx verify``)."""
+
+    @abstractmethod
+    def loss(
+        self,
+        student_scores: Tensor,
+        teacher_scores: Tensor,
+        tokens_B_T: Tensor,
+        mask_B_T: Tensor,
+        divergence: Divergence,
+        logp_rollout_B_T: Tensor | None = None,
+    ) -> LossTerms:
+        """The loss of a batch from the student's scores (with grad) and the teacher's: log-probs
+        of the sampled ``tokens_B_T`` [B, T], or logits [B, T, V] when ``needs_teacher_logits``.
+        ``logp_rollout_B_T`` are the log-probs the sampler recorded (for ``rollout_correction``)."""
+
+
+class SampledEstimator(Estimator):
+    """A policy-gradient estimator on the sampled tokens' log-probs: only log q(y_n) is needed."""
+
+    needs_teacher_logits = False
+
+    @staticmethod
+    @abstractmethod
+    def own_advantage(divergence: Divergence, log_u: Tensor) -> Tensor:
+        """The advantage of a token's own term, before the discounted future rewards."""
+
+    def loss(
+        self,
+        student_scores: Tensor,
+        teacher_scores: Tensor,
+        tokens_B_T: Tensor,
+        mask_B_T: Tensor,
+        divergence: Divergence,
+        logp_rollout_B_T: Tensor | None = None,
+    ) -> LossTerms:
+        return sampled_loss(student_scores, teacher_scores, mask_B_T, divergence, self, logp_rollout_B_T)
+
+
+class StopGradient(SampledEstimator):
+    name = "stopgrad"
+    description = "OPD: advantage -f(u) under stop-gradient (biased unless reverse_kl)"
+
+    @staticmethod
+    def own_advantage(divergence: Divergence, log_u: Tensor) -> Tensor:
+        return divergence.opd_advantage(log_u)
+
+    @staticmethod
+    def is_exact(divergence: str, gamma: float) -> bool:
+        return divergence == "reverse_kl"  # the only f whose u f'(u) is a constant (opd-math.md)
+
+
+class Unbiased(SampledEstimator):
+    name = "unbiased"
+    description = "OPD+: advantage w_f(u) = -f(u) + u f'(u) (unbiased for every f)"
+
+    @staticmethod
+    def own_advantage(divergence: Divergence, log_u: Tensor) -> Tensor:
+        return divergence.unbiased_advantage(log_u)
+
+    @staticmethod
+    def is_exact(divergence: str, gamma: float) -> bool:
+        return True
+
+
+class Analytic(Estimator):
+    name = "analytic"
+    description = "exact per-state D_f(q || p) over the full vocabulary (needs teacher logits)"
+    needs_teacher_logits = True
+
+    def check(self, plain_sampling: bool) -> None:
+        if not plain_sampling:
+            raise ValueError(
+                "estimator=analytic needs the student's own distribution: trainer.temperature=1, top_k=0, top_p=1"
+            )
+        c = self.config
+        switches = (c.gamma, c.log_ratio_clip, c.batch_baseline, c.whiten, c.rollout_correction)
+        if switches != (0, None, False, False, None):
+            raise ValueError(
+                "estimator=analytic is the exact per-state loss: estimator.gamma, log_ratio_clip, batch_baseline, "
+                "whiten and rollout_correction do not apply to it (leave them at 0 / null / false / null)"
+            )
+
+    @staticmethod
+    def is_exact(divergence: str, gamma: float) -> bool:
+        return gamma == 0  # the per-state gradient; it ignores the effect on future states
+
+    def loss(
+        self,
+        student_scores: Tensor,
+        teacher_scores: Tensor,
+        tokens_B_T: Tensor,
+        mask_B_T: Tensor,
+        divergence: Divergence,
+        logp_rollout_B_T: Tensor | None = None,
+    ) -> LossTerms:
+        device = student_scores.device
+        tokens_B_T, mask_B_T = tokens_B_T.to(device), mask_B_T.to(device)
+        logp_student_B_T = gather_logprobs(student_scores.detach(), tokens_B_T)
+        logp_teacher_B_T = gather_logprobs(teacher_scores, tokens_B_T)
+        # what the unbiased estimator's advantages would be, for the metrics
+        advantages_B_T, log_u_B_T = token_advantages(logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence)
+        loss = analytic_loss(student_scores, teacher_scores, mask_B_T, divergence, self.config.token_mean)
+        return LossTerms(loss, logp_student_B_T.cpu(), log_u_B_T.cpu(), advantages_B_T.cpu())
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (StopGradient, Unbiased, Analytic)}
+
+
+def build_estimator(config: EstimatorConfig, plain_sampling: bool = True) -> Estimator:
+    """The estimator ``config.name`` with its switches checked; ValueError names a bad name and the
+    valid ones, or the switch that does not apply."""
+    if config.name not in ESTIMATORS:
+        raise ValueError(f"estimator={config.name!r} is unknown; valid: {', '.join(ESTIMATORS)}")
+    estimator = ESTIMATORS[config.name](config)
+    estimator.check(plain_sampling)
+    return estimator
+
+
+def sampled_estimator(name: str) -> type[SampledEstimator]:
+    """The sampled-token estimator class registered as ``name``; ValueError lists the valid ones."""
+    cls = ESTIMATORS.get(name)
+    if cls is None or not issubclass(cls, SampledEstimator):
+        valid = [key for key, value in ESTIMATORS.items() if issubclass(value, SampledEstimator)]
+        hint = " ('analytic' needs full logits: use analytic_loss)" if cls is not None else ""
+        raise ValueError(f"unknown estimator {name!r}; valid estimators here: {', '.join(valid)}{hint}")
+    return cls
 
 
 def resolve_divergence(divergence: str | Divergence) -> Divergence:
-    """A divergence object from a registry name or the object itself."""
+    """A divergence object from a registry name (without parameters) or the object itself."""
     return divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
-
-
-def check_estimator(estimator: str, valid: tuple[str, ...] | None = None) -> None:
-    """Raise ValueError naming ``estimator`` and the valid ones if it is not one of them."""
-    valid = tuple(ESTIMATORS) if valid is None else valid
-    if estimator not in valid:
-        hint = " ('analytic' needs full logits: use analytic_loss)" if estimator == "analytic" else ""
-        raise ValueError(f"unknown estimator {estimator!r}; valid estimators here: {', '.join(valid)}{hint}")
 
 
 def discounted_future_sum(rewards_B_T: Tensor, gamma: float) -> Tensor:
@@ -91,7 +222,7 @@ def token_advantages(
     ``logp_student_B_T`` are the log-probs of the distribution the tokens were sampled from.
     """
     div = resolve_divergence(divergence)
-    check_estimator(estimator, SAMPLED_ESTIMATORS)
+    own_advantage = sampled_estimator(estimator).own_advantage
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
     mask_B_T = mask_B_T.bool()
@@ -99,19 +230,18 @@ def token_advantages(
     if log_ratio_clip is not None:
         log_u_B_T = log_u_B_T.clamp(-log_ratio_clip, log_ratio_clip)
     rewards_B_T = torch.where(mask_B_T, div.opd_advantage(log_u_B_T), 0.0)
-    own_B_T = rewards_B_T if estimator == "stopgrad" else div.unbiased_advantage(log_u_B_T)
-    advantages_B_T = own_B_T + discounted_future_sum(rewards_B_T, gamma)
+    advantages_B_T = own_advantage(div, log_u_B_T) + discounted_future_sum(rewards_B_T, gamma)
     return torch.where(mask_B_T, advantages_B_T, 0.0), log_u_B_T
 
 
-def normalise_advantages(advantages_B_T: Tensor, mask_B_T: Tensor, options: LossOptions) -> Tensor:
+def normalise_advantages(advantages_B_T: Tensor, mask_B_T: Tensor, config: EstimatorConfig) -> Tensor:
     """Apply the optional batch baseline and whitening over the response tokens."""
     mask_B_T = mask_B_T.bool()
-    if not (options.batch_baseline or options.whiten):
+    if not (config.batch_baseline or config.whiten):
         return advantages_B_T
     values = advantages_B_T[mask_B_T]
     centred_B_T = advantages_B_T - values.mean()
-    if options.whiten:
+    if config.whiten:
         std = values.std() if values.numel() > 1 else values.new_zeros(())
         centred_B_T = centred_B_T / (std + 1e-8)
     return torch.where(mask_B_T, centred_B_T, 0.0)
@@ -121,28 +251,54 @@ def policy_gradient_loss(
     logp_student_B_T: Tensor,
     advantages_B_T: Tensor,
     mask_B_T: Tensor,
-    options: LossOptions = LossOptions(),
-    logp_behaviour_B_T: Tensor | None = None,
+    config: EstimatorConfig,
+    logp_rollout_B_T: Tensor | None = None,
 ) -> Tensor:
-    """L = -(1/B) sum mask * stopgrad(A) * log p, or with behaviour log-probs the PPO form
-    -(1/B) sum mask * min(r A, clip(r, 1 - c, 1 + c) A), r = p / p_behaviour.
+    """L = -(1/B) sum mask * stopgrad(A) * log p, divided by the number of response tokens
+    instead of B with ``config.token_mean``.
 
-    Divides by the number of response tokens instead of B when ``options.token_mean``.
+    With ``config.rollout_correction`` and the sampler's log-probs, each token is weighed by the
+    importance ratio r = p / p_rollout of the trainer's and the sampler's distributions: ``tis``
+    uses stopgrad(min(r, tis_cap)) * A * log p (truncated importance sampling), ``ppo`` the clipped
+    surrogate min(r A, clip(r, 1 - ppo_clip, 1 + ppo_clip) A). Both have the plain gradient when r = 1.
     """
     mask_B_T = mask_B_T.bool()
     advantages_B_T = advantages_B_T.detach()
     logp_B_T = torch.where(mask_B_T, logp_student_B_T, 0.0)
-    if logp_behaviour_B_T is None:
+    correction = config.rollout_correction
+    if correction is None:
         objective_B_T = advantages_B_T * logp_B_T
     else:
-        ratio_B_T = torch.exp(logp_B_T - torch.where(mask_B_T, logp_behaviour_B_T.detach(), 0.0))
-        objective_B_T = ratio_B_T * advantages_B_T
-        if options.ppo_clip is not None:
-            clipped_B_T = ratio_B_T.clamp(1 - options.ppo_clip, 1 + options.ppo_clip) * advantages_B_T
-            objective_B_T = torch.minimum(objective_B_T, clipped_B_T)
+        if logp_rollout_B_T is None:
+            raise ValueError(f"rollout_correction={correction!r} needs the sampler's log-probs of the tokens")
+        ratio_B_T = torch.exp(logp_B_T - torch.where(mask_B_T, logp_rollout_B_T.detach(), 0.0))
+        if correction == "tis":
+            objective_B_T = ratio_B_T.detach().clamp(max=config.tis_cap) * advantages_B_T * logp_B_T
+        else:
+            clipped_B_T = ratio_B_T.clamp(1 - config.ppo_clip, 1 + config.ppo_clip)
+            objective_B_T = torch.minimum(ratio_B_T * advantages_B_T, clipped_B_T * advantages_B_T)
     objective_B_T = torch.where(mask_B_T, objective_B_T, 0.0)
-    denominator = mask_B_T.sum().clamp(min=1) if options.token_mean else logp_student_B_T.shape[0]
+    denominator = mask_B_T.sum().clamp(min=1) if config.token_mean else logp_student_B_T.shape[0]
     return -objective_B_T.sum() / denominator
+
+
+def sampled_loss(
+    logp_student_B_T: Tensor,
+    logp_teacher_B_T: Tensor,
+    mask_B_T: Tensor,
+    divergence: str | Divergence,
+    estimator: SampledEstimator,
+    logp_rollout_B_T: Tensor | None = None,
+) -> LossTerms:
+    """The OPD / OPD+ surrogate of ``estimator`` (with its config's switches) and, for the
+    metrics, the advantages A_B_T after baseline / whitening and log u_B_T."""
+    config = estimator.config
+    advantages_B_T, log_u_B_T = token_advantages(
+        logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence, estimator.name, config.gamma, config.log_ratio_clip
+    )
+    advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, config)
+    loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, config, logp_rollout_B_T)
+    return LossTerms(loss, logp_student_B_T.detach(), log_u_B_T, advantages_B_T)
 
 
 def opd_loss(
@@ -157,46 +313,25 @@ def opd_loss(
     token_mean: bool = False,
     batch_baseline: bool = False,
     whiten: bool = False,
-    behaviour_logprobs: Tensor | None = None,
-    ppo_clip: float | None = None,
+    rollout_logprobs: Tensor | None = None,
+    rollout_correction: str | None = None,
+    tis_cap: float = 2.0,
+    ppo_clip: float = 0.2,
 ) -> Tensor:
     """The OPD / OPD+ surrogate loss of the sampled tokens; a scalar.
 
     ``student_logprobs`` [B, T] (with grad): log p_theta of the sampled tokens;
     ``teacher_logprobs`` [B, T]: log q of the same tokens (constant); ``mask`` [B, T]: response
     tokens (off-mask entries may hold anything, -inf included, and affect nothing).
-    ``estimator`` is "stopgrad" (OPD, -f(u)) or "unbiased" (OPD+, w_f(u)). The advantages are
-    computed from ``behaviour_logprobs`` when given (the sampling policy of a stale batch),
-    which also switches on the importance ratio (PPO-clipped if ``ppo_clip``).
+    ``estimator`` is "stopgrad" (OPD, -f(u)) or "unbiased" (OPD+, w_f(u)); the keyword switches
+    are those of ``EstimatorConfig``, and ``rollout_logprobs`` [B, T] the sampler's log-probs that
+    ``rollout_correction`` compares with. Raises ValueError naming a bad value.
     """
-    options = LossOptions(log_ratio_clip, token_mean, batch_baseline, whiten, ppo_clip)
-    loss, _, _ = sampled_loss(
-        student_logprobs, teacher_logprobs, mask, divergence, estimator, gamma, options, behaviour_logprobs
+    cls = sampled_estimator(estimator)
+    config = EstimatorConfig(
+        cls.name, gamma, log_ratio_clip, token_mean, batch_baseline, whiten, rollout_correction, tis_cap, ppo_clip
     )
-    return loss
-
-
-def sampled_loss(
-    logp_student_B_T: Tensor,
-    logp_teacher_B_T: Tensor,
-    mask_B_T: Tensor,
-    divergence: str | Divergence,
-    estimator: str,
-    gamma: float,
-    options: LossOptions = LossOptions(),
-    logp_behaviour_B_T: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``opd_loss`` with its options as one object; also returns the advantages A_B_T (after
-    baseline / whitening) and log u_B_T, which the trainer logs."""
-    if options.ppo_clip is not None and logp_behaviour_B_T is None:
-        raise ValueError("ppo_clip needs behaviour_logprobs (the log-probs the batch was sampled with)")
-    logp_sampling_B_T = logp_student_B_T if logp_behaviour_B_T is None else logp_behaviour_B_T
-    advantages_B_T, log_u_B_T = token_advantages(
-        logp_sampling_B_T, logp_teacher_B_T, mask_B_T, divergence, estimator, gamma, options.log_ratio_clip
-    )
-    advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, options)
-    loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, options, logp_behaviour_B_T)
-    return loss, advantages_B_T, log_u_B_T
+    return sampled_loss(student_logprobs, teacher_logprobs, mask, divergence, cls(config), rollout_logprobs).loss
 
 
 def analytic_loss(

@@ -22,10 +22,11 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from opdx.logging import read_metrics
+from opdx.metrics import read_metrics
+from opdx.objective import StopGradient, Unbiased
 
 GROUP_KEYS = ("model", "divergence", "estimator", "benchmark", "logger")
-ESTIMATOR_PAIR = ("stopgrad", "unbiased")
+ESTIMATOR_PAIR = (StopGradient.name, Unbiased.name)
 # t_{0.975, df} for df = 1..30; beyond, 1.96 (at most 4% narrow, at df = 31)
 T_975 = (
     12.706,

@@ -18,6 +18,7 @@ reverse_kl. Results go to stdout and to outputs/verify/ as markdown and CSV.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from opdx.divergences import DIVERGENCES, Divergence, get_divergence
-from opdx.objective import analytic_loss, opd_loss
+from opdx.config import EstimatorConfig, load_option
+from opdx.divergences import DIVERGENCES, Divergence, build_divergence, parameters
+from opdx.objective import ESTIMATORS
 
 TOLERANCE = 1e-9
-VERIFY_ESTIMATORS = ("stopgrad", "unbiased", "analytic")
 
 
 @dataclass
@@ -85,20 +86,20 @@ def true_gradient(problem: TabularProblem, div: Divergence, gamma: float) -> Ten
 
 
 def per_response_gradients(problem: TabularProblem, div: Divergence, estimator: str, gamma: float) -> Tensor:
-    """grad L(y) of the one-response surrogate for every response y, [Y, S, V]."""
+    """grad L(y) of the one-response surrogate of ``estimator`` for every response y, [Y, S, V]."""
+    est = ESTIMATORS[estimator](EstimatorConfig(name=estimator, gamma=gamma))
+    logq_Y_T = problem.token_logprobs(problem.logits_teacher_S_V)
     grads = []
     for y in range(problem.responses_Y_T.shape[0]):
         theta = problem.logits_student_S_V.clone().requires_grad_(True)
-        mask_1_T = torch.ones_like(problem.responses_Y_T[y : y + 1], dtype=torch.bool)
-        if estimator == "analytic":
+        tokens_1_T = problem.responses_Y_T[y : y + 1]
+        mask_1_T = torch.ones_like(tokens_1_T, dtype=torch.bool)
+        if est.needs_teacher_logits:
             states_T = problem.states_Y_T[y]
-            loss = analytic_loss(
-                theta[states_T].unsqueeze(0), problem.logits_teacher_S_V[states_T].unsqueeze(0), mask_1_T, div
-            )
+            student, teacher = theta[states_T].unsqueeze(0), problem.logits_teacher_S_V[states_T].unsqueeze(0)
         else:
-            logp_1_T = problem.token_logprobs(theta)[y : y + 1]
-            logq_1_T = problem.token_logprobs(problem.logits_teacher_S_V)[y : y + 1]
-            loss = opd_loss(logp_1_T, logq_1_T, mask_1_T, div, estimator, gamma)
+            student, teacher = problem.token_logprobs(theta)[y : y + 1], logq_Y_T[y : y + 1]
+        loss = est.loss(student, teacher, tokens_1_T, mask_1_T, div).loss
         grads.append(torch.autograd.grad(loss, theta)[0])
     return torch.stack(grads)
 
@@ -110,18 +111,14 @@ def compare(estimate: Tensor, truth: Tensor) -> tuple[float, float]:
     return rel_error, cosine
 
 
-def must_be_exact(divergence: str, estimator: str, gamma: float) -> bool:
-    """OPD+ always; stop-gradient OPD only for reverse_kl; analytic at gamma = 0."""
-    if estimator == "analytic":
-        return gamma == 0
-    return estimator == "unbiased" or divergence == "reverse_kl"
+def divergence_for(name: str, params: dict[str, float] | None = None) -> Divergence:
+    """The divergence ``name`` with the parameters of its YAML file, ``params`` replacing those it takes."""
+    config = load_option("divergence", name)
+    config.update({key: value for key, value in (params or {}).items() if key in parameters(name)})
+    return build_divergence(config)
 
 
-def divergence_for(name: str, alpha: float) -> Divergence:
-    return get_divergence(name, alpha=alpha) if name == "alpha" else get_divergence(name)
-
-
-def exact_table(vocab: int = 3, length: int = 3, seed: int = 0, alpha: float = 0.5) -> pd.DataFrame:
+def exact_table(vocab: int = 3, length: int = 3, seed: int = 0, params: dict[str, float] | None = None) -> pd.DataFrame:
     """One row per setting x divergence x estimator x gamma: relative error and cosine."""
     rows = []
     settings = {f"tabular V={vocab} T={length}": length, "single state T=1": 1}
@@ -129,13 +126,13 @@ def exact_table(vocab: int = 3, length: int = 3, seed: int = 0, alpha: float = 0
         problem = TabularProblem.random(vocab, setting_length, seed)
         gammas = (0.0, 1.0) if setting_length > 1 else (0.0,)
         for name, gamma in itertools.product(DIVERGENCES, gammas):
-            div = divergence_for(name, alpha)
+            div = divergence_for(name, params)
             truth = true_gradient(problem, div, gamma)
             weight_Y = problem.token_logprobs(problem.logits_student_S_V).sum(-1).exp()
-            for estimator in VERIFY_ESTIMATORS:
+            for estimator, cls in ESTIMATORS.items():
                 expected = torch.einsum("y,ysv->sv", weight_Y, per_response_gradients(problem, div, estimator, gamma))
                 rel_error, cosine = compare(expected, truth)
-                exact = must_be_exact(name, estimator, gamma)
+                exact = cls.is_exact(name, gamma)
                 rows.append(
                     {
                         "setting": setting,
@@ -157,7 +154,7 @@ def monte_carlo_table(
     length: int = 3,
     seed: int = 0,
     gamma: float = 1.0,
-    alpha: float = 0.5,
+    params: dict[str, float] | None = None,
     repeats: int = 20,
 ) -> pd.DataFrame:
     """RMS relative error of the N-sample mean gradient, N = samples / 4^k, over ``repeats`` draws.
@@ -170,7 +167,7 @@ def monte_carlo_table(
     generator = torch.Generator().manual_seed(seed + 1)
     rows = []
     for name in DIVERGENCES:
-        div = divergence_for(name, alpha)
+        div = divergence_for(name, params)
         truth = true_gradient(problem, div, gamma)
         for estimator in ("stopgrad", "unbiased"):
             grads_Y_S_V = per_response_gradients(problem, div, estimator, gamma)
@@ -200,16 +197,18 @@ def render_exact(table: pd.DataFrame) -> pd.DataFrame:
         index=["setting", "divergence", "gamma"], columns="estimator", values=["rel_error", "cosine"], sort=False
     )
     wide.columns = [f"{estimator} {stat.replace('rel_error', 'rel.err')}" for stat, estimator in wide.columns]
-    order = [f"{e} {s}" for e in VERIFY_ESTIMATORS for s in ("rel.err", "cosine")]
+    order = [f"{e} {s}" for e in ESTIMATORS for s in ("rel.err", "cosine")]
     wide = wide[order].reset_index()
     wide["gamma"] = wide["gamma"].map("{:g}".format)
     return wide
 
 
-def run(samples: int | None, out_dir: Path, seed: int = 0, alpha: float = 0.5, gamma: float = 1.0) -> int:
+def run(
+    samples: int | None, out_dir: Path, seed: int = 0, params: dict[str, float] | None = None, gamma: float = 1.0
+) -> int:
     """Print and save the table; return the exit code (1 if an exact estimator deviates)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = exact_table(seed=seed, alpha=alpha)
+    table = exact_table(seed=seed, params=params)
     wide = render_exact(table)
     markdown = wide.to_markdown(index=False, floatfmt=[""] * 3 + [".1e", ".3f"] * 3)
     print("Exact expectation over all responses: relative error of E[grad L] vs the true gradient\n")
@@ -226,7 +225,7 @@ def run(samples: int | None, out_dir: Path, seed: int = 0, alpha: float = 0.5, g
         f"divergences: rel.err {biased.min():.2f} to {biased.max():.2f} (biased)."
     )
     if samples:
-        mc = monte_carlo_table(samples, seed=seed, gamma=gamma, alpha=alpha)
+        mc = monte_carlo_table(samples, seed=seed, gamma=gamma, params=params)
         mc_wide = mc.pivot_table(
             index=["divergence", "estimator"], columns="samples", values="rms_rel_error", sort=False
         )
@@ -246,18 +245,32 @@ def run(samples: int | None, out_dir: Path, seed: int = 0, alpha: float = 0.5, g
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="opdx verify", description=__doc__.split("\n\n")[1] if __doc__ else None)
     parser.add_argument("--samples", type=int, default=None, help="also run the Monte-Carlo mode with up to N samples")
     parser.add_argument("--gamma", type=float, default=1.0, choices=(0.0, 1.0), help="discount of the Monte-Carlo mode")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tabular student and teacher")
-    parser.add_argument("--alpha", type=float, default=0.5, help="parameter of the alpha divergence")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a divergence parameter instead of its conf/divergence default, e.g. --param alpha=0.3",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/verify"), help="where the markdown and CSV go")
     args = parser.parse_args(argv)
     if args.samples is not None and args.samples < 1:
         parser.error(f"--samples must be a positive integer, got {args.samples}")
-    return run(args.samples, args.out, args.seed, args.alpha, args.gamma)
+    params = {}
+    for item in args.param:
+        name, _, value = item.partition("=")
+        try:
+            params[name] = float(value)
+        except ValueError:
+            parser.error(f"--param {item!r}: give NAME=NUMBER, e.g. --param alpha=0.3")
+    try:
+        return run(args.samples, args.out, args.seed, params, args.gamma)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

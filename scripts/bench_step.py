@@ -1,10 +1,13 @@
-"""Time one OPD step of a model config, split into rollout / teacher / update.
+"""Time OPD steps of a run config through the trainer's own ``train_step``, split into rollout /
+teacher / update.
 
-    python scripts/bench_step.py                      # tiny default, 64 prompts x 4 samples
-    python scripts/bench_step.py --prompts 32 --samples 4 --steps 20 --threads 1
+    python scripts/bench_step.py                                  # the default job's config
+    python scripts/bench_step.py --steps 20 --threads 1 trainer.prompts_per_step=32 divergence=reverse_kl
+    python scripts/bench_step.py model=smollm2_135m benchmark=bfcl trainer.samples_per_prompt=1
 
-Prints mean seconds per phase over the timed steps (after warm-up), sampled tokens per
-second and peak resident memory. No training outcome is measured here.
+Any `opdx train` override works after the flags. Prints the mean seconds per phase over the
+timed steps (after warm-up), sampled tokens per second and peak resident memory. No training
+outcome is measured here.
 """
 
 from __future__ import annotations
@@ -12,65 +15,48 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import time
 
 import torch
+from hydra import compose, initialize_config_dir
 
-from opdx.benchmarks import get_benchmark
-from opdx.config import EstimatorConfig, ModelConfig, RunConfig
-from opdx.divergences import get_divergence
-from opdx.models import asset_path, load_pair
-from opdx.objective import LossOptions
-from opdx.rollout import PLAIN_SAMPLING, sample
-from opdx.trainer import distillation_loss, prompts_for_step, score_with_teacher
+from opdx.config import CONF_DIR, register_resolvers, register_schema
+from opdx.run import start, validate
+from opdx.trainer import build_learner, prompts_for_step, train_step
+
+PHASES = ("rollout", "teacher", "update")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--divergence", default="reverse_kl")
-    parser.add_argument("--estimator", default="unbiased")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("overrides", nargs="*", help="opdx train overrides, e.g. trainer.prompts_per_step=32")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(name="tiny", teacher=asset_path("tiny/teacher"), student=asset_path("tiny/student"))
-    cfg = RunConfig(model=model_cfg, estimator=EstimatorConfig(name=args.estimator))
-    student, teacher, tokenizer = load_pair(model_cfg, torch.device("cpu"))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    benchmark = get_benchmark("arith")
-    div = get_divergence(args.divergence)
-    times: dict[str, list[float]] = {"rollout": [], "teacher": [], "update": []}
+    register_schema()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        threads = [f"trainer.threads={args.threads}"] if args.threads else []
+        run = validate(compose(config_name="config", overrides=[*args.overrides, *threads]))
+    learner = build_learner(run, start(run, train=True))
+    t = run.config.trainer
+    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
     tokens = []
     for step in range(args.warmup + args.steps):
-        prompts = [p.prompt for p in prompts_for_step(benchmark, 0, step, args.prompts)]
-        t0 = time.perf_counter()
-        rollout = sample(student, tokenizer, prompts, args.samples, args.max_new_tokens)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            scores = score_with_teacher(teacher, rollout, args.estimator, 128)
-        t2 = time.perf_counter()
-        loss = distillation_loss(student, rollout, scores, div, cfg, PLAIN_SAMPLING, LossOptions())[0]
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        t3 = time.perf_counter()
+        metrics = train_step(learner, prompts_for_step(run.benchmark, run.config.seed, step, t.prompts_per_step))
         if step >= args.warmup:
-            for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                times[key].append(seconds)
-            tokens.append(int(rollout.response_mask_B_T.sum()))
-    means = {k: statistics.mean(v) for k, v in times.items()}
+            for phase in PHASES:
+                times[phase].append(metrics[f"time/{phase}"])
+            tokens.append(metrics["perf/tokens_per_s"] * sum(metrics[f"time/{phase}"] for phase in PHASES))
+    means = {phase: statistics.mean(values) for phase, values in times.items()}
     total = sum(means.values())
-    setting = f"{args.prompts} prompts x {args.samples} samples, {args.divergence}/{args.estimator}"
+    setting = (
+        f"{run.config.model.name}: {t.prompts_per_step} prompts x {t.samples_per_prompt} samples, "
+        f"{t.max_new_tokens} new tokens, {run.divergence.name}/{run.estimator.name}"
+    )
     print(f"{setting}, threads {torch.get_num_threads()}")
-    for key, value in means.items():
-        print(f"  {key:<8} {value:.3f} s  ({100 * value / total:.0f}%)")
+    for phase, value in means.items():
+        print(f"  {phase:<8} {value:.3f} s  ({100 * value / total:.0f}%)")
     print(f"  step     {total:.3f} s, {statistics.mean(tokens) / total:.0f} sampled tokens/s")
     print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -16,10 +16,11 @@ import dataclasses
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from opdx.backends.hf import HFModel
 from opdx.benchmarks import get_benchmark
+from opdx.config import asset_path
 from opdx.evaluation import evaluate
-from opdx.models import asset_path
-from opdx.prepare import STUDENT, supervised_finetune
+from opdx.pairs.tiny import STUDENT, supervised_finetune
 
 
 def main() -> None:
@@ -33,10 +34,10 @@ def main() -> None:
     benchmark = get_benchmark("arith")
     tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny/student"))
     student = AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"))
-    before = evaluate(student, tokenizer, benchmark, benchmark.eval)["greedy_acc"]
+    before = evaluate(HFModel(student, tokenizer), tokenizer, benchmark, benchmark.eval)["greedy_acc"]
     spec = dataclasses.replace(STUDENT, sft_steps=args.steps, sft_lr=args.lr, sft_batch=args.batch)
     supervised_finetune(student, tokenizer, benchmark, spec, seed=args.seed + 100, desc="SFT baseline")
-    after = evaluate(student, tokenizer, benchmark, benchmark.eval)["greedy_acc"]
+    after = evaluate(HFModel(student, tokenizer), tokenizer, benchmark, benchmark.eval)["greedy_acc"]
     print(
         f"student greedy accuracy on {len(benchmark.eval)} eval problems: {before:.3f} -> {after:.3f} "
         f"after {args.steps} SFT steps (batch {args.batch}, lr {args.lr:g})"

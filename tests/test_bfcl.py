@@ -4,9 +4,10 @@ import json
 import pytest
 
 from opdx.benchmarks import get_benchmark
-from opdx.benchmarks.bfcl import CATEGORIES, BfclBenchmark, reference_response
+from opdx.benchmarks.bfcl import CATEGORIES, reference_response
 from opdx.benchmarks.data import BenchmarkDataError
 from opdx.benchmarks.tool_calls import parse_tool_calls
+from opdx.config import ConfigError
 
 needs_bfcl = pytest.mark.skipif(importlib.util.find_spec("bfcl_eval") is None, reason="pip install --no-deps bfcl-eval")
 COUNTS = {
@@ -32,7 +33,7 @@ UNPASSABLE = {
 
 @pytest.fixture(scope="module")
 def every_category():
-    return {category: BfclBenchmark(categories=[category], eval_size=None).eval for category in CATEGORIES}
+    return {category: get_benchmark("bfcl", categories=[category], eval_size=None).eval for category in CATEGORIES}
 
 
 def _types(schema):
@@ -98,7 +99,7 @@ def test_problems_tools_and_system(every_category):
 
 @needs_bfcl
 def test_ground_truth_scores_one_and_wrong_values_zero(every_category):
-    bench = BfclBenchmark(categories=list(CATEGORIES), eval_size=None)
+    bench = get_benchmark("bfcl", categories=list(CATEGORIES), eval_size=None)
     for problems in every_category.values():
         for problem in problems[:30]:
             assert bench.score(problem, problem.answer) == float(problem.entry["id"] not in UNPASSABLE), (
@@ -219,7 +220,8 @@ def test_reference_response_takes_first_allowed_values_and_plain_dicts():
         ({"categories": []}, "benchmark.categories=\\[\\] is invalid"),
         ({"categories": ["simple", "simple"]}, "names a category twice"),
         ({"eval_size": 0}, "benchmark.eval_size=0 is invalid"),
-        ({"eval_size": "10"}, "benchmark.eval_size='10' is invalid"),
+        ({"eval_size": "ten"}, "benchmark.eval_size: Value 'ten'"),
+        ({"categories": "simple"}, "benchmark.categories: .*not a ListConfig"),
         ({"seed": -1}, "benchmark.seed=-1 is invalid"),
         ({"path": "/no/such/dir"}, "is not a directory; install the BFCL data"),
     ],
@@ -227,7 +229,7 @@ def test_reference_response_takes_first_allowed_values_and_plain_dicts():
 def test_bad_arguments_fail_fast(kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_benchmark("bfcl", **kwargs)
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="difficulty"):
         get_benchmark("bfcl", difficulty=3)
 
 
@@ -235,4 +237,4 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"pip install --no-deps bfcl-eval"):
         get_benchmark("bfcl")
-    assert get_benchmark("bfcl", categories="simple", path=".").categories == ["simple"]  # a path needs no package
+    assert get_benchmark("bfcl", categories=["simple"], path=".").categories == ["simple"]  # a path needs no package

@@ -4,58 +4,81 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from opdx.backends import Sampler, Teacher
 from opdx.benchmarks import BENCHMARKS
-from opdx.cli import CONF_DIR
-from opdx.config import ConfigError, RunConfig, register_schema, validate
+from opdx.config import CONF_DIR, ConfigError, RunConfig, load_option, register_resolvers, register_schema
 from opdx.divergences import DIVERGENCES
-from opdx.logging import LOGGERS
-from opdx.models import MODELS, register_resolvers
+from opdx.metrics import LOGGERS
 from opdx.objective import ESTIMATORS
+from opdx.pairs import PAIRS
+from opdx.run import start, validate
 
 REGISTRIES = {
     "divergence": DIVERGENCES,
     "estimator": ESTIMATORS,
-    "model": MODELS,
     "benchmark": BENCHMARKS,
     "logger": LOGGERS,
 }
+BACKENDS = {"rollout": Sampler, "teacher": Teacher}
 
 register_schema()
 register_resolvers()
 
 
 def composed(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def stems(group: str) -> set[str]:
+    return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
 
 
 @pytest.mark.parametrize("group", list(REGISTRIES))
 def test_config_group_files_mirror_the_registry(group):
-    stems = {p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")}
-    assert stems == set(REGISTRIES[group]), f"conf/{group} vs registry"
+    assert stems(group) == set(REGISTRIES[group]), f"conf/{group} vs registry"
+    for stem in stems(group):
+        assert (CONF_DIR / group / f"{stem}.yaml").read_text().startswith("# opdx "), "the command comes first"
+        assert load_option(group, stem)["name"] == stem
 
 
-@pytest.mark.parametrize("override", [f"{group}={name}" for group in REGISTRIES for name in REGISTRIES[group]])
+def test_every_pair_built_here_has_a_model_file_and_every_model_file_names_itself():
+    assert set(PAIRS) <= stems("model")
+    assert all(load_option("model", stem)["name"] == stem for stem in stems("model"))
+
+
+@pytest.mark.parametrize("override", [f"{group}={stem}" for group in BACKENDS for stem in sorted(stems(group))])
+def test_backend_files_build_an_object_of_their_interface(override):
+    parts = start(validate(composed(override, "trainer.threads=1")), train=False)
+    assert isinstance(parts.rollout, Sampler) and isinstance(parts.teacher, Teacher)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{group}={name}" for group in REGISTRIES for name in REGISTRIES[group]]
+    + [f"model={stem}" for stem in sorted(stems("model"))],
+)
 def test_every_yaml_composes_and_validates(override):
     run = validate(composed(override))
-    assert isinstance(run, RunConfig)
+    assert isinstance(run.config, RunConfig)
     group, name = override.split("=")
-    chosen = run.benchmark["name"] if group == "benchmark" else getattr(run, group).name
-    assert chosen == name
+    built = {"divergence": run.divergence, "estimator": run.estimator, "benchmark": run.benchmark}
+    assert (built[group] if group in built else getattr(run.config, group)).name == name
 
 
 def test_default_choices_and_user_facing_names():
     run = validate(composed("seed=3", "trainer.steps=7", "trainer.lr=0.01", "estimator.gamma=0.5"))
-    assert (run.model.name, run.divergence.name, run.estimator.name, run.benchmark["name"]) == (
+    assert (run.config.model.name, run.divergence.name, run.estimator.name, run.benchmark.name) == (
         "tiny",
         "forward_kl",
         "unbiased",
         "arith",
     )
-    assert (run.seed, run.trainer.steps, run.trainer.lr, run.estimator.gamma) == (3, 7, 0.01, 0.5)
-    assert Path(run.model.teacher, "config.json").exists()
+    config = run.config
+    assert (config.seed, config.trainer.steps, config.trainer.lr, config.estimator.gamma) == (3, 7, 0.01, 0.5)
+    assert Path(config.model.teacher, "config.json").exists()
     run = validate(composed("divergence=alpha", "divergence.alpha=0.3"))
-    assert run.divergence.alpha == 0.3
+    assert run.config.divergence["alpha"] == 0.3 and run.divergence.description.endswith("alpha=0.3")
 
 
 @pytest.mark.parametrize(
@@ -63,18 +86,27 @@ def test_default_choices_and_user_facing_names():
     [
         (["estimator.gamma=2"], r"estimator.gamma=2.0 is invalid; gamma must lie in \[0, 1\]"),
         (["divergence=alpha", "divergence.alpha=1"], "alpha divergence needs a finite alpha not equal to 0 or 1"),
-        (["divergence.alpha=0.3"], "'forward_kl' takes no parameters"),
+        (["+divergence.alpha=0.3"], "'forward_kl' takes no parameters"),
         (["trainer.schedule=step"], "valid: constant, cosine, linear"),
         (["trainer.steps=0"], "trainer.steps=0 is invalid"),
         (["benchmark.max_terms=x"], "max_terms"),
         (["+benchmark.difficulty=3"], "difficulty"),
         (["model.dtype=fp8"], "valid dtypes: float32, bfloat16"),
         (["estimator=analytic", "estimator.gamma=1"], "do not apply to it"),
+        (["estimator.rollout_correction=is"], "valid: null, tis, ppo"),
+        (["benchmark.eval_size=ten"], "benchmark.eval_size: Value 'ten'.*could not be converted to Integer"),
+        (["rollout._target_=opdx.backends.hf.NoSuchSampler"], "rollout._target_=.*cannot be loaded"),
+        (["+teacher.temperature=0.5"], "teacher: got an unexpected keyword argument 'temperature'"),
     ],
 )
 def test_bad_values_fail_validation_with_a_clear_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(composed(*overrides))
+
+
+def test_a_key_a_divergence_does_not_have_fails_while_composing():
+    with pytest.raises(Exception, match="divergence.alpha"):
+        composed("divergence.alpha=0.3")
 
 
 def test_bad_type_fails_while_composing():
@@ -100,13 +132,13 @@ def test_hydra_flags_work(opdx_cli):
 
 
 def test_a_real_model_brings_its_trainer_and_eval_sizes_and_the_command_line_wins():
-    run = validate(composed("model=smollm2_135m", "benchmark=bfcl"))
+    run = validate(composed("model=smollm2_135m", "benchmark=bfcl")).config
     assert (run.trainer.lr, run.trainer.prompts_per_step, run.trainer.max_new_tokens) == (1e-5, 8, 96)
     assert (run.eval.problems, run.eval.n, run.trainer.steps) == (20, 2, 1000)
-    run = validate(composed("model=smollm2_135m", "trainer.lr=3e-5", "eval.n=4", "trainer.steps=3"))
+    run = validate(composed("model=smollm2_135m", "trainer.lr=3e-5", "eval.n=4", "trainer.steps=3")).config
     assert (run.trainer.lr, run.eval.n, run.trainer.steps, run.trainer.prompts_per_step) == (3e-5, 4, 3, 8)
-    assert validate(composed()).trainer.lr == 1e-3  # the tiny default keeps trainer/default.yaml
-    assert validate(composed("model=qwen3_8b_to_1p7b_base")).model.dtype == "bfloat16"
+    assert validate(composed()).config.trainer.lr == 1e-3  # the tiny default keeps the schema's default
+    assert validate(composed("model=qwen3_8b_to_1p7b_base")).config.model.dtype == "bfloat16"
 
 
 def test_eval_run_reapplies_the_run_overrides_but_not_those_of_a_switched_group(tmp_path):

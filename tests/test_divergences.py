@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from opdx.divergences import DIVERGENCES, get_divergence
+from opdx.verify import divergence_for  # each divergence with the parameters of its YAML
 
 torch.set_default_dtype(torch.float64)
 
@@ -41,7 +42,7 @@ def closed_form_w(name: str, u: torch.Tensor, alpha: float = 0.5) -> torch.Tenso
 
 @pytest.mark.parametrize("name", list(DIVERGENCES))
 def test_f_and_advantages_match_closed_forms(name):
-    div = get_divergence(name)
+    div = divergence_for(name)
     torch.testing.assert_close(div.f(LOG_U), closed_form_f(name, U), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(div.opd_advantage(LOG_U), -closed_form_f(name, U), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(div.unbiased_advantage(LOG_U), closed_form_w(name, U), rtol=1e-12, atol=1e-12)
@@ -49,7 +50,7 @@ def test_f_and_advantages_match_closed_forms(name):
 
 @pytest.mark.parametrize("name", list(DIVERGENCES))
 def test_f_is_zero_at_one_and_convex(name):
-    div = get_divergence(name)
+    div = divergence_for(name)
     assert div.f(torch.zeros(1)).item() == pytest.approx(0.0, abs=1e-15)
     values = closed_form_f(name, U)
     # convexity in u on the grid: secant slopes increase
@@ -59,7 +60,7 @@ def test_f_is_zero_at_one_and_convex(name):
 
 @pytest.mark.parametrize("name", [n for n in DIVERGENCES if n != "tv"])
 def test_unbiased_advantage_is_minus_f_plus_u_fprime_by_autograd(name):
-    div = get_divergence(name)
+    div = divergence_for(name)
     u = U.clone().requires_grad_(True)
     f_u = closed_form_f(name, u)
     (fprime,) = torch.autograd.grad(f_u.sum(), u)
@@ -74,13 +75,13 @@ def test_tv_advantage_away_from_the_kink():
 @pytest.mark.parametrize("name", list(DIVERGENCES))
 def test_log_space_is_stable_for_extreme_ratios(name):
     log_u = torch.tensor([-60.0, 60.0], dtype=torch.float64)
-    assert torch.isfinite(get_divergence(name).unbiased_advantage(log_u)).all()
-    assert torch.isfinite(get_divergence(name).f(log_u)).all()
+    assert torch.isfinite(divergence_for(name).unbiased_advantage(log_u)).all()
+    assert torch.isfinite(divergence_for(name).f(log_u)).all()
 
 
 def test_only_reverse_kl_advantages_differ_by_a_constant():
     for name in DIVERGENCES:
-        div = get_divergence(name)
+        div = divergence_for(name)
         gap = div.unbiased_advantage(LOG_U) - div.opd_advantage(LOG_U)  # = u f'(u)
         is_constant = bool(torch.allclose(gap, gap[0].expand_as(gap)))
         assert is_constant == (name == "reverse_kl"), name
@@ -106,7 +107,7 @@ def random_logits(*shape, seed=0):
 
 @pytest.mark.parametrize("name", list(DIVERGENCES))
 def test_full_divergence_nonnegative_and_zero_iff_equal(name):
-    div = get_divergence(name)
+    div = divergence_for(name)
     student, teacher = random_logits(4, 5, 11, seed=1), random_logits(4, 5, 11, seed=2)
     d = div.full(student, teacher, chunk_size=3)
     assert d.shape == (4, 5)
@@ -119,7 +120,7 @@ def test_full_divergence_matches_direct_sum(name):
     student, teacher = random_logits(3, 7, seed=3), random_logits(3, 7, seed=4)
     p, q = student.softmax(-1), teacher.softmax(-1)
     expected = (p * closed_form_f(name, q / p)).sum(-1)
-    torch.testing.assert_close(get_divergence(name).full(student, teacher, chunk_size=2), expected)
+    torch.testing.assert_close(divergence_for(name).full(student, teacher, chunk_size=2), expected)
 
 
 def test_full_divergence_known_values():
@@ -166,5 +167,5 @@ def test_parameter_on_a_divergence_without_one():
 def test_full_divergence_gradient_stays_finite_when_student_probability_underflows(name):
     student = torch.tensor([[0.0, -800.0, 0.0]], dtype=torch.float64, requires_grad=True)
     teacher = torch.zeros(1, 3, dtype=torch.float64)
-    (grad,) = torch.autograd.grad(get_divergence(name).full(student, teacher).sum(), student)
+    (grad,) = torch.autograd.grad(divergence_for(name).full(student, teacher).sum(), student)
     assert torch.isfinite(grad).all()

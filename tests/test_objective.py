@@ -5,6 +5,7 @@ import torch
 
 from opdx.divergences import DIVERGENCES, get_divergence
 from opdx.objective import analytic_loss, discounted_future_sum, opd_loss, token_advantages
+from opdx.verify import divergence_for  # each divergence with the parameters of its YAML
 
 LOGP = torch.log(torch.tensor([[0.5, 0.25, 0.8], [0.1, 0.9, 0.3]], dtype=torch.float64))
 LOGQ = torch.log(torch.tensor([[0.25, 0.5, 0.4], [0.3, 0.6, 0.6]], dtype=torch.float64))
@@ -107,20 +108,34 @@ def test_log_ratio_clip():
     assert advantages[1, 0].item() == pytest.approx(0.5)  # log(0.3/0.1) = 1.10 clipped to 0.5
 
 
-def test_importance_ratio_is_one_on_policy_and_ppo_clips_off_policy():
+@pytest.mark.parametrize("correction", ["tis", "ppo"])
+def test_rollout_correction_is_the_identity_when_the_log_probs_agree(correction):
     logp = LOGP.clone().requires_grad_(True)
-    on_policy = opd_loss(logp, LOGQ, MASK, "js", "unbiased", behaviour_logprobs=LOGP, ppo_clip=0.2)
-    (grad_on,) = torch.autograd.grad(on_policy, logp)
-    (grad_plain,) = torch.autograd.grad(opd_loss(logp, LOGQ, MASK, "js", "unbiased"), logp)
-    torch.testing.assert_close(grad_on, grad_plain)
-    # the current policy moved far up on every token: ratio e > 1.2 gets clipped where A > 0 (no gradient)
+    corrected = opd_loss(logp, LOGQ, MASK, "js", "unbiased", rollout_logprobs=LOGP, rollout_correction=correction)
+    (grad_corrected,) = torch.autograd.grad(corrected, logp)
+    plain = opd_loss(logp, LOGQ, MASK, "js", "unbiased")
+    (grad_plain,) = torch.autograd.grad(plain, logp)
+    torch.testing.assert_close(grad_corrected, grad_plain, rtol=1e-12, atol=1e-12)
+    if correction == "tis":
+        assert corrected.item() == pytest.approx(plain.item(), rel=1e-12)
+
+
+def test_rollout_correction_weighs_by_the_ratio_truncated_or_clipped():
+    advantages, _ = token_advantages(LOGP + 1.0, LOGQ, MASK, "js", "unbiased")
+    # the trainer's policy moved up by e on every token against the sampler's: ratio e
     moved = (LOGP + 1.0).requires_grad_(True)
-    (grad_moved,) = torch.autograd.grad(
-        opd_loss(moved, LOGQ, MASK, "js", "unbiased", behaviour_logprobs=LOGP, ppo_clip=0.2), moved
+    (grad_tis,) = torch.autograd.grad(
+        opd_loss(moved, LOGQ, MASK, "js", "unbiased", rollout_logprobs=LOGP, rollout_correction="tis", tis_cap=2.0),
+        moved,
     )
-    advantages, _ = token_advantages(LOGP, LOGQ, MASK, "js", "unbiased")
-    assert bool((grad_moved[advantages > 0] == 0).all())
-    assert bool((grad_moved[(advantages < 0) & MASK.bool()] != 0).all())
+    torch.testing.assert_close(grad_tis, -2.0 * advantages / 2)  # min(e, 2) * (-A / B)
+    (grad_ppo,) = torch.autograd.grad(
+        opd_loss(moved, LOGQ, MASK, "js", "unbiased", rollout_logprobs=LOGP, rollout_correction="ppo", ppo_clip=0.2),
+        moved,
+    )
+    assert bool((grad_ppo[advantages > 0] == 0).all())  # ratio e > 1.2 clipped where A > 0: no gradient
+    negative = (advantages < 0) & MASK.bool()
+    torch.testing.assert_close(grad_ppo[negative], -(math.e * advantages / 2)[negative])
 
 
 def test_analytic_gradient_equals_exact_per_state_gradient():
@@ -130,7 +145,7 @@ def test_analytic_gradient_equals_exact_per_state_gradient():
     logits_q = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     for name in DIVERGENCES:
-        div = get_divergence(name)
+        div = divergence_for(name)
         z = logits_p.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(analytic_loss(z, logits_q, mask, div, chunk_size=4), z)
         p = logits_p.softmax(-1)
@@ -153,10 +168,12 @@ def test_errors_name_the_bad_value_and_the_valid_ones():
         opd_loss(LOGP, LOGQ, MASK, "js", "analytic")
     with pytest.raises(ValueError, match=r"'kl'.*reverse_kl"):
         opd_loss(LOGP, LOGQ, MASK, "kl", "unbiased")
-    with pytest.raises(ValueError, match=r"gamma.*\[0, 1\].*2"):
+    with pytest.raises(ValueError, match=r"gamma=2 is invalid.*\[0, 1\]"):
         opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", gamma=2)
-    with pytest.raises(ValueError, match="behaviour_logprobs"):
-        opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", ppo_clip=0.2)
+    with pytest.raises(ValueError, match="rollout_correction='tis' needs the sampler's log-probs"):
+        opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", rollout_correction="tis")
+    with pytest.raises(ValueError, match="rollout_correction='is' is invalid; valid: null, tis, ppo"):
+        opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", rollout_correction="is")
 
 
 def test_whitening_a_single_token_stays_finite():

@@ -20,7 +20,7 @@ def write_run(path, divergence, estimator, seed, final, initial=0.08, complete=T
     (path / ".hydra").mkdir(parents=True)
     config = {
         "model": {"name": "tiny"},
-        "divergence": {"name": divergence, "alpha": None},
+        "divergence": {"name": divergence},
         "estimator": {"name": estimator, "gamma": 0.0},
         "benchmark": {"name": "arith"},
         "trainer": {"steps": steps, "lr": 0.001},

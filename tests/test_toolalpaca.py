@@ -189,7 +189,7 @@ def test_no_data_says_how_to_pass_a_path():
     [
         ({"path": "/no/such/file.json"}, "benchmark.path=/no/such/file.json does not exist"),
         ({"eval_size": 0}, "benchmark.eval_size=0 is invalid"),
-        ({"seed": "x"}, "benchmark.seed='x' is invalid"),
+        ({"seed": "x"}, "benchmark.seed: Value 'x'"),
         ({"eval_split": ""}, "benchmark.eval_split='' is invalid"),
         ({"train_split": ""}, "benchmark.train_split='' is invalid"),
     ],

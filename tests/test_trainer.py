@@ -10,15 +10,29 @@ import torch
 from conftest import FAST_TRAIN
 
 from opdx.config import TrainerConfig
-from opdx.logging import read_metrics
-from opdx.trainer import lr_lambda
+from opdx.metrics import read_metrics
+from opdx.trainer import lr_schedule
+
+
+def lr_factors(**trainer) -> list[float]:
+    """The LR factor at steps 0..steps of a trainer config's schedule."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = lr_schedule(optimizer, TrainerConfig(**trainer))
+    factors = []
+    for _ in range(trainer["steps"] + 1):
+        factors.append(round(schedule.get_last_lr()[0], 4))
+        optimizer.step()
+        schedule.step()
+    return factors
 
 
 def test_lr_schedules():
-    cosine = lr_lambda(TrainerConfig(steps=10, warmup_steps=2, schedule="cosine"))
-    assert [round(cosine(s), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
-    assert lr_lambda(TrainerConfig(steps=10, schedule="linear"))(5) == 0.5
-    assert lr_lambda(TrainerConfig(steps=10))(9) == 1.0
+    """transformers' schedules: the warmup starts from 0 (step / warmup_steps)."""
+    cosine = lr_factors(steps=10, warmup_steps=2, schedule="cosine")
+    assert [cosine[s] for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    assert lr_factors(steps=10, schedule="linear")[5] == 0.5
+    assert lr_factors(steps=10)[9] == 1.0
+    assert lr_factors(steps=10, warmup_steps=4)[:6] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 
 
 def test_smoke_run_writes_metrics_summary_and_checkpoint(opdx_cli, tmp_path):

@@ -51,7 +51,7 @@ def test_analytic_is_exact_at_gamma_zero_only(table):
 
 def test_gamma_zero_and_one_targets_differ():
     problem = TabularProblem.random(seed=1)
-    div = divergence_for("js", 0.5)
+    div = divergence_for("js")
     per_state, full = true_gradient(problem, div, 0.0), true_gradient(problem, div, 1.0)
     assert (per_state - full).norm() > 0.3 * full.norm()
 
@@ -59,7 +59,7 @@ def test_gamma_zero_and_one_targets_differ():
 def test_a_broken_estimator_would_fail():
     """The check has teeth: the unbiased estimate with a wrong gamma misses the gamma = 1 target."""
     problem = TabularProblem.random(seed=2)
-    div = divergence_for("forward_kl", 0.5)
+    div = divergence_for("forward_kl")
     weight_Y = problem.token_logprobs(problem.logits_student_S_V).sum(-1).exp()
     expected = torch.einsum("y,ysv->sv", weight_Y, per_response_gradients(problem, div, "unbiased", 0.0))
     assert (expected - true_gradient(problem, div, 1.0)).norm() / true_gradient(problem, div, 1.0).norm() > 0.05
@@ -81,3 +81,12 @@ def test_cli_writes_tables_and_exits_zero(tmp_path, capsys):
     assert "forward_kl" in out and "OK:" in out and "Monte-Carlo" in out
     for name in ("exact.md", "exact.csv", "monte_carlo.md", "monte_carlo.csv"):
         assert (tmp_path / name).stat().st_size > 100
+
+
+def test_divergence_parameters_come_from_their_yaml_or_the_command_line(tmp_path, capsys):
+    assert divergence_for("alpha").description.endswith("alpha=0.5")  # conf/divergence/alpha.yaml
+    assert divergence_for("alpha", {"alpha": 0.3}).description.endswith("alpha=0.3")
+    assert divergence_for("js", {"alpha": 0.3}).name == "js"  # a parameter only those taking it get
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--param", "alpha=1"])
+    assert "alpha divergence needs a finite alpha not equal to 0 or 1" in capsys.readouterr().err

@@ -3,77 +3,43 @@
 A benchmark gives a train split (prompts for on-policy rollouts), a disjoint eval split and a
 ``score(problem, response) -> float`` verifier in [0, 1]. A problem is rendered with the chat
 template: an optional system message, the user prompt, and for tool use the tool schemas.
+
+A benchmark class is a dataclass whose fields are its options; ``conf/benchmark/<name>.yaml``
+gives their values (the one home of their defaults) and ``build_benchmark`` type-checks a config
+node against the class before building it (no data is read until ``.train`` / ``.eval``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
+from opdx.benchmarks.arith import ArithBenchmark
+from opdx.benchmarks.base import Benchmark, Problem
+from opdx.benchmarks.bfcl import BfclBenchmark
+from opdx.benchmarks.math import MathBenchmark
+from opdx.benchmarks.toolalpaca import ToolAlpacaBenchmark
+from opdx.config import check, load_option, typed
 
-@dataclass(frozen=True)
-class Problem:
-    """One prompt with its reference answer and the raw entry of its source dataset.
+__all__ = ["BENCHMARKS", "Benchmark", "Problem", "build_benchmark", "get_benchmark"]
 
-    ``prompt`` is the user message; ``system`` an optional system message; ``tools`` JSON-schema
-    function definitions (``{"type": "function", "function": {"name", "description",
-    "parameters"}}``) handed to the chat template's ``tools=``."""
-
-    prompt: str
-    answer: str
-    entry: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-    system: str | None = None
-    tools: list[dict[str, Any]] | None = field(default=None, compare=False, hash=False)
-
-
-class Benchmark(Protocol):
-    name: str
-    train: list[Problem]
-    eval: list[Problem]
-
-    def score(self, problem: Problem, response: str) -> float:
-        """1.0 if the response's final answer is right, else 0.0 (or partial credit)."""
-        ...
-
-
-def _arith(**kwargs: Any) -> Benchmark:
-    from opdx.benchmarks.arith import ArithBenchmark
-
-    return ArithBenchmark(**kwargs)
-
-
-def _math(name: str) -> Callable[..., Benchmark]:
-    def build(**kwargs: Any) -> Benchmark:
-        from opdx.benchmarks.math import MathBenchmark
-
-        return MathBenchmark(name=name, **kwargs)
-
-    return build
-
-
-def _bfcl(**kwargs: Any) -> Benchmark:
-    from opdx.benchmarks.bfcl import BfclBenchmark
-
-    return BfclBenchmark(**kwargs)
-
-
-def _toolalpaca(**kwargs: Any) -> Benchmark:
-    from opdx.benchmarks.toolalpaca import ToolAlpacaBenchmark
-
-    return ToolAlpacaBenchmark(**kwargs)
-
-
-BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
-    "arith": _arith,
-    **{name: _math(name) for name in ("deepmath", "gsm8k", "math500", "aime24", "aime25")},
-    "bfcl": _bfcl,
-    "toolalpaca": _toolalpaca,
+BENCHMARKS: dict[str, type[Benchmark]] = {
+    "arith": ArithBenchmark,
+    **{name: MathBenchmark for name in ("deepmath", "gsm8k", "math500", "aime24", "aime25")},
+    "bfcl": BfclBenchmark,
+    "toolalpaca": ToolAlpacaBenchmark,
 }
 
 
-def get_benchmark(name: str, **kwargs: Any) -> Benchmark:
-    """The benchmark registered as ``name``, built with ``kwargs``; ValueError lists the valid names."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name](**kwargs)
+def build_benchmark(config: Mapping[str, Any]) -> Benchmark:
+    """The benchmark of a config node (``conf/benchmark/<name>.yaml`` with its overrides), its
+    options type-checked against the benchmark's class; ConfigError names a bad key or value."""
+    name = config.get("name")
+    check(name in BENCHMARKS, f"benchmark={name!r} is unknown; valid benchmarks: {', '.join(BENCHMARKS)}")
+    return typed(BENCHMARKS[name], config, "benchmark")
+
+
+def get_benchmark(name: str, **overrides: Any) -> Benchmark:
+    """The benchmark ``name`` with the options of its YAML file, ``overrides`` replacing some."""
+    check(name in BENCHMARKS, f"unknown benchmark {name!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
+    return build_benchmark({**load_option("benchmark", name), **overrides})

@@ -11,12 +11,12 @@ partial sums (``98+93=191;191-77=114``) and the final answer is the number after
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import reasoning_gym
 
-from opdx.benchmarks import Problem
+from opdx.benchmarks.base import Problem
 
 EVAL_SEED_OFFSET = 10_000_000
 
@@ -44,23 +44,26 @@ def running_sums(expression: str) -> str:
 
 @dataclass
 class ArithBenchmark:
-    name: str = "arith"
-    generator: str = "chain_sum"
-    train_size: int = 20_000
-    eval_size: int = 1_000
-    seed: int = 0
-    min_terms: int = 2
-    max_terms: int = 3
-    min_digits: int = 1
-    max_digits: int = 2
-    _datasets: dict = field(default_factory=dict, repr=False)
+    """Options as in conf/benchmark/arith.yaml: the generator, split sizes, the train seed (eval
+    uses seed + EVAL_SEED_OFFSET) and the expression's number of terms and digits."""
+
+    name: str
+    generator: str
+    train_size: int
+    eval_size: int
+    seed: int
+    min_terms: int
+    max_terms: int
+    min_digits: int
+    max_digits: int
 
     def __post_init__(self) -> None:
         counts = ("train_size", "eval_size", "seed", "min_terms", "max_terms", "min_digits", "max_digits")
         for key in counts:
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"benchmark.{key}={value!r} is invalid; it must be a non-negative integer")
+            if getattr(self, key) < 0:
+                raise ValueError(
+                    f"benchmark.{key}={getattr(self, key)!r} is invalid; it must be a non-negative integer"
+                )
         if not (self.min_terms <= self.max_terms and self.min_digits <= self.max_digits):
             raise ValueError(f"benchmark: min_terms/min_digits must not exceed max_terms/max_digits, got {self}")
         if self.generator not in reasoning_gym.factory.DATASETS:
@@ -68,6 +71,7 @@ class ArithBenchmark:
                 f"benchmark.generator={self.generator!r} is not a reasoning-gym dataset; "
                 f"e.g. chain_sum, basic_arithmetic, products (all: {len(reasoning_gym.factory.DATASETS)})"
             )
+        self._datasets: dict = {}
 
     def _dataset(self, split: str):
         if split not in self._datasets:

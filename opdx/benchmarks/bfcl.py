@@ -37,12 +37,12 @@ import importlib.util
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from opdx.benchmarks import Problem
+from opdx.benchmarks.base import Problem
 from opdx.benchmarks.data import BenchmarkDataError, read_file
 from opdx.benchmarks.tool_calls import bfcl_tool, check_calls, parse_tool_calls
 
@@ -115,37 +115,33 @@ def reference_response(docs: list[dict[str, Any]], ground_truth: list[dict[str, 
     return "\n".join(blocks)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 @dataclass
 class BfclBenchmark:
-    name: str = "bfcl"
-    categories: list[str] = field(default_factory=lambda: ["simple", "multiple", "parallel"])
-    eval_size: int | None = 200
-    seed: int = 0
-    path: str | None = None
+    """Options as in conf/benchmark/bfcl.yaml: the categories, how many of their shuffled records
+    are eval (null: all), the shuffle's seed, and a data directory (null: the bfcl-eval package's)."""
+
+    name: str
+    categories: list[str]
+    eval_size: int | None
+    seed: int
+    path: str | None
 
     def __post_init__(self) -> None:
         valid = ", ".join(CATEGORIES)
-        if isinstance(self.categories, str):
-            self.categories = [self.categories]
-        if not isinstance(self.categories, (list, tuple)) or not self.categories:
+        if not self.categories:
             raise ValueError(f"benchmark.categories={self.categories!r} is invalid; give a list of: {valid}")
-        self.categories = list(self.categories)
         for category in self.categories:
             if category not in CATEGORIES:
                 raise ValueError(f"benchmark.categories: unknown BFCL category {category!r}; valid: {valid}")
         if len(set(self.categories)) != len(self.categories):
             raise ValueError(f"benchmark.categories={self.categories} names a category twice")
-        if self.eval_size is not None and (not _is_count(self.eval_size) or self.eval_size == 0):
+        if self.eval_size is not None and self.eval_size < 1:
             raise ValueError(
                 f"benchmark.eval_size={self.eval_size!r} is invalid; give a positive integer or null (all)"
             )
-        if not _is_count(self.seed):
+        if self.seed < 0:
             raise ValueError(f"benchmark.seed={self.seed!r} is invalid; it must be a non-negative integer")
-        if self.path is not None and not (isinstance(self.path, str) and Path(self.path).expanduser().is_dir()):
+        if self.path is not None and not Path(self.path).expanduser().is_dir():
             raise ValueError(f"benchmark.path={self.path!r} is not a directory; {INSTALL_HINT}")
         self.data_dir = bfcl_data_dir() if self.path is None else Path(self.path).expanduser()
 

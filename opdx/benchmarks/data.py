@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from opdx.benchmarks import Problem
+from opdx.benchmarks.base import Problem
 
 Item = TypeVar("Item")
 

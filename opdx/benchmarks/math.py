@@ -3,8 +3,9 @@
     opdx train benchmark=deepmath                      # DeepMath-103K prompts, 500 held out for eval
     opdx eval model=smollm2_135m benchmark=gsm8k benchmark.path=tests/fixtures/gsm8k_sample.jsonl
 
-One loader and one verifier; a spec per dataset gives the hub id, the splits and the column
-names (every one a config key, so a local file with other columns works too):
+One loader and one verifier; the YAML file of each dataset (``conf/benchmark/<name>.yaml``) gives
+the hub id, the splits and the column names (every one a config key, so a local file with other
+columns works too):
 
 | name     | hub id                  | config | train split | eval split | question | answer       |
 |----------|-------------------------|--------|-------------|------------|----------|--------------|
@@ -31,37 +32,16 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-from opdx.benchmarks import Problem
+from opdx.benchmarks.base import Problem
 from opdx.benchmarks.data import BenchmarkDataError, drop_eval_prompts, load_records, pick_eval
 
 PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TIMEOUT_S = 5  # math-verify's own limit per parse and per comparison (signal.alarm, main thread only)
-
-
-@dataclass(frozen=True)
-class MathSpec:
-    hub_id: str
-    hub_config: str | None
-    train_split: str | None
-    eval_split: str
-    eval_size: int | None
-    question_key: str
-    answer_key: str
-
-
-SPECS: dict[str, MathSpec] = {
-    "deepmath": MathSpec("zwhe99/DeepMath-103K", None, "train", "train", 500, "question", "final_answer"),
-    "gsm8k": MathSpec("openai/gsm8k", "main", "train", "test", None, "question", "answer"),
-    "math500": MathSpec("HuggingFaceH4/MATH-500", None, None, "test", None, "problem", "answer"),
-    "aime24": MathSpec("HuggingFaceH4/aime_2024", None, None, "train", None, "problem", "answer"),
-    "aime25": MathSpec("math-ai/aime25", None, None, "test", None, "problem", "answer"),
-}
-FROM_SPEC: Any = "<from spec>"  # default of the spec-dependent fields: the dataset's own value
 
 
 def gold_answer(raw: Any) -> str:
@@ -110,50 +90,36 @@ def grade(gold: str, response: str) -> float:
         return 0.0
 
 
-def _optional_str(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value != "")
-
-
 @dataclass
 class MathBenchmark:
+    """Options as in conf/benchmark/<name>.yaml (one file per dataset of the table above)."""
+
     name: str
-    path: str | None = None
-    hub_id: str | None = FROM_SPEC
-    hub_config: str | None = FROM_SPEC
-    train_split: str | None = FROM_SPEC
-    eval_split: str = FROM_SPEC
-    eval_size: int | None = FROM_SPEC
-    seed: int = 0
-    question_key: str = FROM_SPEC
-    answer_key: str = FROM_SPEC
-    prompt_suffix: str = PROMPT_SUFFIX
-    _records: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    path: str | None
+    hub_id: str | None
+    hub_config: str | None
+    train_split: str | None
+    eval_split: str
+    eval_size: int | None
+    seed: int
+    question_key: str
+    answer_key: str
+    prompt_suffix: str
 
     def __post_init__(self) -> None:
-        if self.name not in SPECS:
-            raise ValueError(f"unknown math benchmark {self.name!r}; valid: {', '.join(SPECS)}")
-        spec = SPECS[self.name]
-        for key in ("hub_id", "hub_config", "train_split", "eval_split", "eval_size", "question_key", "answer_key"):
-            if getattr(self, key) is FROM_SPEC:
-                setattr(self, key, getattr(spec, key))
         prefix = f"benchmark {self.name}: benchmark"
-        for key in ("path", "hub_id", "hub_config", "train_split"):
-            if not _optional_str(getattr(self, key)):
-                raise ValueError(f"{prefix}.{key}={getattr(self, key)!r} is invalid; give a non-empty string or null")
-        for key in ("eval_split", "question_key", "answer_key"):
-            if not (isinstance(getattr(self, key), str) and getattr(self, key)):
-                raise ValueError(f"{prefix}.{key}={getattr(self, key)!r} is invalid; give a non-empty string")
-        if not isinstance(self.prompt_suffix, str):
-            raise ValueError(f"{prefix}.prompt_suffix={self.prompt_suffix!r} is invalid; give a string ('' for none)")
-        size = self.eval_size
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-            raise ValueError(f"{prefix}.eval_size={size!r} is invalid; give a positive integer or null (all)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+        for key in ("path", "hub_id", "hub_config", "train_split", "eval_split", "question_key", "answer_key"):
+            if getattr(self, key) == "":
+                raise ValueError(f"{prefix}.{key}='' is invalid; give a non-empty string or null")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ValueError(f"{prefix}.eval_size={self.eval_size!r} is invalid; give a positive integer or null (all)")
+        if self.seed < 0:
             raise ValueError(f"{prefix}.seed={self.seed!r} is invalid; it must be a non-negative integer")
         if self.path is None and self.hub_id is None:
             raise ValueError(f"{prefix}.path and benchmark.hub_id are both null; give a local file or a hub id")
         if self.path is not None and not Path(self.path).expanduser().exists():
             raise ValueError(f"{prefix}.path={self.path} does not exist")
+        self._records: dict[str, list[dict[str, Any]]] = {}
 
     def _split(self, split: str) -> list[dict[str, Any]]:
         if self.path is not None and Path(self.path).expanduser().is_file():
@@ -186,11 +152,10 @@ class MathBenchmark:
 
     @cached_property
     def train(self) -> list[Problem]:
-        with_train = ", ".join(name for name, spec in SPECS.items() if spec.train_split is not None)
         if self.train_split is None:
             raise ValueError(
                 f"benchmark {self.name} is eval-only (train_split: null), it has no train prompts; train on a "
-                f"benchmark that has them ({with_train}, or arith) and evaluate on {self.name}, or give "
+                f"benchmark that has them (deepmath, gsm8k, arith) and evaluate on {self.name}, or give "
                 f"benchmark.train_split=<split> with a dataset that has one"
             )
         problems = [self._problem(record, self.train_split) for record in self._split(self.train_split)]

@@ -42,12 +42,12 @@ for an unspecified optional parameter).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from opdx.benchmarks import Problem
+from opdx.benchmarks.base import Problem
 from opdx.benchmarks.data import BenchmarkDataError, drop_eval_prompts, load_records, pick_eval
 from opdx.benchmarks.tool_calls import parse_tool_calls, standardize_string
 
@@ -233,35 +233,33 @@ def grade(problem: Problem, response: str) -> float:
 # ---------------------------------------------------------------- the benchmark
 
 
-def _optional_str(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value != "")
-
-
 @dataclass
 class ToolAlpacaBenchmark:
-    name: str = "toolalpaca"
-    path: str | None = None
-    hub_id: str | None = None
-    hub_config: str | None = None
-    train_split: str | None = "train_data"
-    eval_split: str = "eval_simulated"
-    eval_size: int | None = None
-    seed: int = 0
-    _records: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    """Options as in conf/benchmark/toolalpaca.yaml: where the release files are (a directory, a
+    file or a hub copy), the splits (file stems), the eval subset and its seed."""
+
+    name: str
+    path: str | None
+    hub_id: str | None
+    hub_config: str | None
+    train_split: str | None
+    eval_split: str
+    eval_size: int | None
+    seed: int
 
     def __post_init__(self) -> None:
-        for key in ("path", "hub_id", "hub_config", "train_split"):
-            if not _optional_str(getattr(self, key)):
-                raise ValueError(f"benchmark.{key}={getattr(self, key)!r} is invalid; give a non-empty string or null")
-        if not (isinstance(self.eval_split, str) and self.eval_split):
-            raise ValueError(f"benchmark.eval_split={self.eval_split!r} is invalid; give a non-empty string")
-        size = self.eval_size
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-            raise ValueError(f"benchmark.eval_size={size!r} is invalid; give a positive integer or null (all)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+        for key in ("path", "hub_id", "hub_config", "train_split", "eval_split"):
+            if getattr(self, key) == "":
+                raise ValueError(f"benchmark.{key}='' is invalid; give a non-empty string or null")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ValueError(
+                f"benchmark.eval_size={self.eval_size!r} is invalid; give a positive integer or null (all)"
+            )
+        if self.seed < 0:
             raise ValueError(f"benchmark.seed={self.seed!r} is invalid; it must be a non-negative integer")
         if self.path is not None and not Path(self.path).expanduser().exists():
             raise ValueError(f"benchmark.path={self.path} does not exist; {NO_DATA}")
+        self._records: dict[str, list[dict[str, Any]]] = {}
 
     def _split(self, split: str) -> list[dict[str, Any]]:
         """The API entries of a split: ``path/<split>.json``, the file ``path``, or the hub split."""

@@ -1,4 +1,4 @@
-from opdx.logging import JsonlLogger, read_metrics, timed
+from opdx.metrics import JsonlLogger, read_metrics, timed
 
 
 def test_jsonl_logger_writes_one_record_per_step_and_truncates_on_resume(tmp_path):

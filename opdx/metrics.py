@@ -1,4 +1,4 @@
-"""Metrics sinks (config group `logger`): metrics.jsonl always, wandb when asked.
+"""Metrics of a run (config group `logger`): metrics.jsonl always, wandb when asked.
 
 One dict per step with namespaced keys (``train/loss``, ``div/reverse_kl``, ``time/rollout``,
 ``eval/arith/greedy_acc``), filled with ``timed`` blocks and written once per step.

@@ -1,0 +1,65 @@
+"""Sampler and scorer backends: what the trainer and ``opdx eval`` use of a model.
+
+A *sampler* turns problems into a ``Rollout`` (token ids, masks, and the log-probs of the
+distribution actually sampled from) and takes new student weights after an optimizer step; a
+*scorer* returns the log-prob of each given response token and, where it can, full logits (the
+analytic estimator needs them). The student's rollouts come from the ``rollout`` config group,
+the teacher from the ``teacher`` group, whose YAML names the backend class (``_target_``) and its
+options; a backend is one module and one YAML, and the trainer never sees which it is.
+
+    opdx train rollout=hf teacher=hf          # the default: Hugging Face models in this process
+
+Every backend renders prompts with ``opdx.prompts.encode_prompts``, so all see identical ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from opdx.benchmarks import Problem
+from opdx.rollout import Rollout, SamplingParams
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Samples responses; B = P * G sequences, prompt-major."""
+
+    def sample(
+        self,
+        problems: Sequence[Problem | str],
+        samples_per_prompt: int,
+        max_new_tokens: int,
+        params: SamplingParams,
+        greedy: bool = False,
+        on_step: Callable[[], object] | None = None,
+    ) -> Rollout:
+        """``samples_per_prompt`` responses per problem (greedy: the argmax, ``params`` unused),
+        with ``logp_sampling_B_T`` recorded; ``on_step`` is called after each decoding step."""
+        ...
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Take the weights of ``model`` (the student after an optimizer step) for the next samples."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores given response tokens at temperature 1 (q is the model itself)."""
+
+    supports_logits: bool
+
+    def logprobs(self, rollout: Rollout) -> Tensor:
+        """log q(response token | prefix), [B, T] float32 on the CPU."""
+        ...
+
+    def logits(self, rollout: Rollout) -> Tensor:
+        """Next-token logits at each response position, [B, T, V] float32 (when ``supports_logits``)."""
+        ...
+
+
+@runtime_checkable
+class Teacher(Sampler, Scorer, Protocol):
+    """A teacher scores the student's rollouts and samples its own answers (its accuracy)."""

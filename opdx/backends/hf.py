@@ -1,0 +1,195 @@
+"""Hugging Face backends: ``generate`` sampling and one-forward scoring of a local transformers model.
+
+    opdx train rollout=hf teacher=hf     # conf/rollout/hf.yaml, conf/teacher/hf.yaml (the default)
+
+``TokenScores`` is the one ``nn.Module`` whose ``forward`` gives the log-probs (or logits) of a
+rollout's response tokens: the student's with-grad forward goes through it, so wrapping *it* in
+``DistributedDataParallel`` or FSDP2 puts the wrapper's hooks on the path; the teacher scores
+with the same module under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from opdx.benchmarks import Problem
+from opdx.config import ModelConfig
+from opdx.models import load_model
+from opdx.prompts import encode_prompts
+from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, gather_logprobs, pad, response_mask
+
+
+class SampledLogprobRecorder(LogitsProcessor):
+    """Records log p of each sampled token under the final processed scores.
+
+    Runs last in the processor list; at step t+1 the token sampled at step t is the last of
+    ``input_ids``, so only one [B, V] log-softmax is alive at a time.
+    """
+
+    def __init__(self) -> None:
+        self.previous_logp_B_V: Tensor | None = None
+        self.logps: list[Tensor] = []
+
+    def _gather_previous(self, sampled_B: Tensor) -> None:
+        if self.previous_logp_B_V is not None:
+            self.logps.append(self.previous_logp_B_V.gather(-1, sampled_B[:, None]).squeeze(-1))
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._gather_previous(input_ids[:, -1])
+        self.previous_logp_B_V = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_sampled_B: Tensor) -> Tensor:
+        self._gather_previous(last_sampled_B)
+        self.previous_logp_B_V = None
+        return torch.stack(self.logps, dim=1)
+
+
+class DecodingProgress(LogitsProcessor):
+    """Calls ``on_step()`` once per decoding step (a progress bar's update); scores pass unchanged."""
+
+    def __init__(self, on_step: Callable[[], object]) -> None:
+        self.on_step = on_step
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.on_step()
+        return scores
+
+
+class TokenScores(nn.Module):
+    """log p(response token | prefix) of a rollout under a causal LM, [B, T] float32 on the CPU,
+    or with ``logits=True`` the next-token logits at each response position, [B, T, V] float32.
+    Both are warped by ``params`` (the distribution sampled from; the teacher uses the plain one).
+
+    Log-probs are made ``chunk_size`` positions at a time; with grad enabled each chunk is
+    recomputed in backward (activation checkpointing), so no full [B, T, V] tensor is kept.
+    """
+
+    def __init__(self, model: PreTrainedModel, chunk_size: int = 128) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, rollout: Rollout, params: SamplingParams = PLAIN_SAMPLING, logits: bool = False) -> Tensor:
+        hidden_B_T_D = self._hidden_states(rollout)
+        lm_head = self.model.get_output_embeddings()
+        if logits:
+            logits_B_T_V = lm_head(hidden_B_T_D).float()
+            return params.warp(logits_B_T_V.flatten(0, 1)).view_as(logits_B_T_V)
+        tokens_B_T = rollout.response_tokens_B_T.to(hidden_B_T_D.device)
+        chunks = []
+        for start in range(0, tokens_B_T.shape[1], self.chunk_size):
+            end = start + self.chunk_size
+            args = (lm_head, params, hidden_B_T_D[:, start:end], tokens_B_T[:, start:end])
+            if torch.is_grad_enabled():
+                chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+            else:
+                chunks.append(_chunk_logprobs(*args))
+        return torch.cat(chunks, dim=1).cpu()
+
+    def _hidden_states(self, rollout: Rollout) -> Tensor:
+        """Final hidden states at the positions that predict each response token, [B, T, D]."""
+        device = self.model.device
+        tokens_B_N = torch.cat([rollout.prompt_tokens_B_L, rollout.response_tokens_B_T[:, :-1]], dim=1).to(device)
+        attention_B_N = torch.cat(
+            [rollout.prompt_mask_B_L, torch.ones_like(rollout.response_tokens_B_T[:, :-1])], dim=1
+        ).to(device)
+        position_ids_B_N = (attention_B_N.cumsum(-1) - 1).clamp(min=0)
+        out = self.model.base_model(
+            input_ids=tokens_B_N, attention_mask=attention_B_N, position_ids=position_ids_B_N, use_cache=False
+        )
+        return out.last_hidden_state[:, rollout.prompt_tokens_B_L.shape[1] - 1 :]
+
+
+def _chunk_logprobs(lm_head: nn.Module, params: SamplingParams, hidden_B_C_D: Tensor, tokens_B_C: Tensor) -> Tensor:
+    logits_B_C_V = lm_head(hidden_B_C_D).float()
+    logits_B_C_V = params.warp(logits_B_C_V.flatten(0, 1)).view_as(logits_B_C_V)
+    return gather_logprobs(logits_B_C_V, tokens_B_C)
+
+
+class HFModel:
+    """A local transformers model as a sampler (``generate``) and a scorer (``TokenScores``).
+
+    As the ``rollout=hf`` backend it samples from the training student itself, so a weight update
+    has nothing to copy; as ``teacher=hf`` (``load_teacher``) it holds the frozen teacher.
+    """
+
+    supports_logits = True
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, logprob_chunk: int = 128) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.scores = TokenScores(model, logprob_chunk)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        problems: Sequence[Problem | str],
+        samples_per_prompt: int,
+        max_new_tokens: int,
+        params: SamplingParams = PLAIN_SAMPLING,
+        greedy: bool = False,
+        on_step: Callable[[], object] | None = None,
+    ) -> Rollout:
+        """``samples_per_prompt`` responses per problem (grouped: B = P * G, prompt-major); ``on_step``
+        is called after every decoding step."""
+        model, tokenizer = self.model, self.tokenizer
+        prompt_ids = [ids for ids in encode_prompts(tokenizer, problems) for _ in range(samples_per_prompt)]
+        prompt_tokens_B_L, prompt_mask_B_L = pad(prompt_ids, tokenizer.pad_token_id, left=True)
+        recorder = SampledLogprobRecorder()
+        # Built-in warpers off (the model's own generation_config may set top_k / top_p): ours
+        # run as processors so the recorder sees the scores actually sampled from.
+        built_in_warpers_off = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        config = GenerationConfig(
+            do_sample=not greedy,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            **built_in_warpers_off,
+        )
+        processors = LogitsProcessorList(([] if greedy else list(params.warpers())) + [recorder])
+        if on_step is not None:
+            processors.append(DecodingProgress(on_step))
+        was_training = model.training
+        model.eval()
+        sequences_B_N = model.generate(
+            input_ids=prompt_tokens_B_L.to(model.device),
+            attention_mask=prompt_mask_B_L.to(model.device),
+            generation_config=config,
+            logits_processor=processors,
+        )
+        model.train(was_training)
+        response_tokens_B_T = sequences_B_N[:, prompt_tokens_B_L.shape[1] :].cpu()
+        logp_sampling_B_T = recorder.finish(sequences_B_N[:, -1]).cpu()
+        mask_B_T, finished_B = response_mask(response_tokens_B_T, tokenizer.eos_token_id)
+        return Rollout(prompt_tokens_B_L, prompt_mask_B_L, response_tokens_B_T, mask_B_T, logp_sampling_B_T, finished_B)
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Nothing to copy: this sampler generates with the trained module itself."""
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> Tensor:
+        return self.scores(rollout)
+
+    @torch.no_grad()
+    def logits(self, rollout: Rollout) -> Tensor:
+        return self.scores(rollout, logits=True)
+
+
+def load_teacher(
+    pair: ModelConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device, logprob_chunk: int = 128
+) -> HFModel:
+    """``teacher=hf``: the frozen teacher ``pair.teacher`` in ``pair.teacher_dtype``, in this process."""
+    teacher = load_model(pair.teacher, pair.teacher_dtype, device, tokenizer, trainable=False)
+    return HFModel(teacher, tokenizer, logprob_chunk)

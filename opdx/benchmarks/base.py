@@ -1,0 +1,31 @@
+"""What every benchmark gives: problems (prompt, reference answer, chat extras) and a verifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its reference answer and the raw entry of its source dataset.
+
+    ``prompt`` is the user message; ``system`` an optional system message; ``tools`` JSON-schema
+    function definitions (``{"type": "function", "function": {"name", "description",
+    "parameters"}}``) handed to the chat template's ``tools=``."""
+
+    prompt: str
+    answer: str
+    entry: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    system: str | None = None
+    tools: list[dict[str, Any]] | None = field(default=None, compare=False, hash=False)
+
+
+class Benchmark(Protocol):
+    name: str
+    train: list[Problem]
+    eval: list[Problem]
+
+    def score(self, problem: Problem, response: str) -> float:
+        """1.0 if the response's final answer is right, else 0.0 (or partial credit)."""
+        ...

@@ -1,0 +1,115 @@
+"""A run's configuration checked and built, and its start-up: the one place `opdx train` and
+`opdx eval` turn a composed Hydra config into working parts.
+
+``validate`` runs before any model loads: a typo or a value out of range fails in a second with
+a message naming it and the valid choices, and what it returns holds the built divergence,
+estimator and benchmark. ``start`` then sets threads and seed, loads the benchmark's data (a
+data error fails before minutes of model loading), builds a local pair on first use, and loads
+the student, its tokenizer and the rollout and teacher backends.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opdx.backends import Sampler, Teacher
+from opdx.benchmarks import Benchmark, build_benchmark
+from opdx.config import ConfigError, RunConfig, check, typed
+from opdx.divergences import Divergence, build_divergence
+from opdx.metrics import LOGGERS
+from opdx.models import load_model, load_tokenizer, resolve_device
+from opdx.objective import Estimator, build_estimator
+from opdx.pairs import ensure_built
+from opdx.rollout import SamplingParams
+
+
+@dataclass
+class Run:
+    """A validated config and the objects built from it."""
+
+    config: RunConfig
+    divergence: Divergence
+    estimator: Estimator
+    benchmark: Benchmark
+    sampling: SamplingParams
+
+
+def validate(cfg: DictConfig) -> Run:
+    """The composed config as typed objects, every name checked against its registry; raises
+    ConfigError with the bad value and the valid choices."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    config = typed(RunConfig, plain, "config")
+    t = config.trainer
+    sampling = SamplingParams(t.temperature, t.top_k, t.top_p)
+    check(
+        config.logger.name in LOGGERS,
+        f"logger={config.logger.name!r} is unknown; valid loggers: {', '.join(LOGGERS)}",
+    )
+    for group in ("rollout", "teacher"):
+        check_backend(getattr(config, group), group)
+    try:
+        divergence = build_divergence(config.divergence)
+        estimator = build_estimator(config.estimator, sampling.is_plain)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return Run(config, divergence, estimator, build_benchmark(config.benchmark), sampling)
+
+
+def check_backend(node: Mapping[str, Any], group: str) -> None:
+    """A backend node names an importable ``_target_`` that takes its options."""
+    options = {key: value for key, value in node.items() if key != "_target_"}
+    try:
+        factory = get_object(node["_target_"])
+        inspect.signature(factory).bind_partial(**options)
+    except KeyError:
+        raise ConfigError(f"{group}: no _target_ naming its backend class (conf/{group}/*.yaml)") from None
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"{group}._target_={node['_target_']!r} cannot be loaded: {error}") from None
+    except TypeError as error:
+        raise ConfigError(f"{group}: {error}") from None
+
+
+def build_backend(node: Mapping[str, Any], **runtime: Any) -> Any:
+    """The backend ``node`` names, built from its options and the ``runtime`` objects (models, tokenizer)."""
+    options = {key: value for key, value in node.items() if key != "_target_"}
+    return get_object(node["_target_"])(**options, **runtime)
+
+
+@dataclass
+class Parts:
+    """What a started run works with: the trainable student, its tokenizer, the sampler of its
+    rollouts and the teacher."""
+
+    student: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    rollout: Sampler
+    teacher: Teacher
+    device: torch.device
+
+
+def start(run: Run, train: bool) -> Parts:
+    """Threads, seed and device; the benchmark's data (the train split too when ``train``), before
+    any model; a locally built pair on first use; then the student, the tokenizer and the backends."""
+    config, t = run.config, run.config.trainer
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    torch.manual_seed(config.seed)
+    counts = [f"{len(run.benchmark.train)} train prompts"] if train else []
+    print(f"{run.benchmark.name}: {', '.join([*counts, f'{len(run.benchmark.eval)} eval problems'])}")
+    ensure_built(config.model)
+    tokenizer = load_tokenizer(config.model)
+    student = load_model(config.model.student, config.model.dtype, device, tokenizer, trainable=True)
+    rollout = build_backend(config.rollout, model=student, tokenizer=tokenizer)
+    teacher = build_backend(
+        config.teacher, pair=config.model, tokenizer=tokenizer, device=device, logprob_chunk=t.logprob_chunk
+    )
+    return Parts(student, tokenizer, rollout, teacher, device)

@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from opdx.backends.hf import HFModel, TokenScores
+from opdx.config import asset_path
+from opdx.rollout import Rollout, SamplingParams, decode_responses
+
+PROMPTS = ["12+7=", "3-45+6=", "9="]
+
+
+@pytest.fixture(scope="module")
+def student():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = asset_path("tiny/student")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.8)]
+)
+def test_recorded_logprobs_are_those_of_the_sampling_distribution(student, params):
+    model, tokenizer = student
+    torch.manual_seed(0)
+    rollout = HFModel(model, tokenizer).sample(PROMPTS, 4, 12, params)
+    assert rollout.response_tokens_B_T.shape[0] == 12
+    mask = rollout.response_mask_B_T
+    recomputed = TokenScores(model)(rollout, params)
+    torch.testing.assert_close(recomputed[mask], rollout.logp_sampling_B_T[mask], atol=2e-5, rtol=0)
+    if not params.is_plain:  # the raw student's log-probs differ from the warped ones
+        assert (TokenScores(model)(rollout)[mask] - rollout.logp_sampling_B_T[mask]).abs().max() > 1e-2
+    assert bool((rollout.logp_sampling_B_T[mask] > -float("inf")).all())
+
+
+def test_chunking_and_left_padding_do_not_change_logprobs(student):
+    model, tokenizer = student
+    torch.manual_seed(1)
+    rollout = HFModel(model, tokenizer).sample(PROMPTS, 2, 10)
+    full = TokenScores(model, 128)(rollout)
+    torch.testing.assert_close(TokenScores(model, 3)(rollout), full)
+    alone = Rollout(
+        rollout.prompt_tokens_B_L[-1:, -2:],
+        rollout.prompt_mask_B_L[-1:, -2:],
+        rollout.response_tokens_B_T[-1:],
+        rollout.response_mask_B_T[-1:],
+    )  # "9=" has BOS + 2 tokens: drop its left padding
+    alone.prompt_tokens_B_L = rollout.prompt_tokens_B_L[-1:, -3:]
+    alone.prompt_mask_B_L = rollout.prompt_mask_B_L[-1:, -3:]
+    mask = rollout.response_mask_B_T[-1]
+    torch.testing.assert_close(TokenScores(model)(alone)[0][mask], full[-1][mask], atol=5e-5, rtol=0)
+
+
+def test_chunked_logprobs_backprop_like_full_logits(student):
+    model, tokenizer = student
+    torch.manual_seed(2)
+    rollout = HFModel(model, tokenizer).sample(PROMPTS, 2, 8)
+    mask = rollout.response_mask_B_T
+    chunked = (TokenScores(model, 2)(rollout) * mask).sum()
+    grads_chunked = torch.autograd.grad(chunked, list(model.parameters()))
+    logits = TokenScores(model)(rollout, logits=True)
+    full = (logits.log_softmax(-1).gather(-1, rollout.response_tokens_B_T[..., None]).squeeze(-1) * mask).sum()
+    grads_full = torch.autograd.grad(full, list(model.parameters()))
+    for a, b in zip(grads_chunked, grads_full, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_is_deterministic_and_decodes_text(student):
+    model, tokenizer = student
+    first = decode_responses(tokenizer, HFModel(model, tokenizer).sample(PROMPTS, 1, 12, greedy=True))
+    second = decode_responses(tokenizer, HFModel(model, tokenizer).sample(PROMPTS, 1, 12, greedy=True))
+    assert first == second
+    assert all(set(text) <= set("0123456789+-*/()=;# ") for text in first)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(student):
+    """trainer.gradient_checkpointing recomputes layers in backward: same gradients, less memory."""
+    model, tokenizer = student
+    rollout = HFModel(model, tokenizer).sample(PROMPTS, 2, 8)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        model.zero_grad()
+        TokenScores(model)(rollout)[rollout.response_mask_B_T].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.activation_checkpointing_disable()
+    model.eval()
+    for without, with_checkpointing in zip(*grads, strict=True):
+        torch.testing.assert_close(with_checkpointing, without, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_on_step_counts_decoding_steps_and_changes_nothing(student):
+    model, tokenizer = student
+    steps = []
+    torch.manual_seed(3)
+    counted = HFModel(model, tokenizer).sample(
+        PROMPTS, 2, 12, SamplingParams(temperature=0.8), on_step=lambda: steps.append(1)
+    )
+    torch.manual_seed(3)
+    plain = HFModel(model, tokenizer).sample(PROMPTS, 2, 12, SamplingParams(temperature=0.8))
+    assert len(steps) == counted.response_tokens_B_T.shape[1] > 1
+    assert torch.equal(counted.response_tokens_B_T, plain.response_tokens_B_T)
+    assert torch.equal(counted.logp_sampling_B_T, plain.logp_sampling_B_T)
+
+
+def test_a_ddp_wrapped_student_forward_goes_through_the_wrapper(student, tmp_path):
+    """The student's with-grad forward is ``TokenScores.forward``: wrapped in DDP (gloo, one
+    process), the reducer is prepared by the forward and reduces every gradient bucket in
+    backward; a forward that skips the wrapper (as calling ``model.base_model`` from outside did)
+    reduces nothing."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, tokenizer = student
+    rollout = HFModel(model, tokenizer).sample(PROMPTS, 2, 8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        policy = DistributedDataParallel(TokenScores(copy.deepcopy(model).train()))
+        reduced = []
+
+        def counting_hook(state, bucket):
+            reduced.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        policy.register_comm_hook(None, counting_hook)
+        policy(rollout)[rollout.response_mask_B_T].sum().backward()
+        assert reduced and all(p.grad is not None for p in policy.parameters())
+        reduced.clear()
+        policy.module(rollout)[rollout.response_mask_B_T].sum().backward()
+        assert reduced == []
+    finally:
+        dist.destroy_process_group()
