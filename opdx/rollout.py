@@ -46,11 +46,11 @@ class SamplingParams:
             warpers.append(TopPLogitsWarper(self.top_p))
         return warpers
 
-    def warp(self, logits_N_V: Tensor) -> Tensor:
-        """The logits of the distribution actually sampled from, for [N, V] rows."""
+    def warp(self, logits_S_V: Tensor) -> Tensor:
+        """The logits of the distribution actually sampled from, for [S, V] rows (states)."""
         for warper in self.warpers():
-            logits_N_V = warper(None, logits_N_V)
-        return logits_N_V
+            logits_S_V = warper(None, logits_S_V)
+        return logits_S_V
 
 
 PLAIN_SAMPLING = SamplingParams()
