@@ -7,7 +7,10 @@
 A run directory is any directory holding `.hydra/config.yaml`. Finished runs have a
 `summary.json`; the others (crashed or still running) are reported as incomplete with the last
 step they logged. Cells are the mean and the 95% confidence interval over seeds (Student t);
-the paired difference OPD+ minus OPD is taken per seed within each row.
+the paired difference OPD+ minus OPD is taken per seed within each row. A finished run is marked
+collapsed (†) only by the collapse signature of ``opdx.outcome`` (rollouts that stopped ending,
+accuracy fallen to 0, non-finite metrics) and, otherwise, below its start (↓) only when its
+final greedy accuracy is below the initial student's beyond eval noise.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from omegaconf import OmegaConf
 
 from opdx.metrics import read_metrics
 from opdx.objective import StopGradient, Unbiased
+from opdx.outcome import accuracy_change, collapse_reason
 
 GROUP_KEYS = ("model", "divergence", "estimator", "benchmark", "logger")
 ESTIMATOR_PAIR = (StopGradient.name, Unbiased.name)
@@ -79,13 +83,17 @@ def config_key(name: str) -> str:
 
 
 def load_runs(paths: list[Path]) -> pd.DataFrame:
-    """One row per run: flattened config, status, steps done, initial / final / best eval."""
+    """One row per run: flattened config, status, steps done, initial / final / best eval, and
+    for complete runs what happened (``opdx.outcome``): ``collapsed`` with its ``collapse``
+    reason, and ``below_start`` (the final greedy accuracy below the initial student's beyond
+    eval noise) with the ``change`` and its interval."""
     rows = []
     for run_dir in find_run_dirs(paths):
         config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
         row: dict[str, Any] = {"run_dir": str(run_dir), **pd.json_normalize(config, sep=".").iloc[0].to_dict()}
         metrics = read_metrics(run_dir)
         row["steps_done"] = metrics[-1]["step"] if metrics else 0
+        row |= {"status": "incomplete", "collapsed": False, "collapse": None, "below_start": False, "change": None}
         summary_path = run_dir / "summary.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
@@ -93,18 +101,27 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
             for stage in ("initial", "final", "best"):
                 for key, value in summary[f"{stage}_eval"].items():
                     row[f"{stage}/{key}"] = value
-        else:
-            row["status"] = "incomplete"
+            row |= outcome(summary, metrics, config)
         rows.append(row)
     runs = pd.DataFrame(rows)
     if runs.empty:
         raise FileNotFoundError(f"no run directories (with .hydra/config.yaml) under {', '.join(map(str, paths))}")
-    if "final/greedy_acc" in runs:
-        final, initial = runs["final/greedy_acc"], runs["initial/greedy_acc"]
-        runs["collapsed"] = (runs["status"] == "complete") & (final.isna() | (final < initial))
-    else:
-        runs["collapsed"] = False
     return runs
+
+
+def outcome(summary: dict[str, Any], metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """Collapse and accuracy change of a finished run, recomputed from its metrics (runs written
+    before ``summary.json`` recorded them are judged the same way)."""
+    before, after = summary["initial_eval"]["greedy_acc"], summary["final_eval"]["greedy_acc"]
+    n = summary.get("eval_problems") or config.get("eval", {}).get("problems")
+    reason = collapse_reason(metrics, config["trainer"]["max_new_tokens"], before, after)
+    change = accuracy_change(before, after, n) if n and reason is None else None
+    return {
+        "collapsed": reason is not None,
+        "collapse": reason,
+        "below_start": change is not None and change.below_start,
+        "change": None if change is None else str(change),
+    }
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, int]:
@@ -133,8 +150,9 @@ def ablation_table(
     """(display table of strings, numeric table of means) over complete runs.
 
     Columns: for each value of ``cols``, the final and the best ``metric`` (mean ± 95% CI over
-    seeds, ``†`` marking a cell with a collapsed run); when ``cols`` is the estimator, the
-    paired OPD+ minus OPD difference of the final metric, matched by seed.
+    seeds; ``†k``: k of the cell's runs collapsed, ``↓k``: k others ended below their initial
+    student beyond eval noise); when ``cols`` is the estimator, the paired OPD+ minus OPD
+    difference of the final metric, matched by seed.
     """
     row_key, col_key = config_key(rows), config_key(cols)
     complete = runs[runs["status"] == "complete"]
@@ -143,8 +161,9 @@ def ablation_table(
     for (row_value, col_value), group in complete.groupby([row_key, col_key], sort=False):
         for stage in ("final", "best"):
             mean, half, n = mean_ci(group[f"{stage}/{metric}"])
-            collapsed = int(group["collapsed"].sum())
-            flags = f" †{collapsed}" if stage == "final" and collapsed else ""
+            collapsed, below = int(group["collapsed"].sum()), int(group["below_start"].sum())
+            flags = (f" †{collapsed}" if collapsed else "") + (f" ↓{below}" if below else "")
+            flags = flags if stage == "final" else ""
             display.setdefault((str(col_value), stage), {})[str(row_value)] = format_cell(mean, half, n, flags=flags)
             numeric.setdefault((str(col_value), stage), {})[str(row_value)] = mean
     if col_key == "estimator.name":
@@ -181,7 +200,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     return flat.to_markdown()
 
 
-RUN_COLUMNS = ("run_dir", "status", "steps_done", "collapsed", "seed")
+RUN_COLUMNS = ("run_dir", "status", "steps_done", "collapsed", "collapse", "below_start", "change", "seed")
 NOT_A_SETTING = ("trainer.resume", "trainer.threads", "trainer.device")
 
 
@@ -197,10 +216,10 @@ def status_report(runs: pd.DataFrame) -> str:
         total = run.get("trainer.steps", "?")
         lines.append(f"- incomplete (crashed or running): {run['run_dir']} at step {run['steps_done']} of {total}")
     for _, run in runs[runs["collapsed"]].iterrows():
-        lines.append(
-            f"- collapsed: {run['run_dir']} (final greedy_acc {run['final/greedy_acc']:.3f} < "
-            f"initial {run['initial/greedy_acc']:.3f})"
-        )
+        lines.append(f"- collapsed: {run['run_dir']} ({run['collapse']})")
+    for _, run in runs[runs["below_start"]].iterrows():
+        below = "below the initial student beyond eval noise"
+        lines.append(f"- {below}: {run['run_dir']} (greedy accuracy {run['change']})")
     return "\n".join(lines)
 
 
@@ -241,7 +260,8 @@ def table_main(argv: list[str]) -> int:
             n_complete = int((facet_runs["status"] == "complete").sum())
             print(
                 f"\n{args.facet} = {facet_value}: {args.metric}, % (mean ± 95% CI over seeds; "
-                f"{n_complete} of {len(facet_runs)} runs complete; †k = k collapsed runs)\n"
+                f"{n_complete} of {len(facet_runs)} runs complete; †k: k runs collapsed, ↓k: k runs below "
+                "their initial student beyond eval noise; see the list below)\n"
             )
             pooled = pooled_keys(facet_runs, [config_key(k) for k in (args.rows, args.cols, args.facet)])
             if pooled:

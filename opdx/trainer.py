@@ -36,6 +36,7 @@ from opdx.divergences import Divergence
 from opdx.evaluation import evaluate_split, markdown_table
 from opdx.metrics import LOGGERS, read_metrics, timed
 from opdx.objective import LossTerms
+from opdx.outcome import accuracy_change, collapse_reason
 from opdx.rollout import Rollout
 from opdx.run import Parts, Run, start
 
@@ -230,8 +231,12 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
 def make_summary(run: Run, state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Initial / final / best eval beside the teacher's, key choices, wall time, step-time split."""
     cfg = run.config
-    records = [r for r in read_metrics(run_dir) if "time/update" in r]
-    mean = {k: sum(r[k] for r in records) / len(records) for k in ("time/rollout", "time/teacher", "time/update")}
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "time/update" in r]
+    mean = {k: sum(r[k] for r in steps) / len(steps) for k in ("time/rollout", "time/teacher", "time/update")}
+    before, after = state["initial_eval"]["greedy_acc"], state["final_eval"]["greedy_acc"]
+    n = min(cfg.eval.problems, len(run.benchmark.eval))
+    change = accuracy_change(before, after, n)
     return {
         "model": cfg.model.name,
         "divergence": run.divergence.name,
@@ -246,6 +251,10 @@ def make_summary(run: Run, state: dict[str, Any], run_dir: Path) -> dict[str, An
         "initial_eval": state["initial_eval"],
         "final_eval": state["final_eval"],
         "best_eval": state["best_eval"],
+        "eval_problems": n,
+        "greedy_acc_change": {"difference": change.difference, "ci95": [change.low, change.high]},
+        "below_start": change.below_start,
+        "collapse": collapse_reason(records, cfg.trainer.max_new_tokens, before, after),
         "wall_time_s": round(state["elapsed"], 1),
         "mean_step_time_s": {k.removeprefix("time/"): round(v, 4) for k, v in mean.items()},
     }
@@ -257,5 +266,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     table = pd.DataFrame(rows).T.drop(columns="step")
     print(f"\n{summary['divergence']} / {summary['estimator']} on {summary['benchmark']}, {summary['steps']} steps:")
     print(markdown_table(table))
+    change = accuracy_change(
+        summary["initial_eval"]["greedy_acc"], summary["final_eval"]["greedy_acc"], summary["eval_problems"]
+    )
+    verdict = "below the initial student beyond eval noise" if change.below_start else "within or above eval noise"
+    print(f"student greedy accuracy: {change} ({verdict})")
+    print(f"collapse: {summary['collapse'] or 'no (rollouts end, accuracy above 0, metrics finite)'}")
     split = ", ".join(f"{k} {v:.3f}s" for k, v in summary["mean_step_time_s"].items())
     print(f"wall time {summary['wall_time_s']:.0f}s; mean step: {split}")

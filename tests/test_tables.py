@@ -16,21 +16,35 @@ FINALS = {  # (divergence, estimator) -> final greedy accuracy of seeds 0, 1, 2
 }
 
 
-def write_run(path, divergence, estimator, seed, final, initial=0.08, complete=True, steps=10):
+def write_run(
+    path, divergence, estimator, seed, final, initial=0.08, complete=True, steps=10, eos_rate=1.0, length=12.0, loss=1.0
+):
+    """A run directory as `opdx train` writes it (config, metrics.jsonl, summary.json), with known
+    metrics: 24 new tokens at most, 100 eval problems."""
     (path / ".hydra").mkdir(parents=True)
     config = {
         "model": {"name": "tiny"},
         "divergence": {"name": divergence},
         "estimator": {"name": estimator, "gamma": 0.0},
         "benchmark": {"name": "arith"},
-        "trainer": {"steps": steps, "lr": 0.001},
+        "trainer": {"steps": steps, "lr": 0.001, "max_new_tokens": 24},
+        "eval": {"problems": 100},
         "logger": {"name": "jsonl"},
         "seed": seed,
     }
     (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     done = steps if complete else steps // 2
     records = [{"step": 0, "eval/arith/greedy_acc": initial}]
-    records += [{"step": s, "div/reverse_kl": 3.0 - s / 10, "rollout/len_mean": 12.0} for s in range(1, done + 1)]
+    records += [
+        {
+            "step": s,
+            "train/loss": loss,
+            "div/reverse_kl": 3.0 - s / 10,
+            "rollout/len_mean": length,
+            "rollout/eos_rate": eos_rate,
+        }
+        for s in range(1, done + 1)
+    ]
     records[-1]["eval/arith/greedy_acc"] = final
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if complete:
@@ -60,7 +74,9 @@ def test_mean_and_95_ci_by_hand():
 def test_table_cells_difference_and_collapse(sweep):
     runs = load_runs([sweep])
     assert len(runs) == 12 and (runs.status == "complete").all()
-    assert runs.collapsed.sum() == 2  # forward_kl stopgrad seeds 0 and 1 end below 0.08
+    assert runs.collapsed.sum() == 2  # forward_kl stopgrad seeds 0 and 1 fall to 0 from 0.08
+    assert set(runs[runs.collapsed].collapse) == {"accuracy fell to 0 (from 8.0%)"}
+    assert not runs.below_start.any()  # 0.1 against 0.08 on 100 problems is noise
     table, numeric = ablation_table(runs)
     assert table.loc["reverse_kl", ("stopgrad", "final")] == "20.0 ± 24.8"
     assert table.loc["reverse_kl", ("unbiased", "final")] == "43.3 ± 37.9"  # sd 0.1528
@@ -110,3 +126,37 @@ def test_end_to_end_on_a_two_run_multirun(opdx_cli, tmp_path, capsys):
     assert "2 of 2 runs complete" in out and "forward_kl" in out and "OPD+ − OPD (final)" in out
     assert plot_main([str(tmp_path)]) == 0
     assert (tmp_path / "learning_curves.png").exists()
+
+
+def test_runs_are_marked_by_what_happened_not_by_a_lower_score(tmp_path, capsys):
+    """The issue's cases on 1000 eval problems from a start of 8.6%: a dip within noise is not
+    marked, a healthy run below its start beyond noise is marked below (not collapsed), and only
+    a collapse signature (no EOS at the length limit, accuracy 0, NaN) marks a collapse."""
+    cases = {
+        "noise": dict(final=0.07, eos_rate=0.99, length=11.7),
+        "below": dict(final=0.041, eos_rate=1.0, length=13.5),
+        "no_eos": dict(final=0.02, eos_rate=0.004, length=23.9),
+        "zero": dict(final=0.0, eos_rate=0.6, length=20.0),
+        "nan": dict(final=0.05, loss=float("nan")),
+    }
+    for i, (name, metrics) in enumerate(cases.items()):
+        write_run(tmp_path / name, "forward_kl", "unbiased", i, initial=0.086, **metrics)
+        config = tmp_path / name / ".hydra" / "config.yaml"
+        config.write_text(config.read_text().replace("problems: 100", "problems: 1000"))
+    runs = load_runs([tmp_path]).set_index("run_dir")
+    by_name = {name: runs.loc[str(tmp_path / name)] for name in cases}
+    assert [name for name, run in by_name.items() if run.collapsed] == ["no_eos", "zero", "nan"]
+    assert [name for name, run in by_name.items() if run.below_start] == ["below"]
+    assert (
+        by_name["no_eos"].collapse
+        == "responses stopped ending: EOS rate 0.004, length 23.9 of 24 over the last 10 steps"
+    )
+    assert by_name["zero"].collapse == "accuracy fell to 0 (from 8.6%)"
+    assert by_name["nan"].collapse == "non-finite metrics"
+    assert by_name["below"].change == "8.6% → 4.1%, -4.5 points (95% CI -6.7 to -2.4, n=1000)"
+    assert by_name["noise"].change == "8.6% → 7.0%, -1.6 points (95% CI -4.0 to +0.8, n=1000)"
+    assert table_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "†3 ↓1" in out
+    assert f"collapsed: {tmp_path / 'no_eos'} (responses stopped ending" in out
+    assert f"below the initial student beyond eval noise: {tmp_path / 'below'} (greedy accuracy 8.6% → 4.1%" in out

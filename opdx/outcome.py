@@ -1,0 +1,107 @@
+"""What happened in a run, read from its own metrics: did it collapse, and did the student's
+accuracy change beyond eval noise.
+
+Collapse is judged by its signature, not by a lower score. The OPD+ paper (arXiv 2606.01039,
+section 4 and Table 2) describes the collapse of stop-gradient forward KL and JS as responses
+that stop ending, run to the length limit and lose all accuracy; a run that merely scores below
+its start after a few steps has not collapsed. A run collapsed when any of these holds:
+
+- its rollouts stopped ending: over the last ``COLLAPSE_WINDOW`` logged steps the mean EOS rate
+  is below ``EOS_RATE_COLLAPSED`` and the mean response length is at least
+  ``LENGTH_AT_LIMIT`` of ``trainer.max_new_tokens``;
+- its final eval accuracy is 0 while the initial student's was above 0;
+- a training metric (loss, gradient norm, the sampled divergences) or the final eval is not finite.
+
+The change in accuracy is reported with a 95% interval for the difference of two proportions on
+the same N eval problems: Newcombe's hybrid score interval (Newcombe 1998, method 10, from two
+Wilson intervals). It treats the two accuracies as independent, which is conservative for the
+same problems scored twice (a paired interval needs per-problem outcomes, which runs do not keep),
+and unlike the Wald interval it stays valid at 0% and 100%.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+EOS_RATE_COLLAPSED = 0.05  # responses almost never end ...
+LENGTH_AT_LIMIT = 0.95  # ... and almost all run to max_new_tokens
+COLLAPSE_WINDOW = 10  # logged steps at the end of the run that the two above average over
+Z_95 = 1.959963984540054  # the 97.5% quantile of the standard normal
+FINITE_KEYS = ("train/loss", "train/grad_norm", "div/reverse_kl", "div/forward_kl", "div/f_mean")
+
+
+def wilson_interval(p: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion ``p`` observed on ``n`` trials."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class AccuracyChange:
+    """The student's accuracy before and after on ``n`` eval problems, and the 95% interval
+    [low, high] of after - before (Newcombe's hybrid score interval)."""
+
+    before: float
+    after: float
+    n: int
+    low: float
+    high: float
+
+    @property
+    def difference(self) -> float:
+        return self.after - self.before
+
+    @property
+    def below_start(self) -> bool:
+        """Worse than the initial student beyond eval noise: the whole interval is below 0."""
+        return self.high < 0
+
+    def __str__(self) -> str:
+        return (
+            f"{100 * self.before:.1f}% → {100 * self.after:.1f}%, {100 * self.difference:+.1f} points "
+            f"(95% CI {100 * self.low:+.1f} to {100 * self.high:+.1f}, n={self.n})"
+        )
+
+
+def difference_interval(p1: float, n1: int, p2: float, n2: int, z: float = Z_95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval of p1 - p2 for proportions observed on n1 and n2 trials
+    (Newcombe 1998, "Interval estimation for the difference between independent proportions", method 10)."""
+    low1, high1 = wilson_interval(p1, n1, z)
+    low2, high2 = wilson_interval(p2, n2, z)
+    difference = p1 - p2
+    low = difference - math.sqrt((p1 - low1) ** 2 + (high2 - p2) ** 2)
+    high = difference + math.sqrt((high1 - p1) ** 2 + (p2 - low2) ** 2)
+    return low, high
+
+
+def accuracy_change(before: float, after: float, n: int) -> AccuracyChange:
+    """after - before on the same ``n`` problems with its 95% interval; ValueError for n < 1."""
+    if n < 1:
+        raise ValueError(f"an accuracy change needs n >= 1 eval problems, got n={n}")
+    return AccuracyChange(before, after, n, *difference_interval(after, n, before, n))
+
+
+def collapse_reason(
+    records: Sequence[Mapping[str, Any]], max_new_tokens: int, initial_acc: float, final_acc: float
+) -> str | None:
+    """Why the run collapsed by the signature of the module docstring, or None if it did not.
+    ``records`` are its metrics.jsonl rows in step order."""
+    values = [float(r[k]) for r in records for k in FINITE_KEYS if k in r and r[k] is not None]
+    if not all(math.isfinite(v) for v in values) or not math.isfinite(final_acc):
+        return "non-finite metrics"
+    rollouts = [r for r in records if "rollout/eos_rate" in r][-COLLAPSE_WINDOW:]
+    if rollouts:
+        eos_rate = sum(r["rollout/eos_rate"] for r in rollouts) / len(rollouts)
+        length = sum(r["rollout/len_mean"] for r in rollouts) / len(rollouts)
+        if eos_rate < EOS_RATE_COLLAPSED and length >= LENGTH_AT_LIMIT * max_new_tokens:
+            return (
+                f"responses stopped ending: EOS rate {eos_rate:.3f}, length {length:.1f} of {max_new_tokens} "
+                f"over the last {len(rollouts)} steps"
+            )
+    if final_acc == 0 and initial_acc > 0:
+        return f"accuracy fell to 0 (from {100 * initial_acc:.1f}%)"
+    return None
