@@ -18,10 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from opdx.config import CONF_DIR, ConfigError, register_resolvers, register_schema
+from opdx.config import CONF_DIR, ConfigError, register_resolvers, register_schema, resume_conflicts
 
 COMMANDS = {
     "train": "on-policy distillation run (Hydra app; --help lists the config groups)",
@@ -40,18 +41,48 @@ def usage() -> str:
 
 
 def resume_overrides(argv: list[str]) -> list[str]:
-    """With ``trainer.resume=DIR``: the original run's overrides, then the new ones, run in DIR."""
+    """With ``trainer.resume=DIR``: the original run's overrides, then the new ones, run in DIR.
+
+    Refused (SystemExit naming the differences) when the new overrides change the run's meaning
+    (``opdx.config.resume_conflicts``), before Hydra rewrites the run's ``.hydra/``; a changed
+    ``trainer.steps`` under a decaying LR schedule is allowed with a warning."""
+    from opdx.checkpoint import has_checkpoint  # torch: only when resuming
+
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("trainer.resume=")]
     if not resume or resume[-1] in ("", "null"):
         return argv
     run_dir = Path(resume[-1])
     saved = run_dir / ".hydra" / "overrides.yaml"
-    if not (run_dir / "checkpoint.pt").exists() or not saved.exists():
+    if not has_checkpoint(run_dir) or not saved.exists():
         raise SystemExit(
-            f"opdx train: trainer.resume={run_dir} has no checkpoint.pt and .hydra/overrides.yaml to resume"
+            f"opdx train: trainer.resume={run_dir} has no checkpoints/ and .hydra/overrides.yaml to resume"
         )
     original = [o for o in OmegaConf.load(saved) if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
-    return [*original, *argv, f"hydra.run.dir={run_dir}"]
+    merged = [*original, *argv]
+    check_resume(run_dir, merged)
+    return [*merged, f"hydra.run.dir={run_dir}"]
+
+
+def check_resume(run_dir: Path, overrides: list[str]) -> None:
+    """Compare the config ``overrides`` compose with the one the run was started (or last resumed) with."""
+    register_schema()
+    register_resolvers()
+    config_overrides = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "-"))]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        new = OmegaConf.to_container(compose(config_name="config", overrides=config_overrides), resolve=True)
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
+    conflicts = resume_conflicts(saved, new)
+    if conflicts:
+        raise SystemExit(
+            f"opdx train: trainer.resume={run_dir} refused: these overrides change what the run is "
+            f"(start a new run for them, or resume without them):\n  " + "\n  ".join(conflicts)
+        )
+    steps = (saved["trainer"]["steps"], new["trainer"]["steps"])
+    if steps[0] != steps[1] and new["trainer"]["schedule"] != "constant":
+        print(
+            f"trainer.steps {steps[0]} -> {steps[1]}: the {new['trainer']['schedule']} LR schedule now decays to 0 at "
+            f"step {steps[1]}, so from the resumed step on the LR differs from the original run's"
+        )
 
 
 def run_hydra(task: Callable[[DictConfig], float | None], argv: list[str], prog: str) -> None:
@@ -66,9 +97,10 @@ def train_task(cfg: DictConfig) -> float | None:
     # The commands' modules load torch and transformers: imported when a command runs, so that
     # `opdx --help`, `opdx table` and a config error answer without that cost.
     from opdx.benchmarks.data import BenchmarkDataError
+    from opdx.checkpoint import CheckpointError
     from opdx.pairs import WeightFilesError
     from opdx.run import validate
-    from opdx.trainer import train
+    from opdx.trainer import NonFiniteError, train
 
     try:
         run = validate(cfg)
@@ -79,7 +111,7 @@ def train_task(cfg: DictConfig) -> float | None:
         run.config.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     try:
         summary = train(run, Path(hydra_cfg.runtime.output_dir))
-    except (BenchmarkDataError, WeightFilesError) as error:
+    except (BenchmarkDataError, WeightFilesError, CheckpointError, NonFiniteError) as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 
@@ -107,6 +139,7 @@ EVAL_RUN_DIR = "outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}_${model.name}_${ben
 
 def eval_task(cfg: DictConfig) -> float | None:
     from opdx.benchmarks.data import BenchmarkDataError
+    from opdx.checkpoint import CheckpointError
     from opdx.eval_command import run_eval
     from opdx.pairs import WeightFilesError
     from opdx.run import validate
@@ -117,7 +150,7 @@ def eval_task(cfg: DictConfig) -> float | None:
         sys.exit(f"opdx eval: invalid config: {error}")
     try:
         record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
-    except (BenchmarkDataError, WeightFilesError) as error:
+    except (BenchmarkDataError, WeightFilesError, CheckpointError) as error:
         sys.exit(f"opdx eval: {error}")
     return record["results"]["student"]["greedy_acc"]
 

@@ -161,9 +161,10 @@ class TrainerConfig:
     device: str = "auto"
     logprob_chunk: int = 128
     gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
+    max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
 
     def __post_init__(self) -> None:
-        positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens")
+        positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_bad_steps")
         for key in (*positive, "eval_every", "checkpoint_every", "logprob_chunk"):
             check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
         check(self.lr > 0, f"trainer.lr={self.lr!r} is invalid; it must be positive")
@@ -222,6 +223,47 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
+
+
+# Settings a resumed run may change: how long it runs, where and how fast, how it is evaluated and
+# logged, and which backend samples or serves the teacher. Any other difference changes its meaning.
+RESUME_SAFE = (
+    "trainer.steps",
+    "trainer.resume",
+    "trainer.threads",
+    "trainer.device",
+    "trainer.eval_every",
+    "trainer.checkpoint_every",
+    "trainer.gradient_checkpointing",
+    "trainer.logprob_chunk",
+    "trainer.max_bad_steps",
+    "eval.",
+    "logger.",
+    "rollout.",
+    "teacher.",
+)
+
+
+def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The settings outside ``RESUME_SAFE`` on which two resolved configs differ, as
+    ``"key: saved -> new"`` (another model, divergence, estimator, benchmark, seed, lr, batch ...)."""
+    flat_saved, flat_new = _flatten(saved), _flatten(new)
+    keys = sorted(set(flat_saved) | set(flat_new))
+    return [
+        f"{key}: {flat_saved.get(key, '<unset>')} -> {flat_new.get(key, '<unset>')}"
+        for key in keys
+        if flat_saved.get(key) != flat_new.get(key) and not key.startswith(RESUME_SAFE)
+    ]
+
+
+def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def register_schema() -> None:

@@ -7,12 +7,17 @@ One dict per step with namespaced keys (``train/loss``, ``div/reverse_kl``, ``ti
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import psutil
+
+from opdx.files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -26,10 +31,19 @@ def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a last line cut short by a kill is left out."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 class JsonlLogger:
@@ -43,13 +57,15 @@ class JsonlLogger:
         self.path = Path(run_dir) / METRICS_FILE
         if resume_from_step is not None:
             kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_from_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def summary(self, summary: dict[str, Any]) -> None:
         pass
@@ -61,7 +77,11 @@ class JsonlLogger:
 class WandbLogger(JsonlLogger):
     """metrics.jsonl plus a wandb run: resolved config, metrics, summary; group =
     logger.group (default under -m: the sweep directory name), tags = divergence, estimator,
-    model, benchmark. Resumes the same run id."""
+    model, benchmark. Resumes the same run id.
+
+    wandb is a mirror, never a reason to stop: if it cannot start (online with no network or no
+    API key) or fails mid-run (its service process died), the run says so once and goes on with
+    metrics.jsonl, which has every step either way."""
 
     def __init__(
         self,
@@ -73,33 +93,58 @@ class WandbLogger(JsonlLogger):
         tags: list[str] | None = None,
         name: str | None = None,
     ):
-        import wandb
-
         super().__init__(run_dir, config, resume_from_step)
         id_file = Path(run_dir) / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        self.run = wandb.init(
-            project=project,
-            group=group,
-            tags=list(tags or []),
-            name=name,
-            config=config,
-            dir=str(run_dir),
-            id=run_id,
-            resume="allow",
-        )
+        self.run, self.service = None, None
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=project,
+                group=group,
+                tags=list(tags or []),
+                name=name,
+                config=config,
+                dir=str(run_dir),
+                id=run_id,
+                resume="allow",
+            )
+        except Exception as error:  # wandb's own errors (no network, no key, bad settings) vary by version
+            self._down(error)
+
+    def _down(self, error: Exception) -> None:
+        """Say once that wandb is down, and stop calling it."""
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
+        print(f"wandb is down ({reason}); training goes on, every step is in {self.path}")
+        self.run = None
+
+    def _mirror(self, call: Callable[[Any], Any]) -> None:
+        if self.run is not None and not self._service_alive():
+            self._down(ConnectionError("its service process (wandb-core) is gone"))
+        if self.run is not None:
+            try:
+                call(self.run)
+            except Exception as error:  # whatever the dead service raises
+                self._down(error)
+
+    def _service_alive(self) -> bool:
+        """Whether wandb's service process, a child of this one, still runs: wandb drops what is
+        logged after it dies without raising, so this is how a dead wandb is noticed."""
+        if self.service is None:
+            self.service = [p for p in psutil.Process().children(recursive=True) if "wandb" in p.name()] or []
+        return not self.service or any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in self.service)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         super().log(metrics, step)
-        self.run.log(metrics, step=step)
+        self._mirror(lambda run: run.log(metrics, step=step))
 
     def summary(self, summary: dict[str, Any]) -> None:
-        for key, value in summary.items():
-            self.run.summary[key] = value
+        self._mirror(lambda run: run.summary.update(summary))
 
     def finish(self) -> None:
-        self.run.finish()
+        self._mirror(lambda run: run.finish())
 
 
 LOGGERS: dict[str, Callable[..., JsonlLogger]] = {"jsonl": JsonlLogger, "wandb": WandbLogger}

@@ -30,17 +30,25 @@ from transformers import PreTrainedModel, get_scheduler
 from opdx.backends import Sampler, Scorer
 from opdx.backends.hf import TokenScores
 from opdx.benchmarks import Benchmark, Problem
-from opdx.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
+from opdx.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from opdx.config import TrainerConfig
 from opdx.divergences import Divergence
 from opdx.evaluation import evaluate_split, markdown_table
+from opdx.files import atomic_write_text
 from opdx.metrics import LOGGERS, read_metrics, timed
 from opdx.objective import LossTerms
 from opdx.outcome import accuracy_change, collapse_reason
 from opdx.rollout import Rollout
 from opdx.run import Parts, Run, start
+from opdx.seeding import generator, isolated, seed_global
 
 SUMMARY_FILE = "summary.json"
+
+
+class NonFiniteError(Exception):
+    """``trainer.max_bad_steps`` steps in a row had non-finite values; the message names them."""
+
+
 # trainer.schedule -> transformers' scheduler: linear warmup over trainer.warmup_steps, then this
 SCHEDULERS = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -78,14 +86,37 @@ def lr_schedule(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> tor
 
 def prompts_for_step(benchmark: Benchmark, seed: int, step: int, count: int) -> list[Problem]:
     """The step's prompts, a function of (seed, step) alone so a resumed run draws the same."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return [benchmark.train[i] for i in torch.randint(len(benchmark.train), (count,), generator=generator).tolist()]
+    indices = torch.randint(len(benchmark.train), (count,), generator=generator(seed, "prompts", step))
+    return [benchmark.train[i] for i in indices.tolist()]
 
 
-def train_step(learner: Learner, problems: list[Problem]) -> dict[str, float]:
-    """One OPD step on ``problems``: rollout -> teacher scores -> loss -> backward -> clip -> step.
-    Returns the step's metrics (``time/*`` in seconds)."""
+def nonfinite_parts(terms: LossTerms, mask_B_T: torch.Tensor) -> dict[str, int]:
+    """What of a step is not finite on the response tokens: the student's or the teacher's
+    log-probs (through log u = log q - log p), the advantages, the loss; the count of each."""
+    parts = {
+        "student_logprobs": terms.logp_student_B_T[mask_B_T],
+        "teacher_logprobs": terms.log_u_B_T[mask_B_T],
+        "advantages": terms.advantages_B_T[mask_B_T],
+        "loss": terms.loss.detach().reshape(1),
+    }
+    counts = {name: int((~torch.isfinite(values)).sum()) for name, values in parts.items()}
+    if counts["student_logprobs"]:
+        counts["teacher_logprobs"] = 0  # log u is not finite because log p is not
+    return {name: count for name, count in counts.items() if count}
+
+
+def train_step(learner: Learner, step: int) -> dict[str, float]:
+    """Step ``step`` of OPD: the step's prompts -> rollout -> teacher scores -> loss -> backward ->
+    clip -> optimizer and LR step. Returns the step's metrics (``time/*`` in seconds).
+
+    The rollout samples with the global generator seeded for (seed, "rollout", step). A step
+    where anything that reaches the update is not finite (log-probs on response tokens,
+    advantages, loss, gradient norm) changes nothing (no parameter, optimizer or schedule
+    update): its metrics say ``train/skipped`` 1 and which part was not finite (``nonfinite/*``,
+    the count of tokens)."""
     run, t, estimator = learner.run, learner.run.config.trainer, learner.run.estimator
+    problems = prompts_for_step(run.benchmark, run.config.seed, step, t.prompts_per_step)
+    seed_global(run.config.seed, "rollout", step)
     metrics: dict[str, float] = {}
     learner.policy.train()
     with timed(metrics, "rollout"):
@@ -106,12 +137,24 @@ def train_step(learner: Learner, problems: list[Problem]) -> dict[str, float]:
             rollout.logp_sampling_B_T,
         )
         learner.optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(), t.grad_clip)
-        learner.optimizer.step()
-        metrics["train/lr"] = learner.scheduler.get_last_lr()[0]
-        learner.scheduler.step()
-        learner.rollout.update_weights(learner.student)
+        bad = nonfinite_parts(terms, rollout.response_mask_B_T)
+        if not bad:
+            terms.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(), t.grad_clip)
+            if not torch.isfinite(grad_norm):
+                bad["grad_norm"] = 1
+        if bad:
+            learner.optimizer.zero_grad(set_to_none=True)
+        else:
+            learner.optimizer.step()
+            metrics["train/lr"] = learner.scheduler.get_last_lr()[0]
+            learner.scheduler.step()
+            learner.rollout.update_weights(learner.student)
+    metrics["rollout/len_mean"] = rollout.lengths_B.float().mean().item()
+    metrics["rollout/eos_rate"] = rollout.finished_B.float().mean().item()
+    metrics["train/skipped"] = float(bool(bad))
+    if bad:
+        return metrics | {f"nonfinite/{name}": float(count) for name, count in bad.items()}
     metrics.update(rollout_metrics(rollout, terms, run.divergence))
     metrics["train/loss"] = terms.loss.item()
     metrics["train/grad_norm"] = grad_norm.item()
@@ -139,8 +182,6 @@ def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict
         "div/reverse_kl": (-log_u).mean().item(),
         "div/forward_kl": (log_u.exp() * log_u).mean().item(),
         "div/log_u_mean": log_u.mean().item(),
-        "rollout/len_mean": rollout.lengths_B.float().mean().item(),
-        "rollout/eos_rate": rollout.finished_B.float().mean().item(),
         "rollout/logprob_mismatch": mismatch_B_T[mask_B_T].max().item(),
     }
 
@@ -155,21 +196,23 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     parts = start(run, train=True)
     learner = build_learner(run, parts)
 
-    def evaluate(sampler: Sampler, teacher: Scorer | None = None) -> dict[str, float]:
-        return evaluate_split(
-            sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, t.max_new_tokens, teacher, progress=True
-        )
+    def evaluate(role: str, step: int) -> dict[str, float]:
+        """The teacher's or the student's eval, sampling from its own random stream (seed, role, step)."""
+        sampler, teacher = (parts.teacher, None) if role == "teacher" else (parts.rollout, parts.teacher)
+        with isolated(cfg.seed, f"eval/{role}", step):
+            return evaluate_split(
+                sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, t.max_new_tokens, teacher, True
+            )
 
     checkpoint = load_checkpoint(run_dir) if t.resume else None
     if checkpoint:
         parts.student.load_state_dict(checkpoint["student"])
         learner.optimizer.load_state_dict(checkpoint["optimizer"])
         learner.scheduler.load_state_dict(checkpoint["scheduler"])
-        restore_rng_states(checkpoint["rng"])
         start_step, state = checkpoint["step"], checkpoint["state"]
         print(f"resuming {run_dir} from step {start_step}")
     else:
-        start_step, state = 0, {"elapsed": 0.0}
+        start_step, state = 0, {"elapsed": 0.0, "skipped_steps": 0, "bad_streak": 0}
     logger = LOGGERS[cfg.logger.name](
         run_dir,
         OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
@@ -180,20 +223,35 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         name=run_dir.name,
     )
     if not checkpoint:
-        state["teacher_eval"] = evaluate(parts.teacher)
-        state["initial_eval"] = state["best_eval"] = {**evaluate(parts.rollout, parts.teacher), "step": 0}
+        state["teacher_eval"] = evaluate("teacher", 0)
+        state["initial_eval"] = state["best_eval"] = {**evaluate("student", 0), "step": 0}
         initial = {f"eval/{bench}/{k}": v for k, v in state["initial_eval"].items() if k != "step"}
         logger.log({**initial, **{f"eval/{bench}/teacher/{k}": v for k, v in state["teacher_eval"].items()}}, step=0)
 
     started = time.perf_counter() - state["elapsed"]
     progress = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="opdx train", mininterval=1)
     for step in progress:
-        metrics = train_step(learner, prompts_for_step(run.benchmark, cfg.seed, step, t.prompts_per_step))
+        metrics = train_step(learner, step)
         done = step + 1
-        postfix = {"loss": f"{metrics['train/loss']:.3f}", "rkl": f"{metrics['div/reverse_kl']:.2f}"}
+        skipped = bool(metrics["train/skipped"])
+        state["skipped_steps"] += skipped
+        state["bad_streak"] = state["bad_streak"] + 1 if skipped else 0
+        metrics["train/skipped_steps"] = state["skipped_steps"]
+        if skipped:
+            postfix = {"skipped": ",".join(k.removeprefix("nonfinite/") for k in metrics if k.startswith("nonfinite/"))}
+        else:
+            postfix = {"loss": f"{metrics['train/loss']:.3f}", "rkl": f"{metrics['div/reverse_kl']:.2f}"}
+        if state["bad_streak"] >= t.max_bad_steps:
+            logger.log(metrics, step=done)
+            raise NonFiniteError(
+                f"{state['bad_streak']} steps in a row (to step {done}) were skipped because {postfix['skipped']} "
+                f"were not finite (trainer.max_bad_steps={t.max_bad_steps}). Nothing of them was applied; the last "
+                f"checkpoint in {run_dir / CHECKPOINT_DIR} is intact. A float16 teacher that overflows is a common "
+                f"cause (model.teacher_dtype=bfloat16 or float32); resume with trainer.resume={run_dir}"
+            )
         if done % t.eval_every == 0 or done == t.steps:
             with timed(metrics, "eval"):
-                result = evaluate(parts.rollout, parts.teacher)
+                result = evaluate("student", done)
             metrics.update({f"eval/{bench}/{k}": v for k, v in result.items()})
             if result["greedy_acc"] >= state["best_eval"]["greedy_acc"]:
                 state["best_eval"] = {**result, "step": done}
@@ -216,12 +274,12 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
             )
     progress.close()
     if "final_eval" not in state:  # resumed at or past trainer.steps: nothing ran, evaluate once
-        state["final_eval"] = {**evaluate(parts.rollout, parts.teacher), "step": start_step}
+        state["final_eval"] = {**evaluate("student", start_step), "step": start_step}
 
     parts.student.save_pretrained(run_dir / "student")
     parts.tokenizer.save_pretrained(run_dir / "student")
     summary = make_summary(run, state, run_dir)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     logger.summary(summary)
     logger.finish()
     print_summary(summary)
@@ -252,6 +310,7 @@ def make_summary(run: Run, state: dict[str, Any], run_dir: Path) -> dict[str, An
         "final_eval": state["final_eval"],
         "best_eval": state["best_eval"],
         "eval_problems": n,
+        "skipped_steps": state["skipped_steps"],
         "greedy_acc_change": {"difference": change.difference, "ci95": [change.low, change.high]},
         "below_start": change.below_start,
         "collapse": collapse_reason(records, cfg.trainer.max_new_tokens, before, after),
@@ -272,5 +331,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     verdict = "below the initial student beyond eval noise" if change.below_start else "within or above eval noise"
     print(f"student greedy accuracy: {change} ({verdict})")
     print(f"collapse: {summary['collapse'] or 'no (rollouts end, accuracy above 0, metrics finite)'}")
+    if summary["skipped_steps"]:
+        skipped = summary["skipped_steps"]
+        print(f"skipped steps: {skipped} (non-finite values, nothing of them applied; see nonfinite/*)")
     split = ", ".join(f"{k} {v:.3f}s" for k, v in summary["mean_step_time_s"].items())
     print(f"wall time {summary['wall_time_s']:.0f}s; mean step: {split}")

@@ -152,3 +152,19 @@ def test_eval_run_reapplies_the_run_overrides_but_not_those_of_a_switched_group(
     assert args[3:5] == [f"eval.run={tmp_path}", "eval.n=2"] and args[5].startswith("hydra.run.dir=outputs/eval/")
     switched = eval_overrides([f"eval.run={tmp_path}", "benchmark=math500", "hydra.run.dir=here"])
     assert switched == ["trainer.lr=0.1", f"eval.run={tmp_path}", "benchmark=math500", "hydra.run.dir=here"]
+
+
+def test_resume_conflicts_name_what_changes_a_run_and_allow_the_rest():
+    from opdx.config import resume_conflicts
+
+    saved = OmegaConf.to_container(composed(), resolve=True)
+    safe = composed("trainer.steps=5000", "eval.n=0", "logger=wandb", "trainer.threads=1", "trainer.eval_every=7")
+    assert resume_conflicts(saved, OmegaConf.to_container(safe, resolve=True)) == []
+    changed = composed(
+        "divergence=alpha", "estimator=stopgrad", "benchmark.max_terms=4", "seed=1", "model=smollm2_135m"
+    )
+    conflicts = resume_conflicts(saved, OmegaConf.to_container(changed, resolve=True))
+    assert "divergence.name: forward_kl -> alpha" in conflicts and "divergence.alpha: <unset> -> 0.5" in conflicts
+    assert "estimator.name: unbiased -> stopgrad" in conflicts and "benchmark.max_terms: 3 -> 4" in conflicts
+    assert "seed: 0 -> 1" in conflicts and "model.name: tiny -> smollm2_135m" in conflicts
+    assert not any(c.startswith(("eval.", "logger.")) for c in conflicts)

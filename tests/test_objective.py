@@ -180,3 +180,14 @@ def test_whitening_a_single_token_stays_finite():
     logp = LOGP[:1, :1].clone().requires_grad_(True)
     loss = opd_loss(logp, LOGQ[:1, :1], MASK[:1, :1], "js", "unbiased", whiten=True)
     assert torch.isfinite(loss) and loss.item() == 0.0
+
+
+def test_huge_but_finite_advantages_are_applied_as_computed_not_clipped():
+    """Stop-gradient Pearson at u = e^20: the advantage -(u - 1)^2 is about -2.4e17, finite, and
+    reaches the loss unclipped (clipping stays the explicit log_ratio_clip)."""
+    logp = torch.tensor([[-25.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    logq = torch.tensor([[-5.0, -1.0]], dtype=torch.float64)
+    advantages, _ = token_advantages(logp, logq, torch.ones(1, 2), "pearson", "stopgrad")
+    assert advantages[0, 0].item() == pytest.approx(-((math.exp(20) - 1) ** 2), rel=1e-12)
+    (grad,) = torch.autograd.grad(opd_loss(logp, logq, torch.ones(1, 2), "pearson", "stopgrad"), logp)
+    assert torch.isfinite(grad).all() and grad[0, 0].item() == pytest.approx((math.exp(20) - 1) ** 2, rel=1e-12)

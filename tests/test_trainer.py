@@ -1,4 +1,5 @@
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import FAST_TRAIN
 
+from opdx.checkpoint import checkpoint_paths, load_checkpoint
 from opdx.config import TrainerConfig
 from opdx.metrics import read_metrics
 from opdx.trainer import lr_schedule
@@ -70,7 +72,9 @@ def test_smoke_run_writes_metrics_summary_and_checkpoint(opdx_cli, tmp_path):
     assert summary["final_eval"]["greedy_acc"] == records[4]["eval/arith/greedy_acc"]
     assert set(summary["mean_step_time_s"]) == {"rollout", "teacher", "update"}
     assert (tmp_path / ".hydra" / "config.yaml").exists() and (tmp_path / "student" / "config.json").exists()
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint(tmp_path)["step"] == 4
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_000004.pt", "step_000002.pt"]
+    assert all(r["train/skipped"] == 0 for r in records[1:]) and summary["skipped_steps"] == 0
 
 
 def kill_after_first_checkpoint(args: list[str], run_dir: Path) -> int:
@@ -81,11 +85,11 @@ def kill_after_first_checkpoint(args: list[str], run_dir: Path) -> int:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+    while not list(run_dir.glob("checkpoints/*.sha256")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
+    return load_checkpoint(run_dir)["step"]
 
 
 def test_killed_run_resumes_to_the_same_metrics(opdx_cli, tmp_path):
@@ -109,7 +113,7 @@ def test_killed_run_resumes_to_the_same_metrics(opdx_cli, tmp_path):
 
 def test_resume_without_checkpoint_fails_clearly(opdx_cli, tmp_path):
     result = opdx_cli("train", f"trainer.resume={tmp_path}", check=False)
-    assert result.returncode != 0 and "has no checkpoint.pt" in result.stderr
+    assert result.returncode != 0 and "has no checkpoints/" in result.stderr
 
 
 def test_wandb_offline_logs_config_metrics_and_summary(opdx_cli, tmp_path):
@@ -155,3 +159,108 @@ def test_analytic_estimator_trains(opdx_cli, tmp_path):
     # the analytic loss is the mean over sequences of sum_n JS(p, q)(s_n): positive, below T log 2
     assert all(0 < r["train/loss"] < 24 * 0.6932 for r in records[1:])
     assert all(r["rollout/logprob_mismatch"] < 1e-4 for r in records[1:])
+
+
+def train_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without wall times (and eval keys), for comparing trajectories."""
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "perf/", "eval/"))} for r in read_metrics(run_dir)
+    ]
+
+
+def test_eval_settings_do_not_change_the_training_trajectory(opdx_cli, tmp_path):
+    """Issue fault 2: eval sampling drew from the global generator, so eval.n changed step 1's loss."""
+    opdx_cli("train", *FAST_TRAIN, "eval.n=2", f"hydra.run.dir={tmp_path / 'a'}")
+    opdx_cli(
+        "train", *FAST_TRAIN, "eval.n=0", "eval.problems=8", "trainer.eval_every=1", f"hydra.run.dir={tmp_path / 'b'}"
+    )
+    a, b = train_metrics(tmp_path / "a"), train_metrics(tmp_path / "b")
+    assert a == b and len(a) == 5 and a[1]["train/loss"] != 0
+
+
+def test_resuming_a_finished_run_to_more_steps_equals_the_longer_run(opdx_cli, tmp_path):
+    """Issue fault 3: README's example, a finished 2-step run resumed with trainer.steps=4."""
+    opdx_cli("train", *FAST_TRAIN, "trainer.steps=2", f"hydra.run.dir={tmp_path / 'short'}")
+    opdx_cli("train", f"trainer.resume={tmp_path / 'short'}", "trainer.steps=4")
+    opdx_cli("train", *FAST_TRAIN, f"hydra.run.dir={tmp_path / 'long'}")
+    assert train_metrics(tmp_path / "short") == train_metrics(tmp_path / "long")
+    short, long = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("short", "long"))
+    assert short["final_eval"] == long["final_eval"] and short["steps"] == 4
+
+
+def overflowing_teacher(out_dir: Path, token: str = "(") -> Path:
+    """The tiny teacher (untied) whose input embedding of ``token`` is inf, as in a float16 teacher
+    that overflows: its log-probs are NaN at every position after that token, which the student
+    samples rarely."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opdx.config import asset_path
+
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny/teacher"))
+    model = AutoModelForCausalLM.from_pretrained(asset_path("tiny/teacher"), tie_word_embeddings=False)
+    model.lm_head.weight.data = model.model.embed_tokens.weight.data.clone()
+    model.model.embed_tokens.weight.data[tokenizer.convert_tokens_to_ids(token)] = float("inf")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def test_a_non_finite_teacher_log_prob_skips_the_step_and_too_many_stop_the_run(opdx_cli, tmp_path):
+    """Issue fault 1: a -inf / NaN teacher log-prob on a response token was applied as an update
+    (loss -inf, grad norm nan) and the next step crashed in sampling."""
+    teacher = overflowing_teacher(tmp_path / "teacher")
+    common = [*FAST_TRAIN, "trainer.steps=12", "trainer.prompts_per_step=16", "trainer.eval_every=12"]
+    common += ["trainer.checkpoint_every=1", "eval.n=0", f"model.teacher={teacher}"]
+    opdx_cli("train", *common, f"hydra.run.dir={tmp_path / 'run'}")
+    records = read_metrics(tmp_path / "run")[1:]
+    skipped = [r for r in records if r["train/skipped"]]
+    assert 0 < len(skipped) < len(records)
+    assert all(r["nonfinite/teacher_logprobs"] > 0 and "train/loss" not in r for r in skipped)
+    assert all(
+        math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in records if r not in skipped
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_steps"] == len(skipped) == records[-1]["train/skipped_steps"]
+    student = load_checkpoint(tmp_path / "run")["student"]
+    assert all(torch.isfinite(t).all() for t in student.values())
+
+    first_bad = skipped[0]["step"]
+    result = opdx_cli("train", *common, "trainer.max_bad_steps=1", f"hydra.run.dir={tmp_path / 'stop'}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"1 steps in a row (to step {first_bad}) were skipped because teacher_logprobs" in result.stderr
+    assert read_metrics(tmp_path / "stop")[-1]["step"] == first_bad
+    assert load_checkpoint(tmp_path / "stop")["step"] == first_bad - 1
+
+
+def test_a_skipped_step_changes_no_parameter_optimizer_or_schedule(tmp_path):
+    from test_config import composed
+
+    from opdx.run import start, validate
+    from opdx.trainer import build_learner, train_step
+
+    teacher = overflowing_teacher(tmp_path / "teacher")
+    run = validate(composed(*FAST_TRAIN, "trainer.prompts_per_step=16", f"model.teacher={teacher}"))
+    learner = build_learner(run, start(run, train=True))
+    results = []
+    for step in range(12):
+        before = {k: v.clone() for k, v in learner.student.state_dict().items()}
+        optimizer_steps, lr_steps = len(learner.optimizer.state), learner.scheduler.last_epoch
+        metrics = train_step(learner, step)
+        unchanged = all(torch.equal(v, learner.student.state_dict()[k]) for k, v in before.items())
+        results.append((metrics["train/skipped"], unchanged, learner.scheduler.last_epoch == lr_steps))
+        if metrics["train/skipped"]:
+            assert len(learner.optimizer.state) == optimizer_steps
+    assert (1.0, True, True) in results and (0.0, False, False) in results
+    assert all(skipped == unchanged == kept_lr for skipped, unchanged, kept_lr in results)
+
+
+def test_resume_refuses_overrides_that_change_the_run_and_keeps_its_files(opdx_cli, tmp_path):
+    opdx_cli("train", *FAST_TRAIN, "trainer.steps=2", f"hydra.run.dir={tmp_path}")
+    hydra_files = [tmp_path / ".hydra" / name for name in ("overrides.yaml", "config.yaml")]
+    saved = [path.read_text() for path in hydra_files]
+    refused = opdx_cli("train", f"trainer.resume={tmp_path}", "divergence=js", "trainer.lr=0.01", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "divergence.name: forward_kl -> js" in refused.stderr and "trainer.lr: 0.001 -> 0.01" in refused.stderr
+    assert [path.read_text() for path in hydra_files] == saved
+    allowed = opdx_cli("train", f"trainer.resume={tmp_path}", "trainer.steps=3", "eval.n=0", "logger=jsonl")
+    assert "resuming" in allowed.stdout and read_metrics(tmp_path)[-1]["step"] == 3
