@@ -98,6 +98,7 @@ def train_task(cfg: DictConfig) -> float | None:
     # `opdx --help`, `opdx table` and a config error answer without that cost.
     from opdx.benchmarks.data import BenchmarkDataError
     from opdx.checkpoint import CheckpointError
+    from opdx.compat import PairError
     from opdx.pairs import WeightFilesError
     from opdx.run import validate
     from opdx.trainer import NonFiniteError, train
@@ -111,7 +112,7 @@ def train_task(cfg: DictConfig) -> float | None:
         run.config.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     try:
         summary = train(run, Path(hydra_cfg.runtime.output_dir))
-    except (BenchmarkDataError, WeightFilesError, CheckpointError, NonFiniteError) as error:
+    except (BenchmarkDataError, WeightFilesError, CheckpointError, NonFiniteError, PairError, ConfigError) as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 
@@ -140,6 +141,7 @@ EVAL_RUN_DIR = "outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}_${model.name}_${ben
 def eval_task(cfg: DictConfig) -> float | None:
     from opdx.benchmarks.data import BenchmarkDataError
     from opdx.checkpoint import CheckpointError
+    from opdx.compat import PairError
     from opdx.eval_command import run_eval
     from opdx.pairs import WeightFilesError
     from opdx.run import validate
@@ -150,12 +152,13 @@ def eval_task(cfg: DictConfig) -> float | None:
         sys.exit(f"opdx eval: invalid config: {error}")
     try:
         record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
-    except (BenchmarkDataError, WeightFilesError, CheckpointError) as error:
+    except (BenchmarkDataError, WeightFilesError, CheckpointError, PairError) as error:
         sys.exit(f"opdx eval: {error}")
     return record["results"]["student"]["greedy_acc"]
 
 
 def prepare(argv: list[str]) -> int:
+    from opdx.compat import PairError
     from opdx.pairs import PAIRS, WeightFilesError, build, build_dir
 
     options = dict(a.split("=", 1) for a in argv if "=" in a)
@@ -173,7 +176,7 @@ def prepare(argv: list[str]) -> int:
     out = Path(options["out"]) if "out" in options else build_dir(name)
     try:
         build(name, out, seed=int(options.get("seed", 0)))
-    except WeightFilesError as error:
+    except (WeightFilesError, PairError) as error:
         print(f"opdx prepare: model={name}: {error}")
         return 2
     print(f"written to {out}")

@@ -162,6 +162,7 @@ class TrainerConfig:
     logprob_chunk: int = 128
     gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
+    drop_long_prompts: bool = False  # leave out prompts too long for the models' positions, instead of refusing
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_bad_steps")

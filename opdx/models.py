@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from opdx.compat import check_same_tokenizer
+from opdx.compat import PairError, check_output_rows, check_same_tokenizer
 from opdx.config import ModelConfig
 
 
@@ -19,11 +19,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+def load_tokenizer_of(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a hub id or local directory; PairError (one line) when it cannot be loaded."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise PairError(f"cannot load a tokenizer from {path!r}: {str(error).splitlines()[0]}") from None
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The student's tokenizer (whose chat template renders every prompt), checked to be the
     teacher's, left-padded, with a pad token and the teacher's EOS (where a chat turn ends)."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
+    tokenizer = load_tokenizer_of(cfg.student)
+    teacher_tokenizer = load_tokenizer_of(cfg.teacher)
     check_same_tokenizer(tokenizer, teacher_tokenizer)
     if teacher_tokenizer.eos_token != tokenizer.eos_token:
         # A base student's EOS (<|endoftext|>) is not where a chat turn ends; the chat teacher's is.
@@ -43,11 +51,17 @@ def load_model(
     path: str, dtype: str, device: torch.device, tokenizer: PreTrainedTokenizerBase, trainable: bool
 ) -> PreTrainedModel:
     """A causal LM from ``path`` in ``dtype`` on ``device``; frozen in eval mode unless ``trainable``.
+    PairError when it cannot be loaded or has fewer output rows than the tokenizer has tokens.
 
     Sampling settings come from opdx alone: a hub model's generation_config (repetition penalty,
     min_p, ...) would change the distribution sampled from without u = q/p knowing, so it is
     replaced by one that only names the tokenizer's special ids."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    role = "student" if trainable else "teacher"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    except (OSError, ValueError) as error:
+        raise PairError(f"cannot load the {role} from {path!r}: {str(error).splitlines()[0]}") from None
+    check_output_rows(role, model.get_output_embeddings().weight.shape[0], len(tokenizer))
     if not trainable:
         model.eval().requires_grad_(False)
     model.generation_config = GenerationConfig(

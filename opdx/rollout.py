@@ -23,6 +23,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from opdx.benchmarks import Problem
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -59,7 +61,8 @@ PLAIN_SAMPLING = SamplingParams()
 @dataclass
 class Rollout:
     """Left-padded prompts and right-padded responses; ``response_mask_B_T`` marks tokens up to
-    and including the first EOS (all of a response that hit the length limit)."""
+    and including the first EOS (all of a response that hit the length limit). ``problems`` holds
+    the problem of each sequence, for a scorer that renders prompts with its own chat template."""
 
     prompt_tokens_B_L: Tensor
     prompt_mask_B_L: Tensor
@@ -67,6 +70,7 @@ class Rollout:
     response_mask_B_T: Tensor
     logp_sampling_B_T: Tensor | None = None
     finished_B: Tensor | None = None
+    problems: list[Problem | str] | None = None
 
     @classmethod
     def from_token_lists(

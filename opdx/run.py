@@ -15,13 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.backends import Sampler, Teacher
-from opdx.benchmarks import Benchmark, build_benchmark
+from opdx.benchmarks import Benchmark, Problem, Subset, build_benchmark
+from opdx.compat import PairError
 from opdx.config import ConfigError, RunConfig, check, typed
 from opdx.divergences import Divergence, build_divergence
 from opdx.metrics import LOGGERS
@@ -112,4 +114,58 @@ def start(run: Run, train: bool) -> Parts:
     teacher = build_backend(
         config.teacher, pair=config.model, tokenizer=tokenizer, device=device, logprob_chunk=t.logprob_chunk
     )
-    return Parts(student, tokenizer, rollout, teacher, device)
+    parts = Parts(student, tokenizer, rollout, teacher, device)
+    if train and run.estimator.needs_teacher_logits:
+        check_logits_memory(run, parts)
+    fit_prompts(run, parts, train)
+    return parts
+
+
+def check_logits_memory(run: Run, parts: Parts) -> None:
+    """Refuse (ConfigError) an analytic run whose [B, T, V] logits would not fit in free memory."""
+    t = run.config.trainer
+    batch, vocab = t.prompts_per_step * t.samples_per_prompt, len(parts.tokenizer)
+    one = 4 * batch * t.max_new_tokens * vocab  # one float32 [B, T, V] tensor
+    need = 4 * one  # the teacher's logits, the student's, their log-softmax, its gradient
+    if parts.device.type == "cuda":
+        free = torch.cuda.mem_get_info(parts.device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    check(
+        need <= free,
+        f"estimator=analytic keeps full [B, T, V] logits: B={batch} x T={t.max_new_tokens} x V={vocab:,} in float32 "
+        f"is {one / 2**30:,.1f} GiB each, about {need / 2**30:,.1f} GiB with the student's logits, log-softmax and "
+        f"gradient, and {parts.device.type} has {free / 2**30:,.1f} GiB free. Lower trainer.prompts_per_step, "
+        "trainer.samples_per_prompt or trainer.max_new_tokens, or use estimator=unbiased or stopgrad (they need "
+        "only each sampled token's log-prob)",
+    )
+
+
+def fit_prompts(run: Run, parts: Parts, train: bool) -> None:
+    """Check that every prompt plus its new tokens fits the student's and the teacher's positions
+    (each with its own rendering); refuse (PairError) or, with ``trainer.drop_long_prompts``, leave
+    the long ones out of the run's benchmark and say how many."""
+    t, e = run.config.trainer, run.config.eval
+    splits = {"eval": (run.benchmark.eval[: e.problems], e.max_new_tokens or t.max_new_tokens)}
+    if train:
+        splits["train"] = (run.benchmark.train, t.max_new_tokens)
+    kept: dict[str, list[Problem]] = {"train": [], "eval": []}
+    for split, (problems, new_tokens) in splits.items():
+        long: set[int] = set()
+        for role, backend in (("student", parts.rollout), ("teacher", parts.teacher)):
+            lengths = [len(ids) for ids in backend.prompt_ids(problems)]
+            over = {i for i, length in enumerate(lengths) if length + new_tokens > backend.context}
+            if over and not t.drop_long_prompts:
+                raise PairError(
+                    f"{len(over)} of {len(problems)} {split} prompts do not fit the {role}: prompt + {new_tokens} new "
+                    f"tokens exceed its {backend.context} positions (the longest prompt has {max(lengths)} tokens). "
+                    "Lower the new tokens, use shorter prompts, or leave them out with trainer.drop_long_prompts=true"
+                )
+            long |= over
+        kept[split] = [problem for i, problem in enumerate(problems) if i not in long]
+        if long:
+            print(f"left out {len(long)} of {len(problems)} {split} prompts longer than the models' positions allow")
+        if not kept[split]:
+            raise PairError(f"no {split} prompt fits the models' positions with {new_tokens} new tokens")
+    if any(len(kept[split]) < len(problems) for split, (problems, _) in splits.items()):
+        run.benchmark = Subset(run.benchmark, kept["train"], kept["eval"])

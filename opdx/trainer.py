@@ -73,7 +73,7 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     if t.gradient_checkpointing:
         parts.student.activation_checkpointing_enable({"use_reentrant": False})
     optimizer = torch.optim.AdamW(parts.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    policy = TokenScores(parts.student, t.logprob_chunk)
+    policy = TokenScores(parts.student, t.logprob_chunk, len(parts.tokenizer))
     return Learner(run, parts.rollout, parts.teacher, parts.student, policy, optimizer, lr_schedule(optimizer, t))
 
 

@@ -25,7 +25,14 @@ from opdx.rollout import Rollout, SamplingParams
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Samples responses; B = P * G sequences, prompt-major."""
+    """Samples responses; B = P * G sequences, prompt-major. ``context`` is the number of
+    positions (prompt + response) its model takes."""
+
+    context: int
+
+    def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
+        """Each problem's prompt as token ids, as this backend renders it."""
+        ...
 
     def sample(
         self,

@@ -11,6 +11,7 @@ with the same module under ``torch.no_grad``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +24,9 @@ from transformers import (
 )
 
 from opdx.benchmarks import Problem
+from opdx.compat import PairError, vocab_logits
 from opdx.config import ModelConfig
-from opdx.models import load_model
+from opdx.models import load_model, load_tokenizer_of
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, gather_logprobs, pad, response_mask
 
@@ -69,28 +71,31 @@ class DecodingProgress(LogitsProcessor):
 class TokenScores(nn.Module):
     """log p(response token | prefix) of a rollout under a causal LM, [B, T] float32 on the CPU,
     or with ``logits=True`` the next-token logits at each response position, [B, T, V] float32.
-    Both are warped by ``params`` (the distribution sampled from; the teacher uses the plain one).
+    Both are over the tokenizer's ``vocab_size`` ids (output rows beyond it are padding: left out,
+    ``opdx.compat.vocab_logits``) and warped by ``params`` (the distribution sampled from; the
+    teacher uses the plain one).
 
     Log-probs are made ``chunk_size`` positions at a time; with grad enabled each chunk is
     recomputed in backward (activation checkpointing), so no full [B, T, V] tensor is kept.
     """
 
-    def __init__(self, model: PreTrainedModel, chunk_size: int = 128) -> None:
+    def __init__(self, model: PreTrainedModel, chunk_size: int = 128, vocab_size: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
 
     def forward(self, rollout: Rollout, params: SamplingParams = PLAIN_SAMPLING, logits: bool = False) -> Tensor:
         hidden_B_T_D = self._hidden_states(rollout)
         lm_head = self.model.get_output_embeddings()
         if logits:
-            logits_B_T_V = lm_head(hidden_B_T_D).float()
+            logits_B_T_V = vocab_logits(lm_head(hidden_B_T_D), self.vocab_size).float()
             return params.warp(logits_B_T_V.flatten(0, 1)).view_as(logits_B_T_V)
         tokens_B_T = rollout.response_tokens_B_T.to(hidden_B_T_D.device)
         chunks = []
         for start in range(0, tokens_B_T.shape[1], self.chunk_size):
             end = start + self.chunk_size
-            args = (lm_head, params, hidden_B_T_D[:, start:end], tokens_B_T[:, start:end])
+            args = (lm_head, params, self.vocab_size, hidden_B_T_D[:, start:end], tokens_B_T[:, start:end])
             if torch.is_grad_enabled():
                 chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
             else:
@@ -111,10 +116,22 @@ class TokenScores(nn.Module):
         return out.last_hidden_state[:, rollout.prompt_tokens_B_L.shape[1] - 1 :]
 
 
-def _chunk_logprobs(lm_head: nn.Module, params: SamplingParams, hidden_B_C_D: Tensor, tokens_B_C: Tensor) -> Tensor:
-    logits_B_C_V = lm_head(hidden_B_C_D).float()
+def _chunk_logprobs(
+    lm_head: nn.Module, params: SamplingParams, vocab_size: int, hidden_B_C_D: Tensor, tokens_B_C: Tensor
+) -> Tensor:
+    logits_B_C_V = vocab_logits(lm_head(hidden_B_C_D), vocab_size).float()
     logits_B_C_V = params.warp(logits_B_C_V.flatten(0, 1)).view_as(logits_B_C_V)
     return gather_logprobs(logits_B_C_V, tokens_B_C)
+
+
+class PaddingRowsOff(LogitsProcessor):
+    """Scores of ids at or beyond the tokenizer's size set to -inf: padding rows are never sampled."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return scores.index_fill(-1, torch.arange(self.vocab_size, scores.shape[-1], device=scores.device), -torch.inf)
 
 
 class HFModel:
@@ -122,14 +139,29 @@ class HFModel:
 
     As the ``rollout=hf`` backend it samples from the training student itself, so a weight update
     has nothing to copy; as ``teacher=hf`` (``load_teacher``) it holds the frozen teacher.
+    ``prompt_tokenizer`` renders its prompts when its chat template is not the one of ``tokenizer``
+    (the pair's shared tokenizer, whose ids and EOS the responses use); ``context`` is the number
+    of positions the model has.
     """
 
     supports_logits = True
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, logprob_chunk: int = 128) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        logprob_chunk: int = 128,
+        prompt_tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.scores = TokenScores(model, logprob_chunk)
+        self.prompt_tokenizer = prompt_tokenizer or tokenizer
+        self.scores = TokenScores(model, logprob_chunk, len(tokenizer))
+        self.context = model.config.max_position_embeddings
+
+    def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
+        """Each problem's prompt as this model sees it."""
+        return encode_prompts(self.prompt_tokenizer, problems)
 
     @torch.no_grad()
     def sample(
@@ -144,8 +176,8 @@ class HFModel:
         """``samples_per_prompt`` responses per problem (grouped: B = P * G, prompt-major); ``on_step``
         is called after every decoding step."""
         model, tokenizer = self.model, self.tokenizer
-        prompt_ids = [ids for ids in encode_prompts(tokenizer, problems) for _ in range(samples_per_prompt)]
-        prompt_tokens_B_L, prompt_mask_B_L = pad(prompt_ids, tokenizer.pad_token_id, left=True)
+        problems_B = [problem for problem in problems for _ in range(samples_per_prompt)]
+        prompt_tokens_B_L, prompt_mask_B_L = pad(self.prompt_ids(problems_B), tokenizer.pad_token_id, left=True)
         recorder = SampledLogprobRecorder()
         # Built-in warpers off (the model's own generation_config may set top_k / top_p): ours
         # run as processors so the recorder sees the scores actually sampled from.
@@ -158,7 +190,9 @@ class HFModel:
             bos_token_id=tokenizer.bos_token_id,
             **built_in_warpers_off,
         )
-        processors = LogitsProcessorList(([] if greedy else list(params.warpers())) + [recorder])
+        padding_rows = model.get_output_embeddings().weight.shape[0] > len(tokenizer)
+        processors = LogitsProcessorList([PaddingRowsOff(len(tokenizer))] if padding_rows else [])
+        processors += ([] if greedy else list(params.warpers())) + [recorder]
         if on_step is not None:
             processors.append(DecodingProgress(on_step))
         was_training = model.training
@@ -173,23 +207,54 @@ class HFModel:
         response_tokens_B_T = sequences_B_N[:, prompt_tokens_B_L.shape[1] :].cpu()
         logp_sampling_B_T = recorder.finish(sequences_B_N[:, -1]).cpu()
         mask_B_T, finished_B = response_mask(response_tokens_B_T, tokenizer.eos_token_id)
-        return Rollout(prompt_tokens_B_L, prompt_mask_B_L, response_tokens_B_T, mask_B_T, logp_sampling_B_T, finished_B)
+        return Rollout(
+            prompt_tokens_B_L, prompt_mask_B_L, response_tokens_B_T, mask_B_T, logp_sampling_B_T, finished_B, problems_B
+        )
 
     def update_weights(self, model: nn.Module) -> None:
         """Nothing to copy: this sampler generates with the trained module itself."""
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> Tensor:
-        return self.scores(rollout)
+        return self.scores(self._own_prompts(rollout))
 
     @torch.no_grad()
     def logits(self, rollout: Rollout) -> Tensor:
-        return self.scores(rollout, logits=True)
+        return self.scores(self._own_prompts(rollout), logits=True)
+
+    def _own_prompts(self, rollout: Rollout) -> Rollout:
+        """The rollout with its prompts rendered by this model's own chat template (same responses)."""
+        if self.prompt_tokenizer is self.tokenizer:
+            return rollout
+        if rollout.problems is None:
+            raise ValueError("this scorer renders prompts with its own chat template: the rollout needs its problems")
+        prompt_tokens_B_L, prompt_mask_B_L = pad(self.prompt_ids(rollout.problems), self.tokenizer.pad_token_id, True)
+        return replace(rollout, prompt_tokens_B_L=prompt_tokens_B_L, prompt_mask_B_L=prompt_mask_B_L)
+
+
+PROMPT_TEMPLATES = ("own", "student")
 
 
 def load_teacher(
-    pair: ModelConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device, logprob_chunk: int = 128
+    pair: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    logprob_chunk: int = 128,
+    prompt_template: str = "own",
 ) -> HFModel:
-    """``teacher=hf``: the frozen teacher ``pair.teacher`` in ``pair.teacher_dtype``, in this process."""
+    """``teacher=hf``: the frozen teacher ``pair.teacher`` in ``pair.teacher_dtype``, in this process.
+
+    ``prompt_template="own"`` renders the prompts the teacher scores and answers with the
+    teacher's own chat template when it differs from the student's (an instruct teacher and a
+    base student); the response token ids stay the student's. ``"student"`` uses the student's."""
+    if prompt_template not in PROMPT_TEMPLATES:
+        raise PairError(f"teacher.prompt_template={prompt_template!r} is invalid; valid: {', '.join(PROMPT_TEMPLATES)}")
     teacher = load_model(pair.teacher, pair.teacher_dtype, device, tokenizer, trainable=False)
-    return HFModel(teacher, tokenizer, logprob_chunk)
+    own = load_tokenizer_of(pair.teacher)
+    if own.chat_template == tokenizer.chat_template:
+        return HFModel(teacher, tokenizer, logprob_chunk)
+    if prompt_template == "student":
+        print("teacher: prompts rendered with the student's chat template (teacher.prompt_template=student)")
+        return HFModel(teacher, tokenizer, logprob_chunk)
+    print("teacher: prompts rendered with its own chat template, not the student's (the responses stay the student's)")
+    return HFModel(teacher, tokenizer, logprob_chunk, prompt_tokenizer=own)

@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from opdx.benchmarks.arith import ArithBenchmark
-from opdx.benchmarks.base import Benchmark, Problem
+from opdx.benchmarks.base import Benchmark, Problem, Subset
 from opdx.benchmarks.bfcl import BfclBenchmark
 from opdx.benchmarks.math import MathBenchmark
 from opdx.benchmarks.toolalpaca import ToolAlpacaBenchmark
 from opdx.config import check, load_option, typed
 
-__all__ = ["BENCHMARKS", "Benchmark", "Problem", "build_benchmark", "get_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "Problem", "Subset", "build_benchmark", "get_benchmark"]
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
     "arith": ArithBenchmark,

@@ -29,3 +29,20 @@ class Benchmark(Protocol):
     def score(self, problem: Problem, response: str) -> float:
         """1.0 if the response's final answer is right, else 0.0 (or partial credit)."""
         ...
+
+
+@dataclass
+class Subset:
+    """A benchmark with some of its problems left out (e.g. prompts too long for the models);
+    it scores as the benchmark does."""
+
+    benchmark: Benchmark
+    train: list[Problem]
+    eval: list[Problem]
+
+    @property
+    def name(self) -> str:
+        return self.benchmark.name
+
+    def score(self, problem: Problem, response: str) -> float:
+        return self.benchmark.score(problem, response)

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from opdx.compat import TOKENIZER_PROBES, check_same_tokenizer, same_token_ids
+from opdx.compat import TOKENIZER_PROBES, PairError, check_same_tokenizer, same_token_ids
 
 
 class WeightFilesError(Exception):
@@ -143,7 +143,7 @@ def prepare_gguf_pair(out_dir: Path, teacher_gguf: Path, student_gguf: Path) -> 
     teacher, teacher_tokenizer = load_gguf(teacher_gguf)
     check_same_tokenizer(tokenizer, teacher_tokenizer)
     if not same_token_ids(tokenizer, teacher_tokenizer):
-        raise ValueError(f"{teacher_gguf.name} and {student_gguf.name} encode the same text to different ids")
+        raise PairError(f"{teacher_gguf.name} and {student_gguf.name} encode the same text to different ids")
     report["tokenizer"] = {
         "vocab": len(tokenizer),
         "same_ids_on_probes": len(TOKENIZER_PROBES),
