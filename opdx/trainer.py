@@ -328,7 +328,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     change = accuracy_change(
         summary["initial_eval"]["greedy_acc"], summary["final_eval"]["greedy_acc"], summary["eval_problems"]
     )
-    verdict = "below the initial student beyond eval noise" if change.below_start else "within or above eval noise"
+    verdict = "within eval noise of the initial student"
+    if change.below_start or change.low > 0:
+        verdict = f"{'below' if change.below_start else 'above'} the initial student beyond eval noise"
     print(f"student greedy accuracy: {change} ({verdict})")
     print(f"collapse: {summary['collapse'] or 'no (rollouts end, accuracy above 0, metrics finite)'}")
     if summary["skipped_steps"]:
