@@ -1,83 +1,152 @@
-"""Atomic, verified checkpoints: student weights, optimizer, scheduler, loop state, step.
+"""Atomic, verified, resharding checkpoints: the student and optimizer with
+``torch.distributed.checkpoint`` (DCP), the schedule and loop state beside them.
 
-    run_dir/checkpoints/step_000012.pt          torch.save of the state
-    run_dir/checkpoints/step_000012.pt.sha256   its digest, written after it
+    run_dir/checkpoints/step_000012/          DCP files (every rank writes its shard) + extra.pt
+    run_dir/checkpoints/step_000012.sha256    the digest of each file, written last by rank 0
 
-Both are written atomically (``opdx.files.atomic_write``), so a kill at any moment leaves
-either the old file or the new one. The digest file is the commit mark: a checkpoint without
-it, or whose bytes do not match it, is reported at resume and the previous one used. The last
-``KEEP`` checkpoints are kept. No random-generator state is saved: every draw is a function of
-(seed, purpose, step) (``opdx.seeding``).
+Every rank saves into a temporary directory; rank 0 then fsyncs it, renames it into place and
+writes the digest file atomically (``opdx.files``). A checkpoint without its digest (killed while
+written) or whose files do not match it is reported at resume and the previous one used; the last
+``KEEP`` are kept. DCP stores each tensor once with its global shape, so a checkpoint saved on 2
+ranks loads on 1 and the other way round (``get_state_dict`` / ``set_state_dict`` handle the DDP
+and FSDP2 wrappers). No random-generator state is saved: every draw is a function of
+(seed, purpose, step, rank) (``opdx.seeding``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-from opdx.files import atomic_write, atomic_write_text, sha256_of
+from opdx.dist import ONE_RANK, Ranks, active, barrier, broadcast
+from opdx.files import atomic_write_text, sha256_of
 
 CHECKPOINT_DIR = "checkpoints"
+EXTRA_FILE = "extra.pt"
 KEEP = 2
-_NAME = re.compile(r"step_(\d+)\.pt")
+_NAME = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(Exception):
     """A run has checkpoints but none of them can be read; the message lists what is wrong with each."""
 
 
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """The run's checkpoint files, newest step first."""
-    paths = (Path(run_dir) / CHECKPOINT_DIR).glob("step_*.pt")
-    found = [(int(m.group(1)), p) for p in paths if (m := _NAME.fullmatch(p.name))]
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, newest step first."""
+    paths = (Path(run_dir) / CHECKPOINT_DIR).glob("step_*")
+    found = [(int(m.group(1)), p) for p in paths if p.is_dir() and (m := _NAME.fullmatch(p.name))]
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` (with its ``step``) as a verified checkpoint and drop all but the last ``KEEP``."""
+def has_checkpoint(run_dir: Path) -> bool:
+    return bool(checkpoint_dirs(run_dir))
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _digests(path: Path) -> dict[str, str]:
+    return {p.name: sha256_of(p) for p in sorted(path.iterdir())}
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, policy: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any], ranks: Ranks
+) -> Path:
+    """Save the policy and optimizer (every rank its shard) and rank 0's ``extra`` (schedule, loop
+    state) as the checkpoint of ``step``; a collective call of every rank."""
     directory = Path(run_dir) / CHECKPOINT_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step_{state['step']:06d}.pt"
-    atomic_write(path, lambda handle: torch.save(state, handle))
-    atomic_write_text(path.with_name(path.name + ".sha256"), sha256_of(path) + "\n")
-    for old in checkpoint_paths(run_dir)[KEEP:]:
-        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
-        old.unlink()
+    path, tmp = directory / f"step_{step:06d}", directory / f".step_{step:06d}.tmp"
+    if ranks.main:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_state, optimizer_state = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp), no_dist=not active())
+    if ranks.main:
+        torch.save({**extra, "step": step}, tmp / EXTRA_FILE)
+    barrier()
+    if ranks.main:
+        for file in tmp.iterdir():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        atomic_write_text(_digest_file(path), json.dumps(_digests(path)) + "\n")
+        for old in checkpoint_dirs(run_dir)[KEEP:]:
+            _digest_file(old).unlink(missing_ok=True)
+            shutil.rmtree(old)
+    barrier()
     return path
 
 
 def _problem(path: Path) -> str | None:
-    digest = path.with_name(path.name + ".sha256")
+    digest = _digest_file(path)
     if not digest.exists():
         return "unfinished (no digest: the run was killed while writing it)"
-    if digest.read_text().strip() != sha256_of(path):
-        return "damaged (its bytes do not match its sha256)"
+    try:
+        expected = json.loads(digest.read_text())
+    except json.JSONDecodeError:
+        return "damaged (its digest file is not readable)"
+    if expected != _digests(path):
+        return "damaged (its files do not match their sha256)"
     return None
 
 
-def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The newest checkpoint whose digest matches, None when the run has none; a newer one that
-    is unfinished or damaged is reported and skipped. Raises CheckpointError when none can be read."""
-    problems = []
-    for path in checkpoint_paths(run_dir):
-        problem = _problem(path)
-        if problem is None:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=False)
-            except (RuntimeError, EOFError, OSError, ValueError) as error:
-                problem = f"unreadable ({type(error).__name__}: {str(error).splitlines()[0]})"
-            else:
+def usable_checkpoint(run_dir: Path, ranks: Ranks | None = None) -> Path | None:
+    """The newest checkpoint whose files match their digest (rank 0 checks, every rank gets its
+    answer); a newer unfinished or damaged one is reported and skipped. None when the run has no
+    checkpoint; CheckpointError when it has some and none is usable."""
+    ranks = ranks or ONE_RANK
+    choice: str | None = None
+    if ranks.main:
+        problems = []
+        for path in checkpoint_dirs(run_dir):
+            problem = _problem(path)
+            if problem is None:
                 for earlier in problems:
                     print(f"checkpoint {earlier}; resuming from {path.name} instead")
-                return state
-        problems.append(f"{path.name} is {problem}")
-    if problems:
-        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: {'; '.join(problems)}")
-    return None
+                choice = str(path)
+                break
+            problems.append(f"{path.name} is {problem}")
+        else:
+            choice = "error: " + "; ".join(problems) if problems else None
+    choice = broadcast(choice)
+    if choice is not None and choice.startswith("error: "):
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: {choice[7:]}")
+    return None if choice is None else Path(choice)
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return bool(checkpoint_paths(run_dir))
+def load_checkpoint(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load a checkpoint into the policy and optimizer (on any number of ranks); returns its extra state."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not active())
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return read_extra(path)
+
+
+def load_weights(path: Path, policy: nn.Module) -> None:
+    """Load only a checkpoint's model weights into ``policy`` (``opdx eval`` of an unfinished run)."""
+    state = {"model": get_model_state_dict(policy)}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not active())
+    set_model_state_dict(policy, state["model"])
+
+
+def read_extra(path: Path) -> dict[str, Any]:
+    """A checkpoint's schedule and loop state, with its ``step``."""
+    return torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)

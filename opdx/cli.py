@@ -13,8 +13,10 @@ opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -135,7 +137,7 @@ def eval_overrides(argv: list[str]) -> list[str]:
     return [*original, *argv, *out]
 
 
-EVAL_RUN_DIR = "outputs/eval/${now:%Y-%m-%d}/${now:%H-%M-%S}_${model.name}_${benchmark.name}"
+EVAL_RUN_DIR = "outputs/eval/${start_time:%Y-%m-%d}/${start_time:%H-%M-%S}_${model.name}_${benchmark.name}"
 
 
 def eval_task(cfg: DictConfig) -> float | None:
@@ -183,12 +185,31 @@ def prepare(argv: list[str]) -> int:
     return 0
 
 
+def under_torchrun(argv: list[str]) -> list[str]:
+    """The overrides of one rank of a torchrun launch: every rank gets rank 0's start time (so one
+    run directory, ``${start_time:...}``); the other ranks write no Hydra files or logs and print
+    nothing to stdout (rank 0 reports; errors still reach stderr)."""
+    from opdx.dist import broadcast, init  # torch: only under torchrun
+
+    ranks = init()
+    if ranks.world == 1:
+        return argv
+    os.environ["OPDX_START_TIME"] = str(broadcast(datetime.now().isoformat()))
+    if ranks.main:
+        return argv
+    os.environ["TQDM_DISABLE"] = "1"
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in ("train", "eval") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rest = under_torchrun(rest)
     if command == "train":
         run_hydra(train_task, resume_overrides(rest), "opdx train")
         return 0

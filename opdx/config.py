@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SCHEDULES = ("constant", "cosine", "linear")
+STRATEGIES = ("none", "ddp", "fsdp2")
 Schema = TypeVar("Schema")
 
 
@@ -49,8 +52,20 @@ def cache_path(relative: str) -> str:
     return str(Path(os.environ.get("OPDX_CACHE", "~/.cache/opdx")).expanduser() / relative)
 
 
+@cache
+def _started() -> datetime:
+    return datetime.fromisoformat(os.environ["OPDX_START_TIME"]) if "OPDX_START_TIME" in os.environ else datetime.now()
+
+
+def start_time(pattern: str) -> str:
+    """The run's start time in ``pattern`` (strftime), the ``${start_time:...}`` resolver of the run
+    directory: ``$OPDX_START_TIME`` (ISO) when set (the CLI gives every rank of a torchrun launch
+    rank 0's time, so all share one directory), else the time of this process's first call."""
+    return _started().strftime(pattern)
+
+
 def register_resolvers() -> None:
-    for name, resolver in (("asset", asset_path), ("cache", cache_path)):
+    for name, resolver in (("asset", asset_path), ("cache", cache_path), ("start_time", start_time)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -163,6 +178,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
     drop_long_prompts: bool = False  # leave out prompts too long for the models' positions, instead of refusing
+    strategy: str = "none"  # data parallelism under torchrun: ddp (a replica per rank) or fsdp2 (sharded)
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_bad_steps")
@@ -174,6 +190,7 @@ class TrainerConfig:
         check(0 < self.top_p <= 1, f"trainer.top_p={self.top_p!r} is invalid; it must lie in (0, 1]")
         check(self.top_k >= 0, f"trainer.top_k={self.top_k!r} is invalid; 0 disables top-k")
         check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"trainer.device={self.device!r}")
+        check(self.strategy in STRATEGIES, f"trainer.strategy={self.strategy!r}; valid: {', '.join(STRATEGIES)}")
 
 
 @dataclass
@@ -238,6 +255,7 @@ RESUME_SAFE = (
     "trainer.gradient_checkpointing",
     "trainer.logprob_chunk",
     "trainer.max_bad_steps",
+    "trainer.strategy",
     "eval.",
     "logger.",
     "rollout.",

@@ -15,44 +15,44 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from opdx.checkpoint import load_checkpoint
+from opdx.backends.hf import TokenScores
+from opdx.checkpoint import CheckpointError, load_weights, usable_checkpoint
 from opdx.evaluation import evaluate_split, format_side_by_side
 from opdx.run import Run, start
 
 EVAL_FILE = "eval.json"
 
 
-def student_of_run(run_dir: Path) -> tuple[Path | None, dict[str, torch.Tensor] | None]:
-    """A run's trained student: its saved ``student/`` directory, else the last checkpoint's weights."""
+def student_of_run(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """A run's trained student: its saved ``student/`` directory, else its last usable checkpoint."""
     if (run_dir / "student" / "config.json").exists():
         return run_dir / "student", None
-    checkpoint = load_checkpoint(run_dir)
+    checkpoint = usable_checkpoint(run_dir)
     if checkpoint is None:
-        raise FileNotFoundError(f"eval.run={run_dir} has neither student/ nor checkpoint.pt")
-    return None, checkpoint["student"]
+        raise CheckpointError(f"eval.run={run_dir} has neither student/ nor a checkpoint")
+    return None, checkpoint
 
 
 def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
     """Teacher and student side by side on the run's benchmark; writes and returns the eval.json record."""
     cfg = run.config
-    state_dict = None
+    checkpoint = None
     if cfg.eval.run:
-        student_dir, state_dict = student_of_run(Path(cfg.eval.run))
+        student_dir, checkpoint = student_of_run(Path(cfg.eval.run))
         if student_dir is not None:
             cfg.model.student = str(student_dir)
     began = time.perf_counter()
     parts = start(run, train=False)
-    if state_dict is not None:
-        parts.student.load_state_dict(state_dict)
+    if checkpoint is not None:
+        load_weights(checkpoint, TokenScores(parts.student))
     load_seconds = time.perf_counter() - began
     results, seconds = {}, {}
     for role, sampler, teacher in (("teacher", parts.teacher, None), ("student", parts.rollout, parts.teacher)):
         began = time.perf_counter()
         results[role] = evaluate_split(
-            sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, cfg.trainer.max_new_tokens, teacher, True
-        )
+            sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, cfg.trainer.max_new_tokens, teacher,
+            parts.ranks.main, parts.ranks,
+        )  # fmt: skip
         seconds[role] = round(time.perf_counter() - began, 1)
     record = {
         "model": cfg.model.name,
@@ -66,6 +66,8 @@ def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
         "results": results,
         "seconds": {"load": round(load_seconds, 1), **seconds},
     }
+    if not parts.ranks.main:
+        return record
     path = out_dir / EVAL_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{record['benchmark']}: {record['problems']} problems, n={record['n']} ({cfg.model.name})")

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from opdx.backends import Sampler, Scorer
 from opdx.benchmarks import Benchmark, Problem
 from opdx.config import EvalConfig
+from opdx.dist import ONE_RANK, Ranks, global_sum
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, decode_responses
 
 
@@ -48,13 +49,20 @@ def evaluate(
     teacher: Scorer | None = None,
     batch_size: int = 2000,
     progress: bool = False,
+    ranks: Ranks = ONE_RANK,
 ) -> dict[str, float]:
     """``greedy_acc``; with ``n_samples`` > 0 also ``avg@n`` (mean score over n samples per
     problem), ``pass@k`` for k in ``pass_at_k_values(n)`` (a score of 1 counts as correct) and,
     given the teacher, ``reverse_kl_per_token`` = mean over sampled tokens of log p(y) - log q(y),
     an estimate of KL(p || q) per token (p = the sampling distribution, warped when ``params``
     change temperature / top-k / top-p). ``batch_size`` bounds the sequences per generate call;
-    ``progress`` shows a bar of decoding steps (up to ``max_new_tokens`` per generate call)."""
+    ``progress`` shows a bar of decoding steps (up to ``max_new_tokens`` per generate call).
+
+    Over several ranks each evaluates its share of ``problems`` (padded to the same number of
+    generate calls, which a sharded student needs; the padding is not counted) and the sums and
+    counts behind every metric are added over the ranks."""
+    counted = len(ranks.share(problems))
+    problems = ranks.share(problems) + problems[:1] * (-(-len(problems) // ranks.world) - counted)
     greedy_scores: list[float] = []
     sampled_scores_P_G: list[list[float]] = []
     neg_log_u_sum, token_count = 0.0, 0
@@ -88,12 +96,18 @@ def evaluate(
                 neg_log_u_sum -= log_u_B_T[rollout.response_mask_B_T].sum().item()
                 token_count += int(rollout.response_mask_B_T.sum())
     bar.close()
-    metrics = {"greedy_acc": sum(greedy_scores) / len(greedy_scores)}
+    sampled_scores_P_G = sampled_scores_P_G[:counted]
+    ks = pass_at_k_values(n_samples) if n_samples else []
+    sums = [sum(greedy_scores[:counted]), counted, sum(map(sum, sampled_scores_P_G)), neg_log_u_sum, token_count]
+    sums += [sum(pass_at_k(n_samples, sum(s == 1.0 for s in scores), k) for scores in sampled_scores_P_G) for k in ks]
+    if ranks.world > 1:
+        sums = global_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
+    greedy_sum, problem_count, sampled_sum, neg_log_u_sum, token_count, *pass_sums = sums
+    metrics = {"greedy_acc": greedy_sum / problem_count}
     if n_samples:
-        metrics[f"avg@{n_samples}"] = sum(map(sum, sampled_scores_P_G)) / (len(sampled_scores_P_G) * n_samples)
-        for k in pass_at_k_values(n_samples):
-            passes = [pass_at_k(n_samples, sum(s == 1.0 for s in scores), k) for scores in sampled_scores_P_G]
-            metrics[f"pass@{k}"] = sum(passes) / len(passes)
+        metrics[f"avg@{n_samples}"] = sampled_sum / (problem_count * n_samples)
+        for k, passes in zip(ks, pass_sums, strict=True):
+            metrics[f"pass@{k}"] = passes / problem_count
     if token_count:
         metrics["reverse_kl_per_token"] = neg_log_u_sum / token_count
     return metrics
@@ -120,10 +134,11 @@ def evaluate_split(
     max_new_tokens: int,
     teacher: Scorer | None = None,
     progress: bool = False,
+    ranks: Ranks = ONE_RANK,
 ) -> dict[str, float]:
     """``evaluate`` with the ``eval`` settings on the first ``config.problems`` eval problems,
     sampling with ``params`` (the run's temperature / top-k / top-p) and ``config.max_new_tokens``
-    tokens, else ``max_new_tokens`` (the trainer's)."""
+    tokens, else ``max_new_tokens`` (the trainer's); shared over ``ranks``."""
     return evaluate(
         sampler,
         tokenizer,
@@ -135,4 +150,5 @@ def evaluate_split(
         teacher,
         config.batch_size,
         progress,
+        ranks,
     )

@@ -147,4 +147,20 @@ class WandbLogger(JsonlLogger):
         self._mirror(lambda run: run.finish())
 
 
+class SilentLogger:
+    """What the ranks other than 0 log with: nothing (rank 0 writes every global metric)."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
 LOGGERS: dict[str, Callable[..., JsonlLogger]] = {"jsonl": JsonlLogger, "wandb": WandbLogger}

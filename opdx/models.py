@@ -14,9 +14,11 @@ from opdx.compat import PairError, check_output_rows, check_same_tokenizer
 from opdx.config import ModelConfig
 
 
-def resolve_device(name: str) -> torch.device:
-    """``trainer.device``: "auto" is CUDA when available, else the CPU."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``trainer.device``: "auto" is CUDA when available, else the CPU; a rank's CUDA device is
+    ``cuda:LOCAL_RANK``."""
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return torch.device(f"cuda:{local_rank}") if kind == "cuda" else torch.device(kind)
 
 
 def load_tokenizer_of(path: str) -> PreTrainedTokenizerBase:

@@ -19,11 +19,17 @@ per-state gradient sum_n grad D_f(q || p)(s_n) with the state distribution held 
 Each estimator says what it needs from the teacher (``needs_teacher_logits``: the sampled
 tokens' log-probs, or full [B, T, V] logits), checks the switches of its ``EstimatorConfig`` and
 computes its loss; ``build_estimator`` is the one constructor.
+
+Under data parallelism each rank holds a share of the batch; every normaliser (the loss's 1/B,
+``token_mean``'s token count, the batch baseline's mean, whitening's standard deviation) is then
+taken over the global batch through ``reduce`` (a sum over ranks, ``opdx.dist.global_sum``), so
+the sum of the ranks' gradients is exactly the one-process gradient of the whole batch.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,6 +39,13 @@ from torch import Tensor
 from opdx.config import EstimatorConfig
 from opdx.divergences import Divergence, get_divergence
 from opdx.rollout import gather_logprobs
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def local(x: Tensor) -> Tensor:
+    """The sum over ranks of a one-process run: ``x`` itself."""
+    return x
 
 
 @dataclass(frozen=True)
@@ -73,10 +86,12 @@ class Estimator(ABC):
         mask_B_T: Tensor,
         divergence: Divergence,
         logp_rollout_B_T: Tensor | None = None,
+        reduce: Reduce = local,
     ) -> LossTerms:
         """The loss of a batch from the student's scores (with grad) and the teacher's: log-probs
         of the sampled ``tokens_B_T`` [B, T], or logits [B, T, V] when ``needs_teacher_logits``.
-        ``logp_rollout_B_T`` are the log-probs the sampler recorded (for ``rollout_correction``)."""
+        ``logp_rollout_B_T`` are the log-probs the sampler recorded (for ``rollout_correction``);
+        ``reduce`` sums a tensor over the ranks that share the batch."""
 
 
 class SampledEstimator(Estimator):
@@ -97,8 +112,9 @@ class SampledEstimator(Estimator):
         mask_B_T: Tensor,
         divergence: Divergence,
         logp_rollout_B_T: Tensor | None = None,
+        reduce: Reduce = local,
     ) -> LossTerms:
-        return sampled_loss(student_scores, teacher_scores, mask_B_T, divergence, self, logp_rollout_B_T)
+        return sampled_loss(student_scores, teacher_scores, mask_B_T, divergence, self, logp_rollout_B_T, reduce)
 
 
 class StopGradient(SampledEstimator):
@@ -157,6 +173,7 @@ class Analytic(Estimator):
         mask_B_T: Tensor,
         divergence: Divergence,
         logp_rollout_B_T: Tensor | None = None,
+        reduce: Reduce = local,
     ) -> LossTerms:
         device = student_scores.device
         tokens_B_T, mask_B_T = tokens_B_T.to(device), mask_B_T.to(device)
@@ -164,7 +181,9 @@ class Analytic(Estimator):
         logp_teacher_B_T = gather_logprobs(teacher_scores, tokens_B_T)
         # what the unbiased estimator's advantages would be, for the metrics
         advantages_B_T, log_u_B_T = token_advantages(logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence)
-        loss = analytic_loss(student_scores, teacher_scores, mask_B_T, divergence, self.config.token_mean)
+        loss = analytic_loss(
+            student_scores, teacher_scores, mask_B_T, divergence, self.config.token_mean, reduce=reduce
+        )
         return LossTerms(loss, logp_student_B_T.cpu(), log_u_B_T.cpu(), advantages_B_T.cpu())
 
 
@@ -234,16 +253,20 @@ def token_advantages(
     return torch.where(mask_B_T, advantages_B_T, 0.0), log_u_B_T
 
 
-def normalise_advantages(advantages_B_T: Tensor, mask_B_T: Tensor, config: EstimatorConfig) -> Tensor:
-    """Apply the optional batch baseline and whitening over the response tokens."""
+def normalise_advantages(
+    advantages_B_T: Tensor, mask_B_T: Tensor, config: EstimatorConfig, reduce: Reduce = local
+) -> Tensor:
+    """Apply the optional batch baseline and whitening over the (global) batch's response tokens."""
     mask_B_T = mask_B_T.bool()
     if not (config.batch_baseline or config.whiten):
         return advantages_B_T
     values = advantages_B_T[mask_B_T]
-    centred_B_T = advantages_B_T - values.mean()
+    count = reduce(values.new_tensor(float(values.numel())))
+    mean = reduce(values.sum()) / count
+    centred_B_T = advantages_B_T - mean
     if config.whiten:
-        std = values.std() if values.numel() > 1 else values.new_zeros(())
-        centred_B_T = centred_B_T / (std + 1e-8)
+        variance = reduce((values - mean).square().sum()) / (count - 1) if count > 1 else values.new_zeros(())
+        centred_B_T = centred_B_T / (variance.sqrt() + 1e-8)
     return torch.where(mask_B_T, centred_B_T, 0.0)
 
 
@@ -253,9 +276,11 @@ def policy_gradient_loss(
     mask_B_T: Tensor,
     config: EstimatorConfig,
     logp_rollout_B_T: Tensor | None = None,
+    reduce: Reduce = local,
 ) -> Tensor:
     """L = -(1/B) sum mask * stopgrad(A) * log p, divided by the number of response tokens
-    instead of B with ``config.token_mean``.
+    instead of B with ``config.token_mean``; B and the token count are the global batch's
+    (``reduce``), the sum this rank's share of it.
 
     With ``config.rollout_correction`` and the sampler's log-probs, each token is weighed by the
     importance ratio r = p / p_rollout of the trainer's and the sampler's distributions: ``tis``
@@ -278,8 +303,8 @@ def policy_gradient_loss(
             clipped_B_T = ratio_B_T.clamp(1 - config.ppo_clip, 1 + config.ppo_clip)
             objective_B_T = torch.minimum(ratio_B_T * advantages_B_T, clipped_B_T * advantages_B_T)
     objective_B_T = torch.where(mask_B_T, objective_B_T, 0.0)
-    denominator = mask_B_T.sum().clamp(min=1) if config.token_mean else logp_student_B_T.shape[0]
-    return -objective_B_T.sum() / denominator
+    count = mask_B_T.sum() if config.token_mean else torch.tensor(logp_student_B_T.shape[0])
+    return -objective_B_T.sum() / reduce(count.to(objective_B_T.dtype)).clamp(min=1)
 
 
 def sampled_loss(
@@ -289,6 +314,7 @@ def sampled_loss(
     divergence: str | Divergence,
     estimator: SampledEstimator,
     logp_rollout_B_T: Tensor | None = None,
+    reduce: Reduce = local,
 ) -> LossTerms:
     """The OPD / OPD+ surrogate of ``estimator`` (with its config's switches) and, for the
     metrics, the advantages A_B_T after baseline / whitening and log u_B_T."""
@@ -296,8 +322,8 @@ def sampled_loss(
     advantages_B_T, log_u_B_T = token_advantages(
         logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence, estimator.name, config.gamma, config.log_ratio_clip
     )
-    advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, config)
-    loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, config, logp_rollout_B_T)
+    advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, config, reduce)
+    loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, config, logp_rollout_B_T, reduce)
     return LossTerms(loss, logp_student_B_T.detach(), log_u_B_T, advantages_B_T)
 
 
@@ -341,8 +367,10 @@ def analytic_loss(
     divergence: str | Divergence = "reverse_kl",
     token_mean: bool = False,
     chunk_size: int = 1024,
+    reduce: Reduce = local,
 ) -> Tensor:
-    """(1/B) sum_b sum_n mask_bn D_f(q || p)(s_bn), exact over the vocabulary (GKD-style).
+    """(1/B) sum_b sum_n mask_bn D_f(q || p)(s_bn), exact over the vocabulary (GKD-style); B (or
+    the token count with ``token_mean``) is the global batch's (``reduce``).
 
     Its gradient is the exact per-state gradient at the visited states (the gamma = 0 ground
     truth). The teacher logits are treated as constant.
@@ -351,5 +379,5 @@ def analytic_loss(
     mask_B_T = mask_B_T.bool()
     per_state_B_T = div.full(logits_student_B_T_V, logits_teacher_B_T_V.detach(), chunk_size)
     per_state_B_T = torch.where(mask_B_T, per_state_B_T, 0.0)
-    denominator = mask_B_T.sum().clamp(min=1) if token_mean else mask_B_T.shape[0]
-    return per_state_B_T.sum() / denominator
+    count = mask_B_T.sum() if token_mean else torch.tensor(mask_B_T.shape[0])
+    return per_state_B_T.sum() / reduce(count.to(per_state_B_T.dtype)).clamp(min=1)

@@ -25,6 +25,7 @@ from opdx.backends import Sampler, Teacher
 from opdx.benchmarks import Benchmark, Problem, Subset, build_benchmark
 from opdx.compat import PairError
 from opdx.config import ConfigError, RunConfig, check, typed
+from opdx.dist import Ranks, init
 from opdx.divergences import Divergence, build_divergence
 from opdx.metrics import LOGGERS
 from opdx.models import load_model, load_tokenizer, resolve_device
@@ -95,15 +96,25 @@ class Parts:
     rollout: Sampler
     teacher: Teacher
     device: torch.device
+    ranks: Ranks
 
 
 def start(run: Run, train: bool) -> Parts:
-    """Threads, seed and device; the benchmark's data (the train split too when ``train``), before
-    any model; a locally built pair on first use; then the student, the tokenizer and the backends."""
+    """Ranks (torchrun), threads, seed and device; the benchmark's data (the train split too when
+    ``train``), before any model; a locally built pair on first use; then the student, the
+    tokenizer and the backends, and the checks of the inputs against them."""
     config, t = run.config, run.config.trainer
+    ranks = init()
+    check(
+        ranks.world == 1 or t.strategy != "none",
+        f"torchrun started {ranks.world} processes but trainer.strategy=none: give trainer.strategy=ddp "
+        "(a replica of the student per rank) or fsdp2 (the student sharded over the ranks)",
+    )
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, ranks.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     counts = [f"{len(run.benchmark.train)} train prompts"] if train else []
     print(f"{run.benchmark.name}: {', '.join([*counts, f'{len(run.benchmark.eval)} eval problems'])}")
@@ -114,7 +125,7 @@ def start(run: Run, train: bool) -> Parts:
     teacher = build_backend(
         config.teacher, pair=config.model, tokenizer=tokenizer, device=device, logprob_chunk=t.logprob_chunk
     )
-    parts = Parts(student, tokenizer, rollout, teacher, device)
+    parts = Parts(student, tokenizer, rollout, teacher, device, ranks)
     if train and run.estimator.needs_teacher_logits:
         check_logits_memory(run, parts)
     fit_prompts(run, parts, train)

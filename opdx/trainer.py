@@ -24,18 +24,21 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
 from opdx.backends import Sampler, Scorer
 from opdx.backends.hf import TokenScores
 from opdx.benchmarks import Benchmark, Problem
-from opdx.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from opdx.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint, usable_checkpoint
 from opdx.config import TrainerConfig
+from opdx.dist import Ranks, active, barrier, broadcast, global_max, global_min, global_sum, wrap
 from opdx.divergences import Divergence
 from opdx.evaluation import evaluate_split, markdown_table
 from opdx.files import atomic_write_text
-from opdx.metrics import LOGGERS, read_metrics, timed
+from opdx.metrics import LOGGERS, SilentLogger, read_metrics, timed
 from opdx.objective import LossTerms
 from opdx.outcome import accuracy_change, collapse_reason
 from opdx.rollout import Rollout
@@ -65,16 +68,22 @@ class Learner:
     policy: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    ranks: Ranks
 
 
 def build_learner(run: Run, parts: Parts) -> Learner:
-    """AdamW on the student and its ``lr_schedule``."""
+    """The student's with-grad module (``TokenScores``), wrapped for ``trainer.strategy`` under
+    torchrun (``opdx.dist.wrap``) and handed to the sampler; AdamW on it and its ``lr_schedule``."""
     t = run.config.trainer
     if t.gradient_checkpointing:
         parts.student.activation_checkpointing_enable({"use_reentrant": False})
-    optimizer = torch.optim.AdamW(parts.student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     policy = TokenScores(parts.student, t.logprob_chunk, len(parts.tokenizer))
-    return Learner(run, parts.rollout, parts.teacher, parts.student, policy, optimizer, lr_schedule(optimizer, t))
+    layers = getattr(parts.student.get_decoder(), "layers", [])
+    policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",))
+    parts.rollout.update_weights(policy)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = lr_schedule(optimizer, t)
+    return Learner(run, parts.rollout, parts.teacher, parts.student, policy, optimizer, scheduler, parts.ranks)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -91,32 +100,35 @@ def prompts_for_step(benchmark: Benchmark, seed: int, step: int, count: int) -> 
 
 
 def nonfinite_parts(terms: LossTerms, mask_B_T: torch.Tensor) -> dict[str, int]:
-    """What of a step is not finite on the response tokens: the student's or the teacher's
-    log-probs (through log u = log q - log p), the advantages, the loss; the count of each."""
+    """What of a step is not finite on the response tokens of any rank: the student's or the
+    teacher's log-probs (through log u = log q - log p), the advantages, the loss; the count of each."""
     parts = {
         "student_logprobs": terms.logp_student_B_T[mask_B_T],
         "teacher_logprobs": terms.log_u_B_T[mask_B_T],
         "advantages": terms.advantages_B_T[mask_B_T],
         "loss": terms.loss.detach().reshape(1),
     }
-    counts = {name: int((~torch.isfinite(values)).sum()) for name, values in parts.items()}
+    local = torch.tensor([int((~torch.isfinite(values)).sum()) for values in parts.values()])
+    counts = dict(zip(parts, global_sum(local).tolist(), strict=True))  # every rank skips together
     if counts["student_logprobs"]:
         counts["teacher_logprobs"] = 0  # log u is not finite because log p is not
-    return {name: count for name, count in counts.items() if count}
+    return {name: int(count) for name, count in counts.items() if count}
 
 
 def train_step(learner: Learner, step: int) -> dict[str, float]:
-    """Step ``step`` of OPD: the step's prompts -> rollout -> teacher scores -> loss -> backward ->
-    clip -> optimizer and LR step. Returns the step's metrics (``time/*`` in seconds).
+    """Step ``step`` of OPD: the step's prompts (this rank's share) -> rollout -> teacher scores ->
+    loss -> backward -> clip -> optimizer and LR step. Returns the step's metrics, over all ranks
+    (``time/*``: this rank's seconds).
 
-    The rollout samples with the global generator seeded for (seed, "rollout", step). A step
-    where anything that reaches the update is not finite (log-probs on response tokens,
-    advantages, loss, gradient norm) changes nothing (no parameter, optimizer or schedule
-    update): its metrics say ``train/skipped`` 1 and which part was not finite (``nonfinite/*``,
-    the count of tokens)."""
-    run, t, estimator = learner.run, learner.run.config.trainer, learner.run.estimator
-    problems = prompts_for_step(run.benchmark, run.config.seed, step, t.prompts_per_step)
-    seed_global(run.config.seed, "rollout", step)
+    The rollout samples with the global generator seeded for (seed, "rollout", step, and the rank
+    when there are several). The loss's normalisers are the global batch's, so the summed gradients
+    of the ranks are the gradient of the whole batch. A step where anything that reaches the update
+    is not finite on any rank (log-probs on response tokens, advantages, loss, gradient norm)
+    changes nothing (no parameter, optimizer or schedule update): its metrics say ``train/skipped``
+    1 and which part was not finite (``nonfinite/*``, the count of tokens)."""
+    run, t, estimator, ranks = learner.run, learner.run.config.trainer, learner.run.estimator, learner.ranks
+    problems = ranks.share(prompts_for_step(run.benchmark, run.config.seed, step, t.prompts_per_step))
+    seed_global(run.config.seed, "rollout", step, *([ranks.rank] if ranks.world > 1 else []))
     metrics: dict[str, float] = {}
     learner.policy.train()
     with timed(metrics, "rollout"):
@@ -135,12 +147,14 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
             rollout.response_mask_B_T,
             run.divergence,
             rollout.logp_sampling_B_T,
+            reduce=global_sum,
         )
         learner.optimizer.zero_grad(set_to_none=True)
         bad = nonfinite_parts(terms, rollout.response_mask_B_T)
         if not bad:
             terms.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(), t.grad_clip)
+            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # the global norm
             if not torch.isfinite(grad_norm):
                 bad["grad_norm"] = 1
         if bad:
@@ -149,71 +163,99 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
             learner.optimizer.step()
             metrics["train/lr"] = learner.scheduler.get_last_lr()[0]
             learner.scheduler.step()
-            learner.rollout.update_weights(learner.student)
-    metrics["rollout/len_mean"] = rollout.lengths_B.float().mean().item()
-    metrics["rollout/eos_rate"] = rollout.finished_B.float().mean().item()
+            learner.rollout.update_weights(learner.policy)
+    sequences = global_sum(torch.tensor([rollout.lengths_B.sum(), rollout.finished_B.sum(), len(rollout.lengths_B)]))
+    metrics["rollout/len_mean"] = (sequences[0] / sequences[2]).item()
+    metrics["rollout/eos_rate"] = (sequences[1] / sequences[2]).item()
     metrics["train/skipped"] = float(bool(bad))
     if bad:
         return metrics | {f"nonfinite/{name}": float(count) for name, count in bad.items()}
     metrics.update(rollout_metrics(rollout, terms, run.divergence))
-    metrics["train/loss"] = terms.loss.item()
+    metrics["train/loss"] = global_sum(terms.loss.detach()).item()
     metrics["train/grad_norm"] = grad_norm.item()
     step_time = metrics["time/rollout"] + metrics["time/teacher"] + metrics["time/update"]
-    metrics["perf/tokens_per_s"] = rollout.response_mask_B_T.sum().item() / step_time
+    metrics["perf/tokens_per_s"] = global_sum(rollout.response_mask_B_T.sum()).item() / step_time
     return metrics
 
 
+def mean_std_min_max(values: torch.Tensor) -> tuple[float, float, float, float]:
+    """Mean, standard deviation (n - 1), min and max of ``values`` over all ranks."""
+    if not active():
+        std = values.std().item() if values.numel() > 1 else 0.0
+        return values.mean().item(), std, values.min().item(), values.max().item()
+    v = values.double()
+    count, total, squares = global_sum(torch.stack([v.new_tensor(v.numel()), v.sum(), v.square().sum()])).tolist()
+    mean = total / count
+    variance = max(squares - count * mean * mean, 0.0) / (count - 1) if count > 1 else 0.0
+    low = global_min(v.min() if v.numel() else v.new_tensor(torch.inf))
+    high = global_max(v.max() if v.numel() else v.new_tensor(-torch.inf))
+    return mean, variance**0.5, low.item(), high.item()
+
+
 def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict[str, float]:
-    """Reward, advantage and sampled divergence statistics over the response tokens, and the
-    largest gap between the sampler's and the trainer's log-probs of a sampled token."""
+    """Reward, advantage and sampled divergence statistics over the response tokens of all ranks,
+    and the largest gap between the sampler's and the trainer's log-probs of a sampled token."""
     mask_B_T = rollout.response_mask_B_T
     log_u = terms.log_u_B_T[mask_B_T]
-    advantages = terms.advantages_B_T[mask_B_T]
     f_u = div.f(log_u)
+    adv_mean, adv_std, adv_min, adv_max = mean_std_min_max(terms.advantages_B_T[mask_B_T])
     mismatch_B_T = (rollout.logp_sampling_B_T - terms.logp_student_B_T).abs()
+    if active():
+        tokens = global_sum(torch.tensor(float(log_u.numel())))
+        sums = global_sum(torch.stack([-f_u.sum(), (-log_u).sum(), (log_u.exp() * log_u).sum(), log_u.sum()]))
+        reward, reverse_kl, forward_kl, log_u_mean = (sums / tokens).tolist()
+        per_sequence = -(div.f(terms.log_u_B_T) * mask_B_T).sum()
+        sequences = global_sum(torch.stack([per_sequence, torch.tensor(float(mask_B_T.shape[0]))]))
+        sequence_reward = (sequences[0] / sequences[1]).item()
+    else:
+        reward, reverse_kl = -f_u.mean().item(), (-log_u).mean().item()
+        forward_kl, log_u_mean = (log_u.exp() * log_u).mean().item(), log_u.mean().item()
+        sequence_reward = -(div.f(terms.log_u_B_T) * mask_B_T).sum(-1).mean().item()
     return {
-        "reward/token_mean": -f_u.mean().item(),
-        "reward/sequence_mean": -(div.f(terms.log_u_B_T) * mask_B_T).sum(-1).mean().item(),
-        "adv/mean": advantages.mean().item(),
-        "adv/std": advantages.std().item() if advantages.numel() > 1 else 0.0,
-        "adv/min": advantages.min().item(),
-        "adv/max": advantages.max().item(),
-        "div/f_mean": f_u.mean().item(),
-        "div/reverse_kl": (-log_u).mean().item(),
-        "div/forward_kl": (log_u.exp() * log_u).mean().item(),
-        "div/log_u_mean": log_u.mean().item(),
-        "rollout/logprob_mismatch": mismatch_B_T[mask_B_T].max().item(),
+        "reward/token_mean": reward,
+        "reward/sequence_mean": sequence_reward,
+        "adv/mean": adv_mean,
+        "adv/std": adv_std,
+        "adv/min": adv_min,
+        "adv/max": adv_max,
+        "div/f_mean": -reward,
+        "div/reverse_kl": reverse_kl,
+        "div/forward_kl": forward_kl,
+        "div/log_u_mean": log_u_mean,
+        "rollout/logprob_mismatch": global_max(mismatch_B_T[mask_B_T].max()).item(),
     }
 
 
 def train(run: Run, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) one distillation run into ``run_dir``; returns the summary."""
+    """Run (or resume) one distillation run into ``run_dir``; returns the summary. Under torchrun
+    every rank runs this; rank 0 alone writes the metrics, the summary and the final student."""
     cfg, t, bench = run.config, run.config.trainer, run.benchmark.name
     run_dir.mkdir(parents=True, exist_ok=True)
     if not run.sampling.is_plain:
         warped = f"sampling with {run.sampling}: u = q/p uses the log-probs of that warped distribution"
         print(f"{warped}, not the raw student")
     parts = start(run, train=True)
-    learner = build_learner(run, parts)
+    learner, ranks = build_learner(run, parts), parts.ranks
 
     def evaluate(role: str, step: int) -> dict[str, float]:
         """The teacher's or the student's eval, sampling from its own random stream (seed, role, step)."""
         sampler, teacher = (parts.teacher, None) if role == "teacher" else (parts.rollout, parts.teacher)
-        with isolated(cfg.seed, f"eval/{role}", step):
+        rank = [ranks.rank] if ranks.world > 1 else []
+        with isolated(cfg.seed, f"eval/{role}", step, *rank):
             return evaluate_split(
-                sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, t.max_new_tokens, teacher, True
-            )
+                sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, t.max_new_tokens, teacher,
+                ranks.main, ranks,
+            )  # fmt: skip
 
-    checkpoint = load_checkpoint(run_dir) if t.resume else None
+    checkpoint = usable_checkpoint(run_dir, ranks) if t.resume else None
     if checkpoint:
-        parts.student.load_state_dict(checkpoint["student"])
-        learner.optimizer.load_state_dict(checkpoint["optimizer"])
-        learner.scheduler.load_state_dict(checkpoint["scheduler"])
-        start_step, state = checkpoint["step"], checkpoint["state"]
+        extra = load_checkpoint(checkpoint, learner.policy, learner.optimizer)
+        learner.scheduler.load_state_dict(extra["scheduler"])
+        start_step, state = extra["step"], extra["state"]
         print(f"resuming {run_dir} from step {start_step}")
     else:
         start_step, state = 0, {"elapsed": 0.0, "skipped_steps": 0, "bad_streak": 0}
-    logger = LOGGERS[cfg.logger.name](
+    logger = (LOGGERS[cfg.logger.name] if ranks.main else SilentLogger)(
         run_dir,
         OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
         resume_from_step=start_step if checkpoint else None,
@@ -229,7 +271,10 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         logger.log({**initial, **{f"eval/{bench}/teacher/{k}": v for k, v in state["teacher_eval"].items()}}, step=0)
 
     started = time.perf_counter() - state["elapsed"]
-    progress = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc="opdx train", mininterval=1)
+    progress = tqdm(
+        range(start_step, t.steps), initial=start_step, total=t.steps, desc="opdx train", mininterval=1,
+        disable=not ranks.main,
+    )  # fmt: skip
     for step in progress:
         metrics = train_step(learner, step)
         done = step + 1
@@ -262,28 +307,24 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         logger.log(metrics, step=done)
         state["elapsed"] = time.perf_counter() - started
         if done % t.checkpoint_every == 0 or done == t.steps:
-            save_checkpoint(
-                run_dir,
-                {
-                    "step": done,
-                    "student": parts.student.state_dict(),
-                    "optimizer": learner.optimizer.state_dict(),
-                    "scheduler": learner.scheduler.state_dict(),
-                    "state": state,
-                },
-            )
+            extra = {"scheduler": learner.scheduler.state_dict(), "state": state}
+            save_checkpoint(run_dir, done, learner.policy, learner.optimizer, extra, ranks)
     progress.close()
     if "final_eval" not in state:  # resumed at or past trainer.steps: nothing ran, evaluate once
         state["final_eval"] = {**evaluate("student", start_step), "step": start_step}
 
-    parts.student.save_pretrained(run_dir / "student")
-    parts.tokenizer.save_pretrained(run_dir / "student")
-    summary = make_summary(run, state, run_dir)
-    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    logger.summary(summary)
-    logger.finish()
-    print_summary(summary)
-    return summary
+    weights = get_model_state_dict(learner.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    summary = make_summary(run, state, run_dir) if ranks.main else {}
+    if ranks.main:
+        student_weights = {key.removeprefix("model."): value for key, value in weights.items()}
+        parts.student.save_pretrained(run_dir / "student", state_dict=student_weights)
+        parts.tokenizer.save_pretrained(run_dir / "student")
+        atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        logger.summary(summary)
+        logger.finish()
+        print_summary(summary)
+    barrier()
+    return broadcast(summary)
 
 
 def make_summary(run: Run, state: dict[str, Any], run_dir: Path) -> dict[str, Any]:

@@ -1,35 +1,63 @@
 import pytest
 import torch
 
-from opdx.checkpoint import KEEP, CheckpointError, checkpoint_paths, has_checkpoint, load_checkpoint, save_checkpoint
+from opdx.checkpoint import (
+    KEEP,
+    CheckpointError,
+    checkpoint_dirs,
+    has_checkpoint,
+    load_checkpoint,
+    read_extra,
+    save_checkpoint,
+    usable_checkpoint,
+)
+from opdx.dist import ONE_RANK
+
+
+def module_and_optimizer(value: float):
+    module = torch.nn.Linear(100, 10)
+    torch.nn.init.constant_(module.weight, value)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    module(torch.ones(1, 100)).sum().backward()
+    optimizer.step()
+    return module, optimizer
 
 
 def save(run_dir, step):
-    return save_checkpoint(run_dir, {"step": step, "student": {"w": torch.full((1000,), float(step))}})
+    module, optimizer = module_and_optimizer(float(step))
+    return save_checkpoint(run_dir, step, module, optimizer, {"state": {"note": step}}, ONE_RANK)
 
 
-def test_the_last_two_verified_checkpoints_are_kept(tmp_path):
-    assert load_checkpoint(tmp_path) is None and not has_checkpoint(tmp_path)
+def test_the_last_two_verified_checkpoints_are_kept_and_load_exactly(tmp_path):
+    assert usable_checkpoint(tmp_path) is None and not has_checkpoint(tmp_path)
     for step in (2, 4, 6):
         save(tmp_path, step)
-    assert KEEP == 2 and [p.name for p in checkpoint_paths(tmp_path)] == ["step_000006.pt", "step_000004.pt"]
+    assert KEEP == 2 and [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000006", "step_000004"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step_000004.pt",
-        "step_000004.pt.sha256",
-        "step_000006.pt",
-        "step_000006.pt.sha256",
+        "step_000004",
+        "step_000004.sha256",
+        "step_000006",
+        "step_000006.sha256",
     ]
-    assert load_checkpoint(tmp_path)["step"] == 6
+    newest = usable_checkpoint(tmp_path)
+    assert newest.name == "step_000006" and read_extra(newest) == {"state": {"note": 6}, "step": 6}
+    saved, saved_optimizer = module_and_optimizer(6.0)
+    module, optimizer = module_and_optimizer(0.0)
+    assert load_checkpoint(newest, module, optimizer)["step"] == 6
+    assert torch.equal(module.weight, saved.weight)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(optimizer.state[module.weight][key], saved_optimizer.state[saved.weight][key])
 
 
 def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
     save(tmp_path, 2)
     newest = save(tmp_path, 4)
-    data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # a flipped bit that torch.load itself would not notice
-    newest.write_bytes(bytes(data))
-    assert load_checkpoint(tmp_path)["step"] == 2
-    assert "step_000004.pt is damaged (its bytes do not match its sha256); resuming from step_000002.pt" in (
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped bit that the loaders would not notice
+    shard.write_bytes(bytes(data))
+    assert usable_checkpoint(tmp_path).name == "step_000002"
+    assert "step_000004 is damaged (its files do not match their sha256); resuming from step_000002" in (
         capsys.readouterr().out
     )
 
@@ -37,14 +65,13 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
 def test_a_checkpoint_killed_while_written_is_skipped(tmp_path, capsys):
     save(tmp_path, 2)
     unfinished = save(tmp_path, 4)
-    unfinished.with_name(unfinished.name + ".sha256").unlink()  # killed between the file and its digest
-    unfinished.write_bytes(unfinished.read_bytes()[:100])
-    assert load_checkpoint(tmp_path)["step"] == 2
-    assert "step_000004.pt is unfinished" in capsys.readouterr().out
+    unfinished.with_name(unfinished.name + ".sha256").unlink()  # killed between its files and its digest
+    assert usable_checkpoint(tmp_path).name == "step_000002"
+    assert "step_000004 is unfinished" in capsys.readouterr().out
 
 
 def test_no_usable_checkpoint_is_an_error_naming_each(tmp_path):
     only = save(tmp_path, 2)
-    only.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*step_000002.pt is damaged"):
-        load_checkpoint(tmp_path)
+    (only / "extra.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*step_000002 is damaged"):
+        usable_checkpoint(tmp_path)

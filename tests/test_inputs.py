@@ -108,9 +108,7 @@ def test_prompts_longer_than_the_context_are_refused_or_dropped(opdx_cli, tmp_pa
     long = [*TINY, "benchmark.min_terms=10", "benchmark.max_terms=16", "benchmark.train_size=300", "eval.problems=200"]
     result = opdx_cli("train", *long, f"hydra.run.dir={tmp_path / 'refused'}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert (
-        "of 200 eval prompts do not fit the student: prompt + 24 new tokens exceed its 64 positions" in result.stderr
-    )
+    assert "of 200 eval prompts do not fit the student: prompt + 24 new tokens exceed its 64 positions" in result.stderr
     assert "trainer.drop_long_prompts=true" in result.stderr
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()
     dropped = opdx_cli("train", *long, "trainer.drop_long_prompts=true", f"hydra.run.dir={tmp_path / 'dropped'}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FAST_TRAIN
 
-from opdx.checkpoint import checkpoint_paths, load_checkpoint
+from opdx.checkpoint import checkpoint_dirs, read_extra, usable_checkpoint
 from opdx.config import TrainerConfig
 from opdx.metrics import read_metrics
 from opdx.trainer import lr_schedule
@@ -72,8 +72,8 @@ def test_smoke_run_writes_metrics_summary_and_checkpoint(opdx_cli, tmp_path):
     assert summary["final_eval"]["greedy_acc"] == records[4]["eval/arith/greedy_acc"]
     assert set(summary["mean_step_time_s"]) == {"rollout", "teacher", "update"}
     assert (tmp_path / ".hydra" / "config.yaml").exists() and (tmp_path / "student" / "config.json").exists()
-    assert load_checkpoint(tmp_path)["step"] == 4
-    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_000004.pt", "step_000002.pt"]
+    assert read_extra(usable_checkpoint(tmp_path))["step"] == 4
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000004", "step_000002"]
     assert all(r["train/skipped"] == 0 for r in records[1:]) and summary["skipped_steps"] == 0
 
 
@@ -89,7 +89,7 @@ def kill_after_first_checkpoint(args: list[str], run_dir: Path) -> int:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    return load_checkpoint(run_dir)["step"]
+    return read_extra(usable_checkpoint(run_dir))["step"]
 
 
 def test_killed_run_resumes_to_the_same_metrics(opdx_cli, tmp_path):
@@ -221,7 +221,9 @@ def test_a_non_finite_teacher_log_prob_skips_the_step_and_too_many_stop_the_run(
     )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_steps"] == len(skipped) == records[-1]["train/skipped_steps"]
-    student = load_checkpoint(tmp_path / "run")["student"]
+    from safetensors.torch import load_file
+
+    student = load_file(tmp_path / "run" / "student" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in student.values())
 
     first_bad = skipped[0]["step"]
@@ -229,7 +231,7 @@ def test_a_non_finite_teacher_log_prob_skips_the_step_and_too_many_stop_the_run(
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"1 steps in a row (to step {first_bad}) were skipped because teacher_logprobs" in result.stderr
     assert read_metrics(tmp_path / "stop")[-1]["step"] == first_bad
-    assert load_checkpoint(tmp_path / "stop")["step"] == first_bad - 1
+    assert read_extra(usable_checkpoint(tmp_path / "stop"))["step"] == first_bad - 1
 
 
 def test_a_skipped_step_changes_no_parameter_optimizer_or_schedule(tmp_path):

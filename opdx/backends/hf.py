@@ -15,6 +15,8 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -48,7 +50,7 @@ class SampledLogprobRecorder(LogitsProcessor):
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         self._gather_previous(input_ids[:, -1])
-        self.previous_logp_B_V = torch.log_softmax(scores.float(), dim=-1)
+        self.previous_logp_B_V = torch.log_softmax(upcast(scores), dim=-1)
         return scores
 
     def finish(self, last_sampled_B: Tensor) -> Tensor:
@@ -69,8 +71,9 @@ class DecodingProgress(LogitsProcessor):
 
 
 class TokenScores(nn.Module):
-    """log p(response token | prefix) of a rollout under a causal LM, [B, T] float32 on the CPU,
-    or with ``logits=True`` the next-token logits at each response position, [B, T, V] float32.
+    """log p(response token | prefix) of a rollout under a causal LM, [B, T] on the CPU,
+    or with ``logits=True`` the next-token logits at each response position, [B, T, V], both in
+    float32 at least (float64 for a float64 model).
     Both are over the tokenizer's ``vocab_size`` ids (output rows beyond it are padding: left out,
     ``opdx.compat.vocab_logits``) and warped by ``params`` (the distribution sampled from; the
     teacher uses the plain one).
@@ -89,7 +92,7 @@ class TokenScores(nn.Module):
         hidden_B_T_D = self._hidden_states(rollout)
         lm_head = self.model.get_output_embeddings()
         if logits:
-            logits_B_T_V = vocab_logits(lm_head(hidden_B_T_D), self.vocab_size).float()
+            logits_B_T_V = upcast(vocab_logits(lm_head(hidden_B_T_D), self.vocab_size))
             return params.warp(logits_B_T_V.flatten(0, 1)).view_as(logits_B_T_V)
         tokens_B_T = rollout.response_tokens_B_T.to(hidden_B_T_D.device)
         chunks = []
@@ -101,6 +104,11 @@ class TokenScores(nn.Module):
             else:
                 chunks.append(_chunk_logprobs(*args))
         return torch.cat(chunks, dim=1).cpu()
+
+    def generate(self, **kwargs: object) -> Tensor:
+        """The model's ``generate``, through this module: under FSDP2 it is registered as a forward
+        method of the sharded root (``register_fsdp_forward_method``), so its parameters are gathered."""
+        return self.model.generate(**kwargs)
 
     def _hidden_states(self, rollout: Rollout) -> Tensor:
         """Final hidden states at the positions that predict each response token, [B, T, D]."""
@@ -116,10 +124,15 @@ class TokenScores(nn.Module):
         return out.last_hidden_state[:, rollout.prompt_tokens_B_L.shape[1] - 1 :]
 
 
+def upcast(logits: Tensor) -> Tensor:
+    """Logits in float32 at least (bfloat16 and float16 upcast; float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _chunk_logprobs(
     lm_head: nn.Module, params: SamplingParams, vocab_size: int, hidden_B_C_D: Tensor, tokens_B_C: Tensor
 ) -> Tensor:
-    logits_B_C_V = vocab_logits(lm_head(hidden_B_C_D), vocab_size).float()
+    logits_B_C_V = upcast(vocab_logits(lm_head(hidden_B_C_D), vocab_size))
     logits_B_C_V = params.warp(logits_B_C_V.flatten(0, 1)).view_as(logits_B_C_V)
     return gather_logprobs(logits_B_C_V, tokens_B_C)
 
@@ -157,6 +170,7 @@ class HFModel:
         self.tokenizer = tokenizer
         self.prompt_tokenizer = prompt_tokenizer or tokenizer
         self.scores = TokenScores(model, logprob_chunk, len(tokenizer))
+        self.generator = self.scores  # what generates: the trainer's (wrapped) student module, once handed over
         self.context = model.config.max_position_embeddings
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
@@ -197,11 +211,12 @@ class HFModel:
             processors.append(DecodingProgress(on_step))
         was_training = model.training
         model.eval()
-        sequences_B_N = model.generate(
+        sequences_B_N = self.generator.generate(
             input_ids=prompt_tokens_B_L.to(model.device),
             attention_mask=prompt_mask_B_L.to(model.device),
             generation_config=config,
             logits_processor=processors,
+            synced_gpus=isinstance(self.generator, FSDPModule),  # sharded: every rank runs every decode step
         )
         model.train(was_training)
         response_tokens_B_T = sequences_B_N[:, prompt_tokens_B_L.shape[1] :].cpu()
@@ -212,7 +227,11 @@ class HFModel:
         )
 
     def update_weights(self, model: nn.Module) -> None:
-        """Nothing to copy: this sampler generates with the trained module itself."""
+        """Nothing to copy: this sampler generates with the trained module itself; handed the
+        trainer's student module (``TokenScores``, maybe in DDP or FSDP2) it generates through it."""
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        if isinstance(module, TokenScores) and module.model is self.model:
+            self.generator = module
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> Tensor:

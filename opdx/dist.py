@@ -1,0 +1,143 @@
+"""Data parallelism with PyTorch's own engine: ranks under ``torchrun``, the process group, and
+the global sums every normaliser and metric uses.
+
+    torchrun --nproc_per_node=2 -m opdx train trainer.strategy=ddp     # or trainer.strategy=fsdp2
+    opdx train                                                          # one process: trainer.strategy=none
+
+``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; ``init`` creates the
+default process group from them, with gloo for CPU tensors and NCCL for CUDA ones (one group,
+``"cpu:gloo,cuda:nccl"``). Outside torchrun everything here is the identity on one rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks of a run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes metrics, summaries, the final student and prints progress."""
+        return self.rank == 0
+
+    def share(self, items: Sequence[Item]) -> list[Item]:
+        """This rank's share of a global list: items rank, rank + world, ... (nanochat's split)."""
+        return list(items[self.rank :: self.world])
+
+
+ONE_RANK = Ranks()
+
+
+def launched() -> Ranks:
+    """The ranks torchrun launched this process with (one rank without torchrun). A task of a
+    multi-task Slurm job started by Hydra's submitit launcher gets torchrun's variables from
+    submitit (``TorchDistributedEnvironment``: the first node as master, a port from the job id)."""
+    if "WORLD_SIZE" not in os.environ and "SUBMITIT_EXECUTOR" in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment  # only inside a submitit task
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return ONE_RANK
+    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init() -> Ranks:
+    """The default process group of a torchrun launch (created once), or one rank without torchrun."""
+    ranks = launched()
+    if ranks.world > 1 and not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return ranks
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_sum(x: Tensor) -> Tensor:
+    """The sum of ``x`` over the ranks (``x`` itself on one rank)."""
+    if not active():
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def global_max(x: Tensor) -> Tensor:
+    if not active():
+        return x
+    top = x.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return top
+
+
+def global_min(x: Tensor) -> Tensor:
+    return -global_max(-x)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast(value: object) -> object:
+    """Rank 0's ``value`` on every rank."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap(
+    module: nn.Module, strategy: str, layers: Iterable[nn.Module], device: torch.device, forward_methods: Sequence[str]
+) -> nn.Module:
+    """The module a data-parallel step backpropagates through: ``module`` itself on one rank; in
+    DDP (``strategy="ddp"``) with gradients summed, not averaged, over the ranks; or sharded with
+    FSDP2 (``"fsdp2"``: each of ``layers``, then ``module`` as the root), its reduce-scatter summing
+    too, and ``forward_methods`` (``generate``) registered so they gather the root's parameters.
+
+    Summing (rather than averaging, whose divisor differs between DDP, FSDP2 on NCCL and FSDP2 on
+    gloo, pytorch#162338) with global normalisers in the loss (``opdx.objective``) gives exactly
+    the one-process gradient of the whole batch."""
+    if not active():
+        return module
+    if strategy == "ddp":
+        wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped.register_comm_hook(None, _sum_hook)
+        return wrapped
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(module)
+    for sharded in module.modules():
+        if isinstance(sharded, FSDPModule):
+            sharded.set_force_sum_reduction_for_comms(True)
+            sharded.set_gradient_divide_factor(1.0)
+    for name in forward_methods:
+        register_fsdp_forward_method(module, name)
+    return module
+
+
+def _sum_hook(state, bucket):  # noqa: ANN001 (DDP checks the annotations, which postponed evaluation makes strings)
+    """DDP communication hook: all-reduce a gradient bucket (a ``dist.GradBucket``) with SUM, where
+    DDP's default averages; returns the future of the reduced ``Tensor``."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda future: future.value()[0])

@@ -1,0 +1,79 @@
+"""Run by tests/test_dist.py under torchrun (2 processes, gloo, one thread each):
+
+    torchrun --standalone --nproc_per_node=2 tests/dist_gradients.py ddp     # or fsdp2
+
+For a fixed rollout of 12 sequences and each estimator setting, the gradient that the ranks
+compute from their shares (rank r: sequences r, r + 2, ...) with the trainer's global normalisers
+and the strategy's reduction must equal the one-process gradient of the whole batch, in float64.
+Prints the largest difference; exits 1 when it exceeds 1e-10.
+"""
+
+import sys
+from dataclasses import replace
+
+import torch
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opdx.backends.hf import HFModel, TokenScores
+from opdx.config import EstimatorConfig, asset_path
+from opdx.dist import global_max, global_sum, init, wrap
+from opdx.divergences import get_divergence
+from opdx.objective import build_estimator
+
+SETTINGS = [
+    EstimatorConfig(name="unbiased", token_mean=True, batch_baseline=True),
+    EstimatorConfig(name="stopgrad", whiten=True, gamma=1.0),
+    EstimatorConfig(name="unbiased"),
+    EstimatorConfig(name="analytic", token_mean=True),
+]
+
+
+def student() -> AutoModelForCausalLM:
+    return AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"), dtype=torch.float64)
+
+
+def main() -> int:
+    strategy = sys.argv[1]
+    torch.set_num_threads(1)
+    ranks = init()
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny/student"))
+    teacher = HFModel(AutoModelForCausalLM.from_pretrained(asset_path("tiny/teacher"), dtype=torch.float64), tokenizer)
+    torch.manual_seed(0)  # the same rollout on every rank
+    rollout = HFModel(student(), tokenizer).sample(["12+7=", "3-45+6=", "9=", "77-8="], 3, 10)
+    rows = list(range(ranks.rank, rollout.response_tokens_B_T.shape[0], ranks.world))
+    share = replace(
+        rollout,
+        **{name: getattr(rollout, name)[rows] for name in ("prompt_tokens_B_L", "prompt_mask_B_L",
+           "response_tokens_B_T", "response_mask_B_T", "logp_sampling_B_T", "finished_B")},
+        problems=[rollout.problems[i] for i in rows],
+    )  # fmt: skip
+    div, worst = get_divergence("forward_kl"), 0.0
+    for config in SETTINGS:
+        estimator = build_estimator(config)
+        logits = estimator.needs_teacher_logits
+        teacher_scores = teacher.logits(rollout) if logits else teacher.logprobs(rollout)
+        whole = TokenScores(student())
+        loss = estimator.loss(
+            whole(rollout, logits=logits), teacher_scores, rollout.response_tokens_B_T, rollout.response_mask_B_T, div
+        ).loss
+        loss.backward()
+        expected = {name: p.grad for name, p in whole.named_parameters()}
+        model = student()
+        policy = wrap(TokenScores(model), strategy, model.model.layers, torch.device("cpu"), ("generate",))
+        loss = estimator.loss(
+            policy(share, logits=logits), teacher_scores[rows], share.response_tokens_B_T, share.response_mask_B_T,
+            div, reduce=global_sum,
+        ).loss  # fmt: skip
+        loss.backward()
+        for name, p in policy.named_parameters():
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            difference = (grad - expected[name.removeprefix("module.")]).abs().max()
+            worst = max(worst, global_max(difference).item())
+    if ranks.main:
+        print(f"{strategy}: largest gradient difference from one process: {worst:.2e}")
+    return 0 if worst < 1e-10 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

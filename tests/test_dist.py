@@ -1,0 +1,89 @@
+"""Data parallelism under torchrun on the CPU: 2 processes with gloo, one thread each."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAST_TRAIN, REPO
+from transformers import AutoModelForCausalLM
+
+from opdx.metrics import read_metrics
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*TORCHRUN, *args], cwd=REPO, capture_output=True, text=True, env=ENV)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_give_the_one_process_gradient_of_the_whole_batch(strategy):
+    """For a fixed rollout: token_mean with the batch baseline, whitening with gamma = 1, the plain
+    loss and the analytic one; float64, so any normaliser taken per rank would show."""
+    result = torchrun("tests/dist_gradients.py", strategy)
+    assert f"{strategy}: largest gradient difference from one process:" in result.stdout
+
+
+def train_metrics(run_dir):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in read_metrics(run_dir)]
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_and_fsdp2_runs_write_one_run_the_same_way(tmp_path):
+    for strategy in ("ddp", "fsdp2"):
+        torchrun(
+            "-m", "opdx", "train", *FAST_TRAIN, f"trainer.strategy={strategy}", f"hydra.run.dir={tmp_path / strategy}"
+        )
+        run_dir = tmp_path / strategy
+        assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3, 4]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["final_eval"]["step"] == 4 and summary["skipped_steps"] == 0
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+        assert sum(p.numel() for p in model.parameters()) == 100_672
+        assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == [
+            "checkpoints",
+            "cli.log",
+            "metrics.jsonl",
+            "student",
+            "summary.json",
+        ]
+    ddp, fsdp2 = train_metrics(tmp_path / "ddp"), train_metrics(tmp_path / "fsdp2")
+    for a, b in zip(ddp, fsdp2, strict=True):  # the strategy changes how, not what
+        assert a.keys() == b.keys()
+        assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a), a["step"]
+    refused = torchrun("-m", "opdx", "train", *FAST_TRAIN, f"hydra.run.dir={tmp_path / 'none'}", check=False)
+    assert refused.returncode != 0 and "torchrun started 2 processes but trainer.strategy=none" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_killed_after_a_checkpoint_resumes_on_one_rank_and_back(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FAST_TRAIN, "trainer.steps=8", "trainer.checkpoint_every=1", "trainer.strategy=ddp"]
+    process = subprocess.Popen(
+        [*TORCHRUN, "-m", "opdx", "train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoints/step_000002.sha256")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+    process.wait()
+    assert not (run_dir / "summary.json").exists()
+    one_rank = ["trainer.steps=10", "trainer.strategy=none"]
+    subprocess.run(
+        [sys.executable, "-m", "opdx", "train", f"trainer.resume={run_dir}", *one_rank],
+        cwd=REPO, env=ENV, check=True, capture_output=True,
+    )  # fmt: skip
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(11))
+    torchrun("-m", "opdx", "train", f"trainer.resume={run_dir}", "trainer.steps=12", "trainer.strategy=fsdp2")
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(13))
+    assert json.loads((run_dir / "summary.json").read_text())["final_eval"]["step"] == 12
