@@ -87,3 +87,22 @@ def test_a_two_rank_run_killed_after_a_checkpoint_resumes_on_one_rank_and_back(t
     torchrun("-m", "opdx", "train", f"trainer.resume={run_dir}", "trainer.steps=12", "trainer.strategy=fsdp2")
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(13))
     assert json.loads((run_dir / "summary.json").read_text())["final_eval"]["step"] == 12
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_on_one_rank_is_skipped_by_all(tmp_path):
+    """A NaN teacher log-prob on one rank's share: every rank skips the step together (no rank
+    waits in a collective), and the run stops for all at trainer.max_bad_steps."""
+    from test_trainer import overflowing_teacher
+
+    teacher = overflowing_teacher(tmp_path / "teacher")
+    common = [*FAST_TRAIN, "trainer.steps=12", "trainer.prompts_per_step=16", "eval.n=0", f"model.teacher={teacher}"]
+    torchrun("-m", "opdx", "train", *common, "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'run'}")
+    skipped = [r for r in read_metrics(tmp_path / "run")[1:] if r["train/skipped"]]
+    assert skipped and all(r["nonfinite/teacher_logprobs"] > 0 for r in skipped)
+    stopped = torchrun(
+        "-m", "opdx", "train", *common, "trainer.strategy=ddp", "trainer.max_bad_steps=1",
+        f"hydra.run.dir={tmp_path / 'stop'}", check=False,
+    )  # fmt: skip
+    assert stopped.returncode != 0 and "steps in a row" in stopped.stderr
+    assert read_metrics(tmp_path / "stop")[-1]["step"] == skipped[0]["step"]  # the same trajectory up to it
