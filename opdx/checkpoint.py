@@ -19,6 +19,9 @@ import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +79,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     model_state, optimizer_state = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp), no_dist=not active())
+    with one_process_quiet():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp), no_dist=not active())
     if ranks.main:
         torch.save({**extra, "step": step}, tmp / EXTRA_FILE)
     barrier()
@@ -92,6 +96,14 @@ def save_checkpoint(
             shutil.rmtree(old)
     barrier()
     return path
+
+
+@contextmanager
+def one_process_quiet() -> Iterator[None]:
+    """DCP warns at every save and load of a one-process run that it assumes one process; it is right."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _problem(path: Path) -> str | None:
@@ -135,7 +147,8 @@ def load_checkpoint(path: Path, policy: nn.Module, optimizer: torch.optim.Optimi
     """Load a checkpoint into the policy and optimizer (on any number of ranks); returns its extra state."""
     model_state, optimizer_state = get_state_dict(policy, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not active())
+    with one_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not active())
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return read_extra(path)
 
@@ -143,7 +156,8 @@ def load_checkpoint(path: Path, policy: nn.Module, optimizer: torch.optim.Optimi
 def load_weights(path: Path, policy: nn.Module) -> None:
     """Load only a checkpoint's model weights into ``policy`` (``opdx eval`` of an unfinished run)."""
     state = {"model": get_model_state_dict(policy)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not active())
+    with one_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not active())
     set_model_state_dict(policy, state["model"])
 
 
