@@ -64,6 +64,58 @@ def test_chunked_logprobs_backprop_like_full_logits(student):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_rows_sharing_a_prompt_share_its_forward(student):
+    """A group's prompt runs once (one row per distinct prompt) and its cache is read by every row
+    of the group: log-probs and gradients equal one forward per row."""
+    model, tokenizer = student
+    torch.manual_seed(4)
+    rollout = HFModel(model, tokenizer).sample(PROMPTS, 3, 8)
+    mask = rollout.response_mask_B_T
+    rows = []
+    hook = model.model.register_forward_pre_hook(lambda _, __, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    shared = TokenScores(model)(rollout)
+    hook.remove()
+    prefix = rollout.prompt_tokens_B_L.shape[1] - 1
+    assert rows == [(3, prefix), (9, rollout.response_tokens_B_T.shape[1])]
+    grads_shared = torch.autograd.grad(shared[mask].sum(), list(model.parameters()))
+    alone = torch.cat([TokenScores(model)(row(rollout, i)) for i in range(9)])
+    grads_alone = torch.autograd.grad(alone[mask].sum(), list(model.parameters()))
+    torch.testing.assert_close(shared[mask], alone[mask], atol=1e-5, rtol=0)
+    for a, b in zip(grads_shared, grads_alone, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert max(g.abs().max() for g in grads_shared) > 1e-2
+
+
+def row(rollout: Rollout, i: int) -> Rollout:
+    r = rollout
+    tensors = (r.prompt_tokens_B_L, r.prompt_mask_B_L, r.response_tokens_B_T, r.response_mask_B_T)
+    return Rollout(*(t[i : i + 1] for t in tensors))
+
+
+def test_greedy_samples_of_a_shared_prompt_equal_those_of_it_alone(student):
+    model, tokenizer = student
+    grouped = HFModel(model, tokenizer).sample(PROMPTS, 3, 10, greedy=True)
+    single = HFModel(model, tokenizer).sample(PROMPTS, 1, 10, greedy=True)
+    assert torch.equal(grouped.response_tokens_B_T[::3], single.response_tokens_B_T)
+    torch.testing.assert_close(grouped.logp_sampling_B_T[::3], single.logp_sampling_B_T, atol=1e-5, rtol=0)
+
+
+def test_a_static_cache_samples_as_the_dynamic_one(student):
+    model, tokenizer = student
+    dynamic, static = HFModel(model, tokenizer), HFModel(model, tokenizer, cache="static")
+    assert torch.equal(
+        static.sample(PROMPTS, 1, 10, greedy=True).response_tokens_B_T,
+        dynamic.sample(PROMPTS, 1, 10, greedy=True).response_tokens_B_T,
+    )
+    torch.manual_seed(5)
+    rollout = static.sample(PROMPTS, 2, 10, SamplingParams(temperature=0.7))
+    mask = rollout.response_mask_B_T
+    recomputed = TokenScores(model)(rollout, SamplingParams(temperature=0.7))
+    torch.testing.assert_close(recomputed[mask], rollout.logp_sampling_B_T[mask], atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="rollout.cache='paged' is invalid; valid: dynamic, static"):
+        HFModel(model, tokenizer, cache="paged")
+
+
 def test_greedy_is_deterministic_and_decodes_text(student):
     model, tokenizer = student
     first = decode_responses(tokenizer, HFModel(model, tokenizer).sample(PROMPTS, 1, 12, greedy=True))
@@ -73,9 +125,10 @@ def test_greedy_is_deterministic_and_decodes_text(student):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(student):
-    """trainer.gradient_checkpointing recomputes layers in backward: same gradients, less memory."""
+    """trainer.gradient_checkpointing recomputes layers in backward: same gradients, less memory
+    (one sample per prompt: no shared prompt cache, which checkpointing turns off)."""
     model, tokenizer = student
-    rollout = HFModel(model, tokenizer).sample(PROMPTS, 2, 8)
+    rollout = HFModel(model, tokenizer).sample(PROMPTS, 1, 8)
     grads = []
     for checkpointing in (False, True):
         if checkpointing:

@@ -40,8 +40,16 @@ def train_metrics(run_dir):
 @pytest.mark.slow
 def test_torchrun_ddp_and_fsdp2_runs_write_one_run_the_same_way(tmp_path):
     for strategy in ("ddp", "fsdp2"):
+        # one sample per prompt: DDP shares a group's prompt forward and FSDP2 cannot, which would
+        # round differently (1e-7) and let a sampled token differ a few steps on
         torchrun(
-            "-m", "opdx", "train", *FAST_TRAIN, f"trainer.strategy={strategy}", f"hydra.run.dir={tmp_path / strategy}"
+            "-m",
+            "opdx",
+            "train",
+            *FAST_TRAIN,
+            "trainer.samples_per_prompt=1",
+            f"trainer.strategy={strategy}",
+            f"hydra.run.dir={tmp_path / strategy}",
         )
         run_dir = tmp_path / strategy
         assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3, 4]
@@ -59,7 +67,7 @@ def test_torchrun_ddp_and_fsdp2_runs_write_one_run_the_same_way(tmp_path):
     ddp, fsdp2 = train_metrics(tmp_path / "ddp"), train_metrics(tmp_path / "fsdp2")
     for a, b in zip(ddp, fsdp2, strict=True):  # the strategy changes how, not what
         assert a.keys() == b.keys()
-        assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a), a["step"]
+        assert [k for k in a if a[k] != pytest.approx(b[k], rel=1e-4, abs=1e-5)] == [], a["step"]
     refused = torchrun("-m", "opdx", "train", *FAST_TRAIN, f"hydra.run.dir={tmp_path / 'none'}", check=False)
     assert refused.returncode != 0 and "torchrun started 2 processes but trainer.strategy=none" in refused.stderr
 

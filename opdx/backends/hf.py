@@ -10,6 +10,7 @@ with the same module under ``torch.no_grad``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -27,7 +29,7 @@ from transformers import (
 
 from opdx.benchmarks import Problem
 from opdx.compat import PairError, vocab_logits
-from opdx.config import ModelConfig
+from opdx.config import ModelConfig, check
 from opdx.models import load_model, load_tokenizer_of
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, gather_logprobs, pad, response_mask
@@ -111,17 +113,67 @@ class TokenScores(nn.Module):
         return self.model.generate(**kwargs)
 
     def _hidden_states(self, rollout: Rollout) -> Tensor:
-        """Final hidden states at the positions that predict each response token, [B, T, D]."""
+        """Final hidden states at the positions that predict each response token, [B, T, D].
+
+        Rows that share a prompt (a group of samples) share its forward (``shared_prompt_cache``):
+        the same function as one forward per row, with the prompt's cost divided by the group
+        size, where ``_may_share``; elsewhere every row runs whole."""
         device = self.model.device
-        tokens_B_N = torch.cat([rollout.prompt_tokens_B_L, rollout.response_tokens_B_T[:, :-1]], dim=1).to(device)
-        attention_B_N = torch.cat(
-            [rollout.prompt_mask_B_L, torch.ones_like(rollout.response_tokens_B_T[:, :-1])], dim=1
-        ).to(device)
+        prompt_B_L, prompt_mask_B_L = rollout.prompt_tokens_B_L.to(device), rollout.prompt_mask_B_L.to(device)
+        tokens_B_N = torch.cat([prompt_B_L, rollout.response_tokens_B_T[:, :-1].to(device)], dim=1)
+        attention_B_N = torch.cat([prompt_mask_B_L, torch.ones_like(rollout.response_tokens_B_T[:, :-1]).to(device)], 1)
         position_ids_B_N = (attention_B_N.cumsum(-1) - 1).clamp(min=0)
+        prefix = prompt_B_L.shape[1] - 1  # the positions before the first one that predicts a response token
+        cache = shared_prompt_cache(self.model, prompt_B_L, prompt_mask_B_L) if self._may_share() else None
         out = self.model.base_model(
-            input_ids=tokens_B_N, attention_mask=attention_B_N, position_ids=position_ids_B_N, use_cache=False
+            input_ids=tokens_B_N if cache is None else tokens_B_N[:, prefix:],
+            attention_mask=attention_B_N,
+            position_ids=position_ids_B_N if cache is None else position_ids_B_N[:, prefix:],
+            use_cache=cache is not None,
+            **cache_argument(self.model, cache),
         )
-        return out.last_hidden_state[:, rollout.prompt_tokens_B_L.shape[1] - 1 :]
+        return out.last_hidden_state if cache is not None else out.last_hidden_state[:, prefix:]
+
+    def _may_share(self) -> bool:
+        """Whether the prompt's forward may be shared: not where activation checkpointing would
+        run (HF's checkpointed layers drop a cache) nor under FSDP2 (whose backward cannot take a
+        layer run twice in one forward: it reshards in between)."""
+        checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in self.model.modules())
+        checkpointed = checkpointing and torch.is_grad_enabled() and self.model.training
+        return not isinstance(self, FSDPModule) and not checkpointed
+
+
+def shared_prompt_cache(model: PreTrainedModel, prompt_B_L: Tensor, prompt_mask_B_L: Tensor) -> DynamicCache | None:
+    """The keys and values of every row's prompt but its last token ([B, L-1] positions, left
+    padded), computed once per distinct prompt and indexed out to the rows that share it; None
+    when no two rows share a prompt (or the prompts are one token), where it would save nothing.
+
+    With grad enabled the cache carries the graph, so gradients reach the prompt through every row
+    that reads it (autograd sums them at the indexing). Values equal one forward per row to
+    floating-point rounding (the model's float32 norms make that ~1e-7 relative, float64 too)."""
+    distinct_U_2L, row_B = torch.unique(torch.cat([prompt_B_L, prompt_mask_B_L], 1), dim=0, return_inverse=True)
+    prefix = prompt_B_L.shape[1] - 1
+    if prefix == 0 or len(distinct_U_2L) == len(row_B):
+        return None
+    prompt_U_L, prompt_mask_U_L = distinct_U_2L.split(prompt_B_L.shape[1], dim=1)
+    cache = DynamicCache(config=model.config)
+    model.base_model(
+        input_ids=prompt_U_L[:, :prefix],
+        attention_mask=prompt_mask_U_L[:, :prefix],
+        position_ids=(prompt_mask_U_L[:, :prefix].cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        **cache_argument(model, cache),
+    )
+    cache.batch_select_indices(row_B)
+    return cache
+
+
+def cache_argument(model: PreTrainedModel, cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
+    """``cache`` as the keyword this transformers takes in forward and ``generate``: ``cache``
+    where the model's forward names it so (later 5.x, where ``past_key_values`` is deprecated),
+    else ``past_key_values``."""
+    takes_cache = "cache" in inspect.signature(model.base_model.forward).parameters
+    return {"cache" if takes_cache else "past_key_values": cache}
 
 
 def upcast(logits: Tensor) -> Tensor:
@@ -147,6 +199,9 @@ class PaddingRowsOff(LogitsProcessor):
         return scores.index_fill(-1, torch.arange(self.vocab_size, scores.shape[-1], device=scores.device), -torch.inf)
 
 
+CACHES = ("dynamic", "static")
+
+
 class HFModel:
     """A local transformers model as a sampler (``generate``) and a scorer (``TokenScores``).
 
@@ -154,7 +209,9 @@ class HFModel:
     has nothing to copy; as ``teacher=hf`` (``load_teacher``) it holds the frozen teacher.
     ``prompt_tokenizer`` renders its prompts when its chat template is not the one of ``tokenizer``
     (the pair's shared tokenizer, whose ids and EOS the responses use); ``context`` is the number
-    of positions the model has.
+    of positions the model has. ``cache`` is the KV cache ``generate`` decodes with: ``dynamic``
+    (grows per token; rows that share a prompt share its prefill) or ``static`` (preallocated to
+    prompt + max new tokens, which transformers compiles on GPUs: its first call compiles).
     """
 
     supports_logits = True
@@ -165,7 +222,10 @@ class HFModel:
         tokenizer: PreTrainedTokenizerBase,
         logprob_chunk: int = 128,
         prompt_tokenizer: PreTrainedTokenizerBase | None = None,
+        cache: str = "dynamic",
     ) -> None:
+        check(cache in CACHES, f"rollout.cache={cache!r} is invalid; valid: {', '.join(CACHES)}")
+        self.cache = cache
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_tokenizer = prompt_tokenizer or tokenizer
@@ -188,7 +248,8 @@ class HFModel:
         on_step: Callable[[], object] | None = None,
     ) -> Rollout:
         """``samples_per_prompt`` responses per problem (grouped: B = P * G, prompt-major); ``on_step``
-        is called after every decoding step."""
+        is called after every decoding step. With the dynamic cache, a prompt's prefill runs once
+        for its group (``shared_prompt_cache``), not once per sample."""
         model, tokenizer = self.model, self.tokenizer
         problems_B = [problem for problem in problems for _ in range(samples_per_prompt)]
         prompt_tokens_B_L, prompt_mask_B_L = pad(self.prompt_ids(problems_B), tokenizer.pad_token_id, left=True)
@@ -202,6 +263,7 @@ class HFModel:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
+            cache_implementation=None if self.cache == "dynamic" else self.cache,
             **built_in_warpers_off,
         )
         padding_rows = model.get_output_embeddings().weight.shape[0] > len(tokenizer)
@@ -211,12 +273,17 @@ class HFModel:
             processors.append(DecodingProgress(on_step))
         was_training = model.training
         model.eval()
+        sharded = isinstance(self.generator, FSDPModule)  # its parameters are gathered inside generate only
+        prompt_tokens, prompt_mask = prompt_tokens_B_L.to(model.device), prompt_mask_B_L.to(model.device)
+        shares = not sharded and self.cache == "dynamic"
+        cache = shared_prompt_cache(model, prompt_tokens, prompt_mask) if shares else None
         sequences_B_N = self.generator.generate(
-            input_ids=prompt_tokens_B_L.to(model.device),
-            attention_mask=prompt_mask_B_L.to(model.device),
+            input_ids=prompt_tokens,
+            attention_mask=prompt_mask,
             generation_config=config,
+            **cache_argument(model, cache),
             logits_processor=processors,
-            synced_gpus=isinstance(self.generator, FSDPModule),  # sharded: every rank runs every decode step
+            synced_gpus=sharded,  # every rank runs every decode step
         )
         model.train(was_training)
         response_tokens_B_T = sequences_B_N[:, prompt_tokens_B_L.shape[1] :].cpu()

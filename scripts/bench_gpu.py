@@ -1,0 +1,179 @@
+"""One OPD step on a GPU, split and rated: rollout tokens/s, teacher and update MFU, peak memory,
+for opdx's ``train_step`` with ``rollout=hf`` on the dynamic cache, then on the static one (which
+transformers compiles on GPUs), then TRL's ``DistillationTrainer`` on the same batches when TRL is
+importable.
+
+    python scripts/bench_gpu.py                          # Qwen3-shaped 1.7B teacher, 0.6B student, bf16
+    python scripts/bench_gpu.py --size small --device cpu --prompts 4 --prompt-tokens 16 --new-tokens 8 \
+        --steps 1 --warmup 0                             # the same code on a CPU, in seconds
+
+The models are random-weight Qwen3 models built from their configs (SDPA attention) with a
+word-level tokenizer of their vocabulary size built here, so nothing is downloaded; a random
+model almost never samples EOS, so every response runs the full ``--new-tokens``. Prompts are
+``--prompt-tokens`` random tokens. MFU counts 2 x parameters FLOPs per token forward (6 x for
+forward and backward) against ``--peak-tflops`` (989: an H100/H200's dense bf16); attention's
+FLOPs are left out.
+
+On a machine with torch and transformers but without opdx's other dependencies and no registry,
+carry their wheels: ``pip download -d wheels hydra-core omegaconf psutil tqdm tabulate
+reasoning-gym math-verify wandb datasets trl`` where a registry is reachable, then there
+``pip install --no-index --find-links wheels hydra-core omegaconf psutil tqdm tabulate
+reasoning-gym math-verify wandb datasets trl && pip install --no-deps -e .``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from bench_step import PHASES, Timing, bench_trl, compose_run, time_steps
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from opdx.benchmarks import Problem
+from opdx.run import start
+from opdx.trainer import build_learner
+
+# Qwen3-1.7B and Qwen3-0.6B's shapes (their config.json), and a small pair for a CPU check
+SIZES = {
+    "qwen3": (
+        dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
+        dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
+        151_936,
+    ),
+    "small": (
+        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+        512,
+    ),
+}
+
+
+@dataclass
+class Synthetic:
+    """Random-token prompts as a benchmark (nothing is graded here)."""
+
+    train: list[Problem]
+    eval: list[Problem]
+    name: str = "synthetic"
+
+    def score(self, problem: Problem, response: str) -> float:
+        return 0.0
+
+
+def build_pair(size: str, directory: Path, dtype: torch.dtype) -> tuple[Path, Path, int]:
+    """Random-weight teacher and student directories of ``size`` sharing a word-level tokenizer."""
+    teacher_shape, student_shape, vocab = SIZES[size]
+    words = {f"t{i}": i for i in range(vocab)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="t2")), eos_token="t1", pad_token="t0"
+    )
+    tokenizer._tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    paths = []
+    for role, shape in (("teacher", teacher_shape), ("student", student_shape)):
+        config = Qwen3Config(
+            **shape,
+            num_key_value_heads=8 if size == "qwen3" else shape["num_attention_heads"],
+            head_dim=128 if size == "qwen3" else 32,
+            vocab_size=vocab,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            eos_token_id=1,
+            pad_token_id=0,
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).to(dtype)
+        paths.append(directory / role)
+        model.save_pretrained(paths[-1])
+        tokenizer.save_pretrained(paths[-1])
+        del model
+    return paths[0], paths[1], vocab
+
+
+def parameters(path: Path) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in Qwen3ForCausalLM(Qwen3Config.from_pretrained(path)).parameters())
+
+
+def rate(timing: Timing, batch: int, prompt_tokens: int, sizes: tuple[int, int], peak_tflops: float) -> str:
+    """One row: rollout tokens/s, teacher and update MFU, step split and peak memory."""
+    teacher_params, student_params = sizes
+    scored = batch * (prompt_tokens + timing.tokens / batch)  # positions the teacher and update run
+    teacher_mfu = 2 * teacher_params * scored / timing.phases["teacher"] / (peak_tflops * 1e12)
+    update_mfu = 6 * student_params * scored / timing.phases["update"] / (peak_tflops * 1e12)
+    split = ", ".join(f"{phase} {timing.phases[phase]:.2f} s" for phase in PHASES)
+    return (
+        f"{timing.tool:<22} rollout {timing.tokens / timing.phases['rollout']:8.0f} tok/s | teacher MFU "
+        f"{100 * teacher_mfu:5.1f}% | update MFU {100 * update_mfu:5.1f}% | step {timing.step:.2f} s ({split}) "
+        f"| peak {timing.peak_mib / 1024:.1f} GiB"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=list(SIZES), default="qwen3")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the static cache compiles)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    teacher, student, vocab = build_pair(args.size, directory, getattr(torch, args.dtype))
+    sizes = (parameters(teacher), parameters(student))
+    overrides = [
+        f"model.teacher={teacher}",
+        f"model.student={student}",
+        f"model.dtype={args.dtype}",
+        f"model.teacher_dtype={args.dtype}",
+        f"trainer.device={args.device}",
+        f"trainer.prompts_per_step={args.prompts}",
+        "trainer.samples_per_prompt=1",
+        f"trainer.max_new_tokens={args.new_tokens}",
+        "trainer.gradient_checkpointing=false",
+    ]
+    words = random.Random(0)
+    problems = [
+        Problem(" ".join(f"t{words.randrange(3, vocab)}" for _ in range(args.prompt_tokens)), "") for _ in range(512)
+    ]
+    run = replace(compose_run(overrides, None), benchmark=Synthetic(problems, problems[:8]))
+    print(
+        f"{args.size}: teacher {sizes[0] / 1e9:.2f}B, student {sizes[1] / 1e9:.2f}B parameters, {args.dtype}, "
+        f"{args.prompts} prompts x ({args.prompt_tokens} prompt + {args.new_tokens} new) tokens, on "
+        f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}"
+    )
+    parts = start(run, train=True)
+    learner = build_learner(run, parts)
+    for cache in ("dynamic", "static"):
+        parts.rollout.cache = cache
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        timing = time_steps(learner, args.warmup, args.steps, tool=f"opdx rollout=hf {cache}")
+        print(rate(timing, args.prompts, args.prompt_tokens, sizes, args.peak_tflops), flush=True)
+    del learner, parts
+    gc.collect()
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("TRL is not importable here: no TRL row")
+        return
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(student)
+    batches = [[tokenizer(p.prompt)["input_ids"] for p in problems[: args.prompts]]] * (args.warmup + args.steps)
+    timing = bench_trl("DistillationTrainer", run, batches, args.warmup, args.steps)
+    print(rate(timing, args.prompts, args.prompt_tokens, sizes, args.peak_tflops))
+
+
+if __name__ == "__main__":
+    main()

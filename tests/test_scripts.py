@@ -1,0 +1,36 @@
+"""The benchmark scripts run against today's trainer and print their figures (no speed is asserted)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+FIGURE = r"\d+(\.\d+)?"
+
+
+def script(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_bench_step_times_the_trainers_step():
+    out = script(
+        "scripts/bench_step.py", "--steps", "2", "--warmup", "1", "--threads", "1", "trainer.prompts_per_step=8"
+    )
+    assert "tiny: 8 prompts x 4 samples, 24 new tokens, forward_kl/unbiased, 2 timed steps after 1, threads 1" in out
+    row = re.search(rf"^opdx +step +{FIGURE} s \(rollout {FIGURE}, teacher {FIGURE}, update {FIGURE}\)", out, re.M)
+    assert row, out
+    tokens = float(re.search(r"(\d+) sampled tokens,", out).group(1))
+    assert 8 * 4 <= tokens <= 8 * 4 * 24
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_its_step_on_a_small_pair_on_cpu():
+    args = ["--size", "small", "--device", "cpu", "--dtype", "float32", "--prompts", "2", "--prompt-tokens", "8"]
+    out = script("scripts/bench_gpu.py", *args, "--new-tokens", "4", "--steps", "1", "--warmup", "0")
+    assert "2 prompts x (8 prompt + 4 new) tokens, on cpu" in out
+    for cache in ("dynamic", "static"):
+        assert re.search(rf"opdx rollout=hf {cache} +rollout +{FIGURE} tok/s \| teacher MFU +{FIGURE}%", out), out
