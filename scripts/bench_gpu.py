@@ -12,7 +12,8 @@ word-level tokenizer of their vocabulary size built here, so nothing is download
 model almost never samples EOS, so every response runs the full ``--new-tokens``. Prompts are
 ``--prompt-tokens`` random tokens. MFU counts 2 x parameters FLOPs per token forward (6 x for
 forward and backward) against ``--peak-tflops`` (989: an H100/H200's dense bf16); attention's
-FLOPs are left out.
+FLOPs are left out, and so is a group's shared prompt (``--samples`` > 1): MFU counts every
+row's prompt, the work TRL does, so sharing shows as MFU above what the hardware ran.
 
 On a machine with torch and transformers but without opdx's other dependencies and no registry,
 carry their wheels: ``pip download -d wheels hydra-core omegaconf psutil tqdm tabulate
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument(
+        "--samples", type=int, default=1, help="samples per prompt (a group shares its prompt's forward)"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
@@ -137,7 +141,7 @@ def main() -> None:
         f"model.teacher_dtype={args.dtype}",
         f"trainer.device={args.device}",
         f"trainer.prompts_per_step={args.prompts}",
-        "trainer.samples_per_prompt=1",
+        f"trainer.samples_per_prompt={args.samples}",
         f"trainer.max_new_tokens={args.new_tokens}",
         "trainer.gradient_checkpointing=false",
     ]
@@ -148,7 +152,8 @@ def main() -> None:
     run = replace(compose_run(overrides, None), benchmark=Synthetic(problems, problems[:8]))
     print(
         f"{args.size}: teacher {sizes[0] / 1e9:.2f}B, student {sizes[1] / 1e9:.2f}B parameters, {args.dtype}, "
-        f"{args.prompts} prompts x ({args.prompt_tokens} prompt + {args.new_tokens} new) tokens, on "
+        f"{args.prompts} prompts x {args.samples} samples x ({args.prompt_tokens} prompt + {args.new_tokens} new) "
+        "tokens, on "
         f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}"
     )
     parts = start(run, train=True)
@@ -158,7 +163,7 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         timing = time_steps(learner, args.warmup, args.steps, tool=f"opdx rollout=hf {cache}")
-        print(rate(timing, args.prompts, args.prompt_tokens, sizes, args.peak_tflops), flush=True)
+        print(rate(timing, args.prompts * args.samples, args.prompt_tokens, sizes, args.peak_tflops), flush=True)
     del learner, parts
     gc.collect()
     try:
@@ -170,9 +175,9 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(student)
-    batches = [[tokenizer(p.prompt)["input_ids"] for p in problems[: args.prompts]]] * (args.warmup + args.steps)
-    timing = bench_trl("DistillationTrainer", run, batches, args.warmup, args.steps)
-    print(rate(timing, args.prompts, args.prompt_tokens, sizes, args.peak_tflops))
+    batch = [tokenizer(p.prompt)["input_ids"] for p in problems[: args.prompts] for _ in range(args.samples)]
+    timing = bench_trl("DistillationTrainer", run, [batch] * (args.warmup + args.steps), args.warmup, args.steps)
+    print(rate(timing, args.prompts * args.samples, args.prompt_tokens, sizes, args.peak_tflops))
 
 
 if __name__ == "__main__":

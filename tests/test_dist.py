@@ -27,10 +27,12 @@ def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_give_the_one_process_gradient_of_the_whole_batch(strategy):
-    """For a fixed rollout: token_mean with the batch baseline, whitening with gamma = 1, the plain
-    loss and the analytic one; float64, so any normaliser taken per rank would show."""
+    """For fixed rollouts (distinct prompts; groups sharing a prompt's forward): token_mean with the
+    batch baseline, whitening with gamma = 1, the plain loss and the analytic one; float64, so any
+    normaliser taken per rank would show."""
     result = torchrun("tests/dist_gradients.py", strategy)
-    assert f"{strategy}: largest gradient difference from one process:" in result.stdout
+    for rollout in ("distinct prompts", "groups of 3"):
+        assert f"{strategy}, {rollout}: largest gradient difference from one process:" in result.stdout
 
 
 def train_metrics(run_dir):

@@ -31,6 +31,6 @@ def test_bench_step_times_the_trainers_step():
 def test_bench_gpu_runs_its_step_on_a_small_pair_on_cpu():
     args = ["--size", "small", "--device", "cpu", "--dtype", "float32", "--prompts", "2", "--prompt-tokens", "8"]
     out = script("scripts/bench_gpu.py", *args, "--new-tokens", "4", "--steps", "1", "--warmup", "0")
-    assert "2 prompts x (8 prompt + 4 new) tokens, on cpu" in out
+    assert "2 prompts x 1 samples x (8 prompt + 4 new) tokens, on cpu" in out
     for cache in ("dynamic", "static"):
         assert re.search(rf"opdx rollout=hf {cache} +rollout +{FIGURE} tok/s \| teacher MFU +{FIGURE}%", out), out
