@@ -57,7 +57,7 @@ TRL_BETA = {"forward_kl": 0.0, "js": 0.5, "reverse_kl": 1.0}  # TRL's generalize
 @dataclass
 class Timing:
     """One tool's figures: mean seconds per phase and sampled tokens per step over the timed
-    steps, and the peak resident memory of its process in MiB."""
+    steps, and the peak memory of its process in MiB (``peak_memory_mib``)."""
 
     tool: str
     phases: dict[str, float]

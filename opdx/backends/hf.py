@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import cache as cache_result
 from functools import partial
 
 import torch
@@ -128,14 +129,15 @@ class TokenScores(nn.Module):
         prefix = prompt_B_L.shape[1] - 1  # the positions before the first one that predicts a response token
         may_share = self._may_share()
         cache = shared_prompt_cache(self.model, prompt_B_L, prompt_mask_B_L, read_only=True) if may_share else None
+        start = 0 if cache is None else prefix  # the first position this forward runs
         out = self.model.base_model(
-            input_ids=tokens_B_N if cache is None else tokens_B_N[:, prefix:],
+            input_ids=tokens_B_N[:, start:],
             attention_mask=attention_B_N,
-            position_ids=position_ids_B_N if cache is None else position_ids_B_N[:, prefix:],
+            position_ids=position_ids_B_N[:, start:],
             use_cache=cache is not None,
             **cache_argument(self.model, cache),
         )
-        return out.last_hidden_state if cache is not None else out.last_hidden_state[:, prefix:]
+        return out.last_hidden_state[:, prefix - start :]
 
     def _may_share(self) -> bool:
         """Whether the prompt's forward may be shared: not where activation checkpointing would
@@ -192,8 +194,12 @@ def cache_argument(model: PreTrainedModel, cache: DynamicCache | None) -> dict[s
     """``cache`` as the keyword this transformers takes in forward and ``generate``: ``cache``
     where the model's forward names it so (later 5.x, where ``past_key_values`` is deprecated),
     else ``past_key_values``."""
-    takes_cache = "cache" in inspect.signature(model.base_model.forward).parameters
-    return {"cache" if takes_cache else "past_key_values": cache}
+    return {_cache_keyword(type(model.base_model)): cache}
+
+
+@cache_result
+def _cache_keyword(base_model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(base_model_class.forward).parameters else "past_key_values"
 
 
 def upcast(logits: Tensor) -> Tensor:
