@@ -44,7 +44,9 @@ def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
     began = time.perf_counter()
     parts = start(run, train=False)
     if checkpoint is not None:
-        load_weights(checkpoint, TokenScores(parts.student))
+        student = TokenScores(parts.student)
+        load_weights(checkpoint, student)
+        parts.rollout.update_weights(student)  # a sampler holding its own copy (rollout=vllm) takes them
     load_seconds = time.perf_counter() - began
     results, seconds = {}, {}
     for role, sampler, teacher in (("teacher", parts.teacher, None), ("student", parts.rollout, parts.teacher)):

