@@ -98,6 +98,7 @@ def run_hydra(task: Callable[[DictConfig], float | None], argv: list[str], prog:
 def train_task(cfg: DictConfig) -> float | None:
     # The commands' modules load torch and transformers: imported when a command runs, so that
     # `opdx --help`, `opdx table` and a config error answer without that cost.
+    from opdx.backends.server import TeacherServerError
     from opdx.benchmarks.data import BenchmarkDataError
     from opdx.checkpoint import CheckpointError
     from opdx.compat import PairError
@@ -114,7 +115,15 @@ def train_task(cfg: DictConfig) -> float | None:
         run.config.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     try:
         summary = train(run, Path(hydra_cfg.runtime.output_dir))
-    except (BenchmarkDataError, WeightFilesError, CheckpointError, NonFiniteError, PairError, ConfigError) as error:
+    except (
+        BenchmarkDataError,
+        WeightFilesError,
+        CheckpointError,
+        NonFiniteError,
+        PairError,
+        ConfigError,
+        TeacherServerError,
+    ) as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 
@@ -141,6 +150,7 @@ EVAL_RUN_DIR = "outputs/eval/${start_time:%Y-%m-%d}/${start_time:%H-%M-%S}_${mod
 
 
 def eval_task(cfg: DictConfig) -> float | None:
+    from opdx.backends.server import TeacherServerError
     from opdx.benchmarks.data import BenchmarkDataError
     from opdx.checkpoint import CheckpointError
     from opdx.compat import PairError
@@ -154,7 +164,7 @@ def eval_task(cfg: DictConfig) -> float | None:
         sys.exit(f"opdx eval: invalid config: {error}")
     try:
         record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
-    except (BenchmarkDataError, WeightFilesError, CheckpointError, PairError) as error:
+    except (BenchmarkDataError, WeightFilesError, CheckpointError, PairError, ConfigError, TeacherServerError) as error:
         sys.exit(f"opdx eval: {error}")
     return record["results"]["student"]["greedy_acc"]
 

@@ -80,6 +80,30 @@ class Rollout:
         response_tokens_B_T, response_mask_B_T = pad(responses, pad_id, left=False)
         return cls(prompt_tokens_B_L, prompt_mask_B_L, response_tokens_B_T, response_mask_B_T.bool())
 
+    @classmethod
+    def from_samples(
+        cls,
+        problems: Sequence[Problem | str],
+        prompts_P: Sequence[Sequence[int]],
+        responses_B: Sequence[Sequence[int]],
+        finished_B: Sequence[bool],
+        pad_id: int,
+        logps_B: Sequence[Sequence[float]] | None = None,
+    ) -> Rollout:
+        """A rollout from an engine's samples: G = B / P responses per prompt (prompt-major), each
+        whole (up to and including its EOS, or cut at the length limit), with the sampled tokens'
+        log-probs when given (0 beyond a response's end)."""
+        samples = len(responses_B) // len(prompts_P)
+        prompts_B = [ids for ids in prompts_P for _ in range(samples)]
+        rollout = cls.from_token_lists(prompts_B, responses_B, pad_id)
+        rollout.finished_B = torch.tensor(list(finished_B), dtype=torch.bool)
+        rollout.problems = [problem for problem in problems for _ in range(samples)]
+        if logps_B is not None:
+            rollout.logp_sampling_B_T = torch.zeros(rollout.response_tokens_B_T.shape)
+            for row, logps in enumerate(logps_B):
+                rollout.logp_sampling_B_T[row, : len(logps)] = torch.tensor(logps)
+        return rollout
+
     @property
     def lengths_B(self) -> Tensor:
         return self.response_mask_B_T.sum(-1)

@@ -63,6 +63,12 @@ def validate(cfg: DictConfig) -> Run:
         estimator = build_estimator(config.estimator, sampling.is_plain)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    check(
+        not estimator.needs_teacher_logits or getattr(get_object(config.teacher["_target_"]), "supports_logits", True),
+        f"estimator={estimator.name} needs the teacher's full [B, T, V] logits, and teacher._target_="
+        f"{config.teacher['_target_']} returns only the log-probs of given tokens (a server's prompt log-probs). "
+        "Use estimator=unbiased or stopgrad: they need only each sampled token's log-prob and are exact with it",
+    )
     return Run(config, divergence, estimator, build_benchmark(config.benchmark), sampling)
 
 
@@ -81,9 +87,12 @@ def check_backend(node: Mapping[str, Any], group: str) -> None:
 
 
 def build_backend(node: Mapping[str, Any], **runtime: Any) -> Any:
-    """The backend ``node`` names, built from its options and the ``runtime`` objects (models, tokenizer)."""
+    """The backend ``node`` names, built from its options and those of the ``runtime`` objects
+    (models, tokenizer, device) its factory takes."""
     options = {key: value for key, value in node.items() if key != "_target_"}
-    return get_object(node["_target_"])(**options, **runtime)
+    factory = get_object(node["_target_"])
+    takes = inspect.signature(factory).parameters
+    return factory(**options, **{name: value for name, value in runtime.items() if name in takes})
 
 
 @dataclass

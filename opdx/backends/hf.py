@@ -354,19 +354,28 @@ def load_teacher(
     logprob_chunk: int = 128,
     prompt_template: str = "own",
 ) -> HFModel:
-    """``teacher=hf``: the frozen teacher ``pair.teacher`` in ``pair.teacher_dtype``, in this process.
+    """``teacher=hf``: the frozen teacher ``pair.teacher`` in ``pair.teacher_dtype``, in this process,
+    its prompts rendered as ``teacher_prompt_tokenizer`` says."""
+    prompt_tokenizer = teacher_prompt_tokenizer(pair, tokenizer, prompt_template)
+    teacher = load_model(pair.teacher, pair.teacher_dtype, device, tokenizer, trainable=False)
+    return HFModel(teacher, tokenizer, logprob_chunk, prompt_tokenizer=prompt_tokenizer)
 
-    ``prompt_template="own"`` renders the prompts the teacher scores and answers with the
-    teacher's own chat template when it differs from the student's (an instruct teacher and a
-    base student); the response token ids stay the student's. ``"student"`` uses the student's."""
+
+def teacher_prompt_tokenizer(
+    pair: ModelConfig, tokenizer: PreTrainedTokenizerBase, prompt_template: str
+) -> PreTrainedTokenizerBase:
+    """The tokenizer whose chat template renders the prompts the teacher scores and answers.
+
+    ``prompt_template="own"``: the teacher's own (``pair.teacher``'s) when it differs from the
+    student's (an instruct teacher and a base student); the response token ids stay the student's.
+    ``"student"``: the student's. PairError naming a bad value."""
     if prompt_template not in PROMPT_TEMPLATES:
         raise PairError(f"teacher.prompt_template={prompt_template!r} is invalid; valid: {', '.join(PROMPT_TEMPLATES)}")
-    teacher = load_model(pair.teacher, pair.teacher_dtype, device, tokenizer, trainable=False)
     own = load_tokenizer_of(pair.teacher)
     if own.chat_template == tokenizer.chat_template:
-        return HFModel(teacher, tokenizer, logprob_chunk)
+        return tokenizer
     if prompt_template == "student":
         print("teacher: prompts rendered with the student's chat template (teacher.prompt_template=student)")
-        return HFModel(teacher, tokenizer, logprob_chunk)
+        return tokenizer
     print("teacher: prompts rendered with its own chat template, not the student's (the responses stay the student's)")
-    return HFModel(teacher, tokenizer, logprob_chunk, prompt_tokenizer=own)
+    return own

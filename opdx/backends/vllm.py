@@ -154,19 +154,17 @@ class VLLMSampler:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompts_P]
         outputs = self.engine.generate(prompts, requests, use_tqdm=False)
         completions = [completion for output in outputs for completion in output.outputs]
-        responses_B = [list(completion.token_ids) for completion in completions]
-        logps_B = [
-            [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)]
-            for completion in completions
-        ]
-        prompts_B = [ids for ids in prompts_P for _ in range(samples_per_prompt)]
-        rollout = Rollout.from_token_lists(prompts_B, responses_B, self.tokenizer.pad_token_id)
-        rollout.logp_sampling_B_T = torch.zeros(rollout.response_tokens_B_T.shape)
-        for row, logps in enumerate(logps_B):
-            rollout.logp_sampling_B_T[row, : len(logps)] = torch.tensor(logps)
-        rollout.finished_B = torch.tensor([completion.finish_reason == "stop" for completion in completions])
-        rollout.problems = [problem for problem in problems for _ in range(samples_per_prompt)]
-        return rollout
+        return Rollout.from_samples(
+            problems,
+            prompts_P,
+            [list(completion.token_ids) for completion in completions],
+            [completion.finish_reason == "stop" for completion in completions],
+            self.tokenizer.pad_token_id,
+            [
+                [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)]
+                for completion in completions
+            ],
+        )
 
     def update_weights(self, model: nn.Module) -> None:
         """Push the weights of the trainer's student module (``TokenScores``, maybe wrapped in DDP

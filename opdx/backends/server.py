@@ -1,0 +1,226 @@
+"""A teacher behind an OpenAI-compatible inference server (vLLM's), scoring the student's tokens.
+
+    vllm serve Qwen/Qwen3-1.7B --port 8000 --no-enable-prefix-caching
+    opdx train model=qwen3_1p7b_to_0p6b_base teacher=server teacher.url=http://localhost:8000/v1
+
+OPD and OPD+ need only the teacher's log-prob of each *sampled* token, so a served teacher is exact
+for every divergence with ``estimator=stopgrad`` and ``unbiased`` (not a top-k approximation);
+``estimator=analytic`` needs full logits, which the server does not return, and is refused.
+
+Each row (prompt + response, as token ids: never text, which the server would tokenize again)
+goes to ``/v1/completions`` with ``max_tokens: 1`` and ``prompt_logprobs: 0``, which returns, at
+every prompt position after the first, the log-prob of the token actually there (vLLM's
+extension of the API); the value is looked up by token id, and vLLM's -9999 stands for -inf.
+Prompt log-probs are the model's at temperature 1, whatever the request's temperature.
+Rows go in batches, several requests at once, each with a timeout and bounded retries
+(urllib3's ``Retry``); a server that is down, serves another model or another tokenizer fails at
+start with a message naming the URL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import requests
+import torch
+from requests.adapters import HTTPAdapter
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+from urllib3.util.retry import Retry
+
+from opdx.backends.hf import teacher_prompt_tokenizer
+from opdx.benchmarks import Problem
+from opdx.config import ModelConfig
+from opdx.prompts import encode_prompts
+from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
+
+NEG_INF_SENTINEL = -9999.0  # vLLM's JSON for a log-prob of -inf
+TOKENIZER_PROBE = 'Solve 12+7*(3-1)=? Call get_weather(city=\'Paris\') {"name": "f", "x": 1.5}; done.\n'
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher's server is down, answers with an error, or serves another model or tokenizer;
+    the message names the URL."""
+
+
+class ServedTeacher:
+    """``teacher=server``: the teacher's log-probs of given tokens and its own answers, from the
+    server at ``url`` (``http://host:port/v1``) serving ``model`` (null: the one model it lists).
+
+    ``timeout`` seconds per request, ``retries`` more tries on a connection error or a 5xx answer
+    (with backoff), ``rows_per_request`` sequences per request, ``concurrency`` requests at once.
+    The pair's teacher (``pair.teacher``, a local path or hub id) is the tokenizer the server's is
+    checked against and, with ``prompt_template=own``, the chat template the prompts are rendered
+    with (as ``teacher=hf``). Raises TeacherServerError at start as described above."""
+
+    supports_logits = False
+
+    def __init__(
+        self,
+        url: str,
+        pair: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        model: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        rows_per_request: int = 64,
+        concurrency: int = 8,
+        prompt_template: str = "own",
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.tokenizer = tokenizer
+        self.prompt_tokenizer = teacher_prompt_tokenizer(pair, tokenizer, prompt_template)
+        self.timeout, self.rows_per_request, self.concurrency = timeout, rows_per_request, concurrency
+        self.session = requests.Session()
+        retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504), allowed_methods=None)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
+        served = {entry["id"]: entry for entry in self._call("GET", "/models")["data"]}
+        if model is None:
+            if len(served) != 1:
+                raise TeacherServerError(
+                    f"the server at {self.url} serves {len(served)} models ({', '.join(served)}): name one with "
+                    "teacher.model="
+                )
+            model = next(iter(served))
+        if model not in served:
+            raise TeacherServerError(
+                f"the server at {self.url} serves {', '.join(served)}, not teacher.model={model!r}: start it with that "
+                "model, or set teacher.model to the name it serves"
+            )
+        self.model = model
+        self.context = served[model].get("max_model_len") or math.inf
+        self._check_tokenizer()
+        print(f"teacher: {model} served at {self.url}")
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, root: bool = False) -> Any:
+        """One request to ``path`` under the API (``root``: under the server), its JSON answer;
+        TeacherServerError naming the URL when it fails after the retries."""
+        base = self.url.removesuffix("/v1") if root else self.url
+        try:
+            answer = self.session.request(method, base + path, json=body, timeout=self.timeout)
+        except requests.RequestException as error:
+            raise TeacherServerError(
+                f"teacher=server: no answer from {base + path} ({type(error).__name__}: {error}). Is the server "
+                f"running (vllm serve <teacher> --port ...) and teacher.url={self.url} right?"
+            ) from None
+        if not answer.ok:
+            raise TeacherServerError(
+                f"teacher=server: {base + path} answered {answer.status_code}: {answer.text[:500]}"
+            )
+        return answer.json()
+
+    def _check_tokenizer(self) -> None:
+        """The server's tokenizer must give the pair's token ids (vLLM's ``/tokenize``); a server
+        without that endpoint is trusted with a note."""
+        body = {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+        try:
+            served = self._call("POST", "/tokenize", body, root=True)["tokens"]
+        except TeacherServerError as error:
+            if " answered 404" not in str(error):
+                raise
+            print(f"teacher: {self.url} has no /tokenize: its tokenizer is not checked against the student's")
+            return
+        local = self.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+        if served != local:
+            raise TeacherServerError(
+                f"the server at {self.url} serves {self.model} with another tokenizer than the student's: a probe text "
+                f"gives {served[:12]}... there and {local[:12]}... here. The teacher must share the student's tokenizer"
+            )
+
+    def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
+        """Each problem's prompt as the teacher sees it (``prompt_template``)."""
+        return encode_prompts(self.prompt_tokenizer, problems)
+
+    def _completions(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each body's ``/completions`` choices in order, ``concurrency`` requests at a time."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            answers = list(pool.map(lambda body: self._call("POST", "/completions", body), bodies))
+        return [choice for answer in answers for choice in sorted(answer["choices"], key=lambda c: c["index"])]
+
+    def _prompts_B(self, rollout: Rollout) -> list[list[int]]:
+        if self.prompt_tokenizer is not self.tokenizer:
+            if rollout.problems is None:
+                raise ValueError("this teacher renders prompts with its own chat template: the rollout needs problems")
+            return self.prompt_ids(rollout.problems)
+        rows = zip(rollout.prompt_tokens_B_L, rollout.prompt_mask_B_L, strict=True)
+        return [tokens[mask.bool()].tolist() for tokens, mask in rows]
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> Tensor:
+        """log q(response token | prefix) at every response token, [B, T] float32 (0 past a
+        response's end), from the server's prompt log-probs of prompt + response."""
+        prompts_B = self._prompts_B(rollout)
+        lengths_B = rollout.lengths_B.tolist()
+        responses_B = [
+            tokens[:length].tolist() for tokens, length in zip(rollout.response_tokens_B_T, lengths_B, strict=True)
+        ]
+        rows = [prompt + response for prompt, response in zip(prompts_B, responses_B, strict=True)]
+        bodies = [
+            {"model": self.model, "prompt": rows[start : start + self.rows_per_request], "max_tokens": 1,
+             "prompt_logprobs": 0, "temperature": 1.0}
+            for start in range(0, len(rows), self.rows_per_request)
+        ]  # fmt: skip
+        choices = self._completions(bodies)
+        logq_B_T = torch.zeros(rollout.response_tokens_B_T.shape)
+        for row, (choice, prompt, response) in enumerate(zip(choices, prompts_B, responses_B, strict=True)):
+            logq_B_T[row, : len(response)] = torch.tensor(token_logprobs(choice["prompt_logprobs"], prompt, response))
+        return logq_B_T
+
+    def logits(self, rollout: Rollout) -> Tensor:
+        raise NotImplementedError("a served teacher returns the log-probs of given tokens, not full logits")
+
+    def sample(
+        self,
+        problems: Sequence[Problem | str],
+        samples_per_prompt: int,
+        max_new_tokens: int,
+        params: SamplingParams = PLAIN_SAMPLING,
+        greedy: bool = False,
+        on_step: Callable[[], object] | None = None,
+    ) -> Rollout:
+        """The teacher's own answers (its eval): ``samples_per_prompt`` per problem, B = P * G,
+        each to the pair's EOS or ``max_new_tokens``, sampled by the server with a seed per prompt
+        drawn from torch's global generator. ``on_step`` is not called."""
+        prompts_P = self.prompt_ids(problems)
+        seeds_P = torch.randint(2**31 - 1, (len(prompts_P),)).tolist()
+        sampling = {"temperature": 0.0} if greedy else {
+            "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p
+        }  # fmt: skip
+        bodies = [
+            {"model": self.model, "prompt": [ids], "n": samples_per_prompt, "max_tokens": max_new_tokens,
+             "seed": seed, "ignore_eos": True, "stop_token_ids": [self.tokenizer.eos_token_id],
+             "return_token_ids": True, **sampling}
+            for ids, seed in zip(prompts_P, seeds_P, strict=True)
+        ]  # fmt: skip
+        choices = self._completions(bodies)
+        return Rollout.from_samples(
+            problems,
+            prompts_P,
+            [choice["token_ids"] for choice in choices],
+            [choice["finish_reason"] == "stop" for choice in choices],
+            self.tokenizer.pad_token_id,
+        )
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Nothing: the teacher is frozen."""
+
+
+def token_logprobs(
+    prompt_logprobs: list[dict[str, dict[str, float]] | None], prompt: list[int], response: list[int]
+) -> list[float]:
+    """The log-prob of each response token from a choice's ``prompt_logprobs`` over prompt +
+    response (entry i: {token id: {"logprob": ...}} for position i, entry 0 null), looked up by the
+    token's id (it need not be the most likely one); -9999 is -inf. ValueError when an entry lacks
+    its token."""
+    values = []
+    for position, token in enumerate(response, start=len(prompt)):
+        entry = prompt_logprobs[position]
+        if entry is None or str(token) not in entry:
+            raise ValueError(f"the server's prompt_logprobs at position {position} lack token {token}: {entry}")
+        value = float(entry[str(token)]["logprob"])
+        values.append(-math.inf if value <= NEG_INF_SENTINEL else value)
+    return values
