@@ -234,7 +234,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not run.sampling.is_plain:
         warped = f"sampling with {run.sampling}: u = q/p uses the log-probs of that warped distribution"
-        print(f"{warped}, not the raw student")
+        print(f"{warped}, not the raw student; the teacher q is scored at temperature 1 (a server's too)")
     parts = start(run, train=True)
     learner, ranks = build_learner(run, parts), parts.ranks
 

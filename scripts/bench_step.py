@@ -4,6 +4,7 @@ same pair, prompts and batch, one after the other in one command.
 
     python scripts/bench_step.py                                  # the default job's config
     python scripts/bench_step.py --steps 20 --threads 1 trainer.prompts_per_step=32 divergence=reverse_kl
+    python scripts/bench_step.py --threads 1 model=tiny_hd32 rollout=vllm        # rollouts on a vLLM engine
     python scripts/bench_step.py --compare trl --steps 3 --warmup 1 --threads 1 model=smollm2_135m \
         benchmark=bfcl trainer.prompts_per_step=8 trainer.samples_per_prompt=1 trainer.max_new_tokens=64
 
@@ -275,7 +276,8 @@ def report(timing: Timing) -> str:
     split = ", ".join(f"{phase} {timing.phases[phase]:.3f}" for phase in PHASES)
     return (
         f"{timing.tool:<20} step {timing.step:7.3f} s ({split}), {timing.tokens:.0f} sampled tokens, "
-        f"{timing.tokens_per_s:.1f} sampled tokens/s, peak memory {timing.peak_mib:.0f} MiB"
+        f"{timing.tokens_per_s:.1f} sampled tokens/s ({timing.tokens / timing.phases['rollout']:.0f} in the rollout), "
+        f"peak memory {timing.peak_mib:.0f} MiB"
     )
 
 

@@ -47,7 +47,14 @@ def test_every_pair_built_here_has_a_model_file_and_every_model_file_names_itsel
     assert all(load_option("model", stem)["name"] == stem for stem in stems("model"))
 
 
-@pytest.mark.parametrize("override", [f"{group}={stem}" for group in BACKENDS for stem in sorted(stems(group))])
+# rollout=vllm needs vLLM and a student it can load (tests/test_vllm.py), teacher=server a server (tests/test_server.py)
+OWN_TESTS = {"rollout=vllm", "teacher=server"}
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{group}={stem}" for group in BACKENDS for stem in sorted(stems(group)) if f"{group}={stem}" not in OWN_TESTS],
+)
 def test_backend_files_build_an_object_of_their_interface(override):
     parts = start(validate(composed(override, "trainer.threads=1")), train=False)
     assert isinstance(parts.rollout, Sampler) and isinstance(parts.teacher, Teacher)

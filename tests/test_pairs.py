@@ -278,3 +278,33 @@ def test_qwen2p5_coder_pair_is_built_and_the_teacher_answers(tmp_path, monkeypat
     assert tokenizer.eos_token == "<|im_end|>"
     rollout = HFModel(teacher, tokenizer).sample(["What is 17*23? Answer with the number only."], 1, 8, greedy=True)
     assert decode_responses(tokenizer, rollout)[0].strip() == "391"
+
+
+# ---- tiny_hd32: the tiny student with 32-dim heads (vLLM's CPU attention) -----------------------
+
+
+def test_padded_heads_compute_the_same_logits_and_their_zero_parts_get_no_gradient():
+    from opdx.pairs.tiny_hd32 import padded_heads
+
+    student = AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"), dtype=torch.float64)
+    padded = padded_heads(student).train()
+    assert (student.config.head_dim, padded.config.head_dim) == (16, 32)
+    tokens = torch.randint(3, 24, (4, 40), generator=torch.Generator().manual_seed(0))
+    logits = padded(tokens).logits
+    assert torch.allclose(logits, student(tokens).logits, atol=1e-10)
+    logits.square().sum().backward()
+    attention = padded.model.layers[0].self_attn
+    zero_rows = attention.q_proj.weight.detach().abs().sum(1) == 0
+    assert zero_rows.sum() == 4 * 16  # 16 of each head's 32 query dimensions are padding
+    assert attention.q_proj.weight.grad[zero_rows].abs().max() == 0
+    assert attention.k_proj.weight.grad[zero_rows].abs().max() == 0
+    assert attention.o_proj.weight.grad[:, attention.v_proj.weight.detach().abs().sum(1) == 0].abs().max() == 0
+    assert attention.q_proj.weight.grad[~zero_rows].abs().max() > 0
+
+
+def test_padded_heads_refuse_a_model_they_cannot_pad():
+    from opdx.pairs.tiny_hd32 import padded_heads
+
+    student = AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="an even head_dim below 16, got 16"):
+        padded_heads(student, head_dim=16)

