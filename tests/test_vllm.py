@@ -115,6 +115,20 @@ def test_a_tied_students_embedding_push_reaches_the_engines_head(learner):
     learner.rollout.update_weights(learner.policy)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_gives_each_rank_its_own_engine_kept_in_sync(strategy, tmp_path):
+    from test_dist import torchrun
+
+    from opdx.metrics import read_metrics
+
+    run_dir = tmp_path / strategy
+    overrides = [*FAST_TRAIN, "model=tiny_hd32", "rollout=vllm", f"trainer.strategy={strategy}"]
+    torchrun("-m", "opdx", "train", *overrides, f"hydra.run.dir={run_dir}")
+    steps = [record for record in read_metrics(run_dir) if "rollout/logprob_mismatch" in record]
+    assert [record["step"] for record in steps] == [1, 2, 3, 4]
+    assert max(record["rollout/logprob_mismatch"] for record in steps) < 1e-3
+
+
 # Last in the module: a second engine in this process tears down vLLM's process-wide parallel state
 # when it is destroyed, which the first engine needs.
 def engine_weights(sampler: VLLMSampler) -> dict[str, torch.Tensor]:

