@@ -93,7 +93,12 @@ class Rollout:
         """A rollout from an engine's samples: G = B / P responses per prompt (prompt-major), each
         whole (up to and including its EOS, or cut at the length limit), with the sampled tokens'
         log-probs when given (0 beyond a response's end)."""
-        samples = len(responses_B) // len(prompts_P)
+        samples = len(responses_B) // max(len(prompts_P), 1)
+        if not prompts_P or samples * len(prompts_P) != len(responses_B) or len(finished_B) != len(responses_B):
+            raise ValueError(
+                f"an engine returned {len(responses_B)} responses ({len(finished_B)} finish flags) for "
+                f"{len(prompts_P)} prompts: not the same number per prompt"
+            )
         prompts_B = [ids for ids in prompts_P for _ in range(samples)]
         rollout = cls.from_token_lists(prompts_B, responses_B, pad_id)
         rollout.finished_B = torch.tensor(list(finished_B), dtype=torch.bool)

@@ -134,6 +134,7 @@ def start(run: Run, train: bool) -> Parts:
     teacher = build_backend(
         config.teacher, pair=config.model, tokenizer=tokenizer, device=device, logprob_chunk=t.logprob_chunk
     )
+    torch.manual_seed(config.seed)  # an engine backend may have reseeded the process (vLLM seeds its own)
     parts = Parts(student, tokenizer, rollout, teacher, device, ranks)
     if train and run.estimator.needs_teacher_logits:
         check_logits_memory(run, parts)

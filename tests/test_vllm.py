@@ -26,7 +26,8 @@ PROBLEMS = get_benchmark("arith").train[:16]
 @pytest.fixture(scope="module")
 def learner():
     """A tiny_hd32 run with rollout=vllm, started in this process (one engine for the module)."""
-    run = validate(composed("model=tiny_hd32", "rollout=vllm", *FAST_TRAIN, "trainer.prompts_per_step=8"))
+    overrides = ["model=tiny_hd32", "rollout=vllm", "+rollout.engine_args.block_size=32", "trainer.prompts_per_step=8"]
+    run = validate(composed(*FAST_TRAIN, *overrides))  # blocks of 32 tokens: prompts of 32 or more get cached
     return build_learner(run, start(run, train=True))
 
 
@@ -52,9 +53,11 @@ def test_every_step_syncs_the_weights_and_a_skipped_sync_shows(learner):
     assert max(mismatches) < 1e-3
     push = learner.rollout.update_weights
     learner.rollout.update_weights = lambda model: None  # the canary: no sync
-    stale = [train_step(learner, step)["rollout/logprob_mismatch"] for step in range(5, 10)]
-    learner.rollout.update_weights = push
-    push(learner.policy)
+    try:
+        stale = [train_step(learner, step)["rollout/logprob_mismatch"] for step in range(5, 10)]
+    finally:
+        learner.rollout.update_weights = push
+        push(learner.policy)
     assert stale[-1] > 1e-2 and stale[-1] > stale[0]
     assert mismatch(learner.rollout, learner.policy) < 1e-3
 
@@ -92,16 +95,34 @@ def test_each_seed_gives_its_own_samples(learner):
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
-def test_a_push_after_an_engine_reused_a_prompt_serves_the_new_weights(learner):
-    """The prefix cache holds a prompt's keys and values from the old weights; a push resets it."""
-    learner.rollout.sample(PROBLEMS, 4, 24)  # fills the prefix cache with these prompts
+LONG_PROMPTS = ["+".join(str(a + k) for k in range(11)) + "=" for a in range(10, 90, 10)]  # 34 tokens each
+
+
+def test_a_push_after_the_engine_cached_the_prompts_serves_the_new_weights(learner, monkeypatch):
+    """The prefix cache keeps a prompt's keys and values from the old weights; each push resets it
+    (the canary skips the reset and sees the old weights)."""
     moved = copy.deepcopy(learner.student)
     with torch.no_grad():
         for parameter in moved.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.02)
-    learner.rollout.update_weights(TokenScores(moved))
-    assert mismatch(learner.rollout, TokenScores(moved)) < 1e-3
-    learner.rollout.update_weights(learner.policy)
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+
+    def gap_after_push(module: torch.nn.Module) -> float:
+        learner.rollout.sample(LONG_PROMPTS, 2, 8)  # the prompts' first 32 tokens now sit in the cache
+        learner.rollout.update_weights(module)
+        rollout = learner.rollout.sample(LONG_PROMPTS, 2, 8)
+        with torch.no_grad():
+            recomputed_B_T = module(rollout)
+        return (rollout.logp_sampling_B_T - recomputed_B_T)[rollout.response_mask_B_T].abs().max().item()
+
+    try:
+        assert min(len(ids) for ids in learner.rollout.prompt_ids(LONG_PROMPTS)) >= 32
+        assert gap_after_push(TokenScores(moved)) < 1e-3
+        learner.rollout.update_weights(learner.policy)
+        monkeypatch.setattr(learner.rollout.engine, "reset_prefix_cache", lambda: True)
+        assert gap_after_push(TokenScores(moved)) > 1e-2
+    finally:
+        monkeypatch.undo()
+        learner.rollout.update_weights(learner.policy)
 
 
 def test_a_tied_students_embedding_push_reaches_the_engines_head(learner):
@@ -113,6 +134,19 @@ def test_a_tied_students_embedding_push_reaches_the_engines_head(learner):
     learner.rollout.update_weights(TokenScores(moved))
     assert mismatch(learner.rollout, TokenScores(moved)) < 1e-3
     learner.rollout.update_weights(learner.policy)
+
+
+def test_a_resumed_run_pushes_the_checkpoints_weights_into_the_engine(tmp_path):
+    from conftest import run_opdx
+
+    from opdx.metrics import read_metrics
+
+    run_dir = tmp_path / "run"
+    overrides = [*FAST_TRAIN, "model=tiny_hd32", "rollout=vllm", "trainer.lr=3e-3", f"hydra.run.dir={run_dir}"]
+    run_opdx("train", *overrides, "trainer.steps=2")
+    run_opdx("train", *overrides, "trainer.steps=4", f"trainer.resume={run_dir}")
+    gaps = {r["step"]: r["rollout/logprob_mismatch"] for r in read_metrics(run_dir) if "rollout/logprob_mismatch" in r}
+    assert sorted(gaps) == [1, 2, 3, 4] and max(gaps.values()) < 1e-3
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

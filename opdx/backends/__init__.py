@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from opdx.benchmarks import Problem
@@ -70,3 +71,10 @@ class Scorer(Protocol):
 @runtime_checkable
 class Teacher(Sampler, Scorer, Protocol):
     """A teacher scores the student's rollouts and samples its own answers (its accuracy)."""
+
+
+def request_seeds(count: int) -> list[int]:
+    """A sampling seed for each of ``count`` engine requests, drawn from torch's global generator
+    (which the trainer seeds per step and rank), so a run's samples repeat and ranks differ. A
+    request of G samples uses seed, seed + 1, ... (vLLM)."""
+    return torch.randint(2**31 - 1, (count,)).tolist()

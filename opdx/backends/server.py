@@ -1,6 +1,6 @@
 """A teacher behind an OpenAI-compatible inference server (vLLM's), scoring the student's tokens.
 
-    vllm serve Qwen/Qwen3-1.7B --port 8000 --no-enable-prefix-caching
+    vllm serve Qwen/Qwen3-1.7B --port 8000 --no-enable-prefix-caching --generation-config vllm
     opdx train model=qwen3_1p7b_to_0p6b_base teacher=server teacher.url=http://localhost:8000/v1
 
 OPD and OPD+ need only the teacher's log-prob of each *sampled* token, so a served teacher is exact
@@ -28,22 +28,30 @@ import requests
 import torch
 from requests.adapters import HTTPAdapter
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 from urllib3.util.retry import Retry
 
+from opdx.backends import request_seeds
 from opdx.backends.hf import teacher_prompt_tokenizer
 from opdx.benchmarks import Problem
+from opdx.compat import TOKENIZER_PROBES
 from opdx.config import ModelConfig
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
 
 NEG_INF_SENTINEL = -9999.0  # vLLM's JSON for a log-prob of -inf
-TOKENIZER_PROBE = 'Solve 12+7*(3-1)=? Call get_weather(city=\'Paris\') {"name": "f", "x": 1.5}; done.\n'
+# The teacher's own answers: every sampling setting a server could fill from the model's
+# generation_config.json set to none (opdx samples with temperature / top-k / top-p alone).
+NEUTRAL_SAMPLING = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
 
 
 class TeacherServerError(RuntimeError):
-    """The teacher's server is down, answers with an error, or serves another model or tokenizer;
-    the message names the URL."""
+    """The teacher's server is down, answers with an error or in another shape, or serves another
+    model or tokenizer; the message names the URL. ``status`` is the HTTP status of an error answer."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ServedTeacher:
@@ -52,9 +60,11 @@ class ServedTeacher:
 
     ``timeout`` seconds per request, ``retries`` more tries on a connection error or a 5xx answer
     (with backoff), ``rows_per_request`` sequences per request, ``concurrency`` requests at once.
-    The pair's teacher (``pair.teacher``, a local path or hub id) is the tokenizer the server's is
-    checked against and, with ``prompt_template=own``, the chat template the prompts are rendered
-    with (as ``teacher=hf``). Raises TeacherServerError at start as described above."""
+    The server's tokenizer is checked against the pair's (the student's ``tokenizer``); the pair's
+    teacher (``pair.teacher``, a local path or hub id) gives, with ``prompt_template=own``, the chat
+    template the prompts are rendered with (as ``teacher=hf``). ``context`` is the server's
+    ``max_model_len`` less one (a scoring request asks for one new token). Raises
+    TeacherServerError at start as described above."""
 
     supports_logits = False
 
@@ -75,10 +85,16 @@ class ServedTeacher:
         self.prompt_tokenizer = teacher_prompt_tokenizer(pair, tokenizer, prompt_template)
         self.timeout, self.rows_per_request, self.concurrency = timeout, rows_per_request, concurrency
         self.session = requests.Session()
-        retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504), allowed_methods=None)
+        retry = Retry(
+            total=retries,
+            backoff_factor=0.5,
+            status_forcelist=(500, 502, 503, 504),
+            allowed_methods=None,
+            raise_on_status=False,  # the last error answer is reported with its text
+        )
         self.session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
         self.session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
-        served = {entry["id"]: entry for entry in self._call("GET", "/models")["data"]}
+        served = {entry["id"]: entry for entry in self._field(self._call("GET", "/models"), "data", "/models")}
         if model is None:
             if len(served) != 1:
                 raise TeacherServerError(
@@ -92,8 +108,9 @@ class ServedTeacher:
                 "model, or set teacher.model to the name it serves"
             )
         self.model = model
-        self.context = served[model].get("max_model_len") or math.inf
+        self.context = served[model].get("max_model_len", math.inf) - 1
         self._check_tokenizer()
+        note_padding_rows(pair, len(tokenizer))
         print(f"teacher: {model} served at {self.url}")
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, root: bool = False) -> Any:
@@ -108,28 +125,43 @@ class ServedTeacher:
                 f"running (vllm serve <teacher> --port ...) and teacher.url={self.url} right?"
             ) from None
         if not answer.ok:
+            status = f"{answer.status_code}: {answer.text[:500]}"
+            raise TeacherServerError(f"teacher=server: {base + path} answered {status}", answer.status_code)
+        try:
+            return answer.json()
+        except ValueError:
             raise TeacherServerError(
-                f"teacher=server: {base + path} answered {answer.status_code}: {answer.text[:500]}"
+                f"teacher=server: {base + path} answered with no JSON: {answer.text[:200]}"
+            ) from None
+
+    def _field(self, answer: Any, key: str, path: str) -> Any:
+        """``answer[key]``, or TeacherServerError naming the URL when the answer has no such field."""
+        if not isinstance(answer, dict) or answer.get(key) is None:
+            raise TeacherServerError(
+                f"teacher=server: {self.url}{path} answered without {key!r} (not vLLM's OpenAI-compatible API?): "
+                f"{str(answer)[:200]}"
             )
-        return answer.json()
+        return answer[key]
 
     def _check_tokenizer(self) -> None:
-        """The server's tokenizer must give the pair's token ids (vLLM's ``/tokenize``); a server
-        without that endpoint is trusted with a note."""
-        body = {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
-        try:
-            served = self._call("POST", "/tokenize", body, root=True)["tokens"]
-        except TeacherServerError as error:
-            if " answered 404" not in str(error):
-                raise
-            print(f"teacher: {self.url} has no /tokenize: its tokenizer is not checked against the student's")
-            return
-        local = self.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
-        if served != local:
-            raise TeacherServerError(
-                f"the server at {self.url} serves {self.model} with another tokenizer than the student's: a probe text "
-                f"gives {served[:12]}... there and {local[:12]}... here. The teacher must share the student's tokenizer"
-            )
+        """The server's tokenizer must give the pair's token ids on ``opdx.compat.TOKENIZER_PROBES``
+        (vLLM's ``/tokenize``); a server without that endpoint is trusted with a note."""
+        for probe in TOKENIZER_PROBES:
+            body = {"model": self.model, "prompt": probe, "add_special_tokens": False}
+            try:
+                served = self._field(self._call("POST", "/tokenize", body, root=True), "tokens", "/tokenize")
+            except TeacherServerError as error:
+                if error.status != 404:
+                    raise
+                print(f"teacher: {self.url} has no /tokenize: its tokenizer is not checked against the student's")
+                return
+            local = self.tokenizer.encode(probe, add_special_tokens=False)
+            if served != local:
+                raise TeacherServerError(
+                    f"the server at {self.url} serves {self.model} with another tokenizer than the student's: "
+                    f"{probe!r} gives {served[:12]}... there and {local[:12]}... here. The teacher must share the "
+                    "student's tokenizer"
+                )
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
         """Each problem's prompt as the teacher sees it (``prompt_template``)."""
@@ -149,7 +181,6 @@ class ServedTeacher:
         rows = zip(rollout.prompt_tokens_B_L, rollout.prompt_mask_B_L, strict=True)
         return [tokens[mask.bool()].tolist() for tokens, mask in rows]
 
-    @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> Tensor:
         """log q(response token | prefix) at every response token, [B, T] float32 (0 past a
         response's end), from the server's prompt log-probs of prompt + response."""
@@ -167,7 +198,11 @@ class ServedTeacher:
         choices = self._completions(bodies)
         logq_B_T = torch.zeros(rollout.response_tokens_B_T.shape)
         for row, (choice, prompt, response) in enumerate(zip(choices, prompts_B, responses_B, strict=True)):
-            logq_B_T[row, : len(response)] = torch.tensor(token_logprobs(choice["prompt_logprobs"], prompt, response))
+            prompt_logprobs = self._field(choice, "prompt_logprobs", "/completions")
+            try:
+                logq_B_T[row, : len(response)] = torch.tensor(token_logprobs(prompt_logprobs, prompt, response))
+            except ValueError as error:
+                raise TeacherServerError(f"teacher=server: {self.url}/completions: {error}") from None
         return logq_B_T
 
     def logits(self, rollout: Rollout) -> Tensor:
@@ -186,21 +221,21 @@ class ServedTeacher:
         each to the pair's EOS or ``max_new_tokens``, sampled by the server with a seed per prompt
         drawn from torch's global generator. ``on_step`` is not called."""
         prompts_P = self.prompt_ids(problems)
-        seeds_P = torch.randint(2**31 - 1, (len(prompts_P),)).tolist()
+        seeds_P = request_seeds(len(prompts_P))
         sampling = {"temperature": 0.0} if greedy else {
             "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p
         }  # fmt: skip
         bodies = [
             {"model": self.model, "prompt": [ids], "n": samples_per_prompt, "max_tokens": max_new_tokens,
              "seed": seed, "ignore_eos": True, "stop_token_ids": [self.tokenizer.eos_token_id],
-             "return_token_ids": True, **sampling}
+             "return_token_ids": True, **NEUTRAL_SAMPLING, **sampling}
             for ids, seed in zip(prompts_P, seeds_P, strict=True)
         ]  # fmt: skip
         choices = self._completions(bodies)
         return Rollout.from_samples(
             problems,
             prompts_P,
-            [choice["token_ids"] for choice in choices],
+            [self._field(choice, "token_ids", "/completions") for choice in choices],
             [choice["finish_reason"] == "stop" for choice in choices],
             self.tokenizer.pad_token_id,
         )
@@ -224,3 +259,15 @@ def token_logprobs(
         value = float(entry[str(token)]["logprob"])
         values.append(-math.inf if value <= NEG_INF_SENTINEL else value)
     return values
+
+
+def note_padding_rows(pair: ModelConfig, vocab_size: int) -> None:
+    """Say so when the teacher's output layer has rows beyond the tokenizer's ids: a server's
+    log-probs are normalised over every row, ``teacher=hf``'s over the tokenizer's ids only."""
+    rows = AutoConfig.from_pretrained(pair.teacher).vocab_size
+    if rows > vocab_size:
+        print(
+            f"teacher: {pair.teacher} has {rows:,} output rows for {vocab_size:,} token ids; the server normalises its "
+            f"log-probs over all rows (teacher=hf over the token ids only), so log q differs from a local teacher's by "
+            "the probability it gives the padding rows"
+        )

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from opdx.backends import request_seeds
 from opdx.benchmarks import Problem
 from opdx.config import ConfigError
 from opdx.dist import active
@@ -37,18 +39,23 @@ CPU_KV_CACHE_BYTES = 1 << 28  # the least KV cache on the CPU when kv_cache_memo
 CPU_KV_CACHE_SEQUENCES = 4  # ... and room for this many sequences of max_model_len
 
 
+def head_size(config: Any) -> int:
+    """The attention head size of a transformers config (``head_dim``, else hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_bytes_per_token(model: PreTrainedModel) -> int:
     """Bytes of keys and values one token takes in the model's KV cache (all layers, its dtype)."""
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    return 2 * config.num_hidden_layers * kv_heads * head_size(config) * model.dtype.itemsize
 
 
 def import_vllm() -> Any:
-    """The ``vllm`` package, with its engine core in this process (so ``update_weights`` reaches
-    the model); ConfigError naming what to install when it is missing."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    """The ``vllm`` package, with its engine core in this process (``update_weights`` hands it a
+    generator of tensors, which cannot cross to another process); ConfigError naming what to
+    install when it is missing."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not two INFO lines per weight push
     try:
         import vllm
@@ -76,13 +83,12 @@ def check_cpu_head_size(model: PreTrainedModel) -> None:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     sizes = CPUAttentionBackend.get_supported_head_sizes()
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim not in sizes:
+    if head_size(model.config) not in sizes:
         raise ConfigError(
-            f"rollout=vllm: the student {model.name_or_path} has attention heads of {head_dim} dimensions and vLLM's "
-            f"CPU attention takes {', '.join(map(str, sizes))} only. On the CPU use model=tiny_hd32 (the tiny student "
-            "with 32-dim heads, the same function) or a student with supported heads, or rollout=hf"
+            f"rollout=vllm: the student {model.name_or_path} has attention heads of {head_size(model.config)} "
+            f"dimensions and vLLM's CPU attention takes {', '.join(map(str, sizes))} only. On the CPU use "
+            "model=tiny_hd32 (the tiny student with 32-dim heads, the same function) or a student with supported "
+            "heads, or rollout=hf"
         )
 
 
@@ -94,6 +100,17 @@ def ranks_of_engines() -> dict[str, Any]:
     return {"distributed_executor_backend": "external_launcher", "data_parallel_size": dist.get_world_size()}
 
 
+def full_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """The trainer's student module's tensors by checkpoint name, whole and in ``dtype``, one at a
+    time: under FSDP2 each parameter is gathered as it is read (a collective every rank joins in the
+    same order), so no rank holds the whole gathered model at once. Tied embeddings come under both
+    names, as ``state_dict`` gives them."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    for name, tensor in module.state_dict().items():
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield name.removeprefix("model."), whole.detach().to(dtype)
+
+
 class VLLMSampler:
     """``rollout=vllm``: a colocated ``vllm.LLM`` engine of the student (``model``'s directory, in
     its dtype), sampling B = P * G responses per call with the processed log-prob of each token.
@@ -102,16 +119,15 @@ class VLLMSampler:
     engine's weights and KV cache; the trainer uses the rest), ``kv_cache_memory_bytes`` (the KV
     cache's size instead; null: sized by the share on GPUs; on the CPU, whose backend reads the
     share as a fraction of RAM, 256 MiB or room for 4 sequences of ``max_model_len`` when more),
-    ``max_model_len`` (null: the student's
-    positions), ``enforce_eager`` (false: compiled graphs on GPUs, a slower start and faster
-    decoding). ConfigError when vLLM is missing or cannot run the student.
+    ``max_model_len`` (null: the student's positions), ``enforce_eager`` (false: compiled graphs on
+    GPUs, a slower start and faster decoding), ``engine_args`` (any other ``vllm.LLM`` argument,
+    e.g. ``tensor_parallel_size``, ``block_size``). ConfigError when vLLM is missing or cannot run
+    the student.
 
-    Each prompt's request carries its own sampling seed drawn from torch's global generator (which
-    the trainer seeds per step and rank), so runs repeat and ranks given the same prompt differ.
-    Under torchrun each rank runs its own engine (``ranks_of_engines``).
+    Each prompt's request carries its own sampling seed (``opdx.backends.request_seeds``), so runs
+    repeat and ranks given the same prompt differ. Under torchrun each rank runs its own engine
+    (``ranks_of_engines``).
     """
-
-    supports_logits = False
 
     def __init__(
         self,
@@ -121,8 +137,9 @@ class VLLMSampler:
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
         enforce_eager: bool = True,
+        engine_args: dict[str, Any] | None = None,
     ) -> None:
-        vllm = import_vllm()
+        self.vllm = import_vllm()
         check_cpu_head_size(model)
         from vllm.platforms import current_platform
 
@@ -131,9 +148,8 @@ class VLLMSampler:
             room = CPU_KV_CACHE_SEQUENCES * self.context * kv_bytes_per_token(model)
             kv_cache_memory_bytes = max(CPU_KV_CACHE_BYTES, room)
         self.tokenizer = tokenizer
-        self.vocab_size = len(tokenizer)
         self.dtype = model.dtype
-        self.engine = vllm.LLM(
+        self.engine = self.vllm.LLM(
             model=model.name_or_path,
             dtype=str(model.dtype).removeprefix("torch."),
             max_model_len=self.context,
@@ -145,9 +161,10 @@ class VLLMSampler:
             enable_prefix_caching=True,
             seed=0,
             **ranks_of_engines(),
+            **(engine_args or {}),
         )
-        padding_rows = model.get_output_embeddings().weight.shape[0] > self.vocab_size
-        self.allowed_token_ids = list(range(self.vocab_size)) if padding_rows else None
+        padding_rows = model.get_output_embeddings().weight.shape[0] > len(tokenizer)
+        self.allowed_token_ids = list(range(len(tokenizer))) if padding_rows else None
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
         """Each problem's prompt rendered by the student's chat template, as token ids."""
@@ -166,13 +183,11 @@ class VLLMSampler:
         the engine (never text), each ending at the tokenizer's EOS (included) or after
         ``max_new_tokens``; ``logp_sampling_B_T`` the engine's processed log-probs. ``on_step`` is
         not called (the engine decodes in one call)."""
-        vllm = import_vllm()
         from vllm.inputs import TokensPrompt
 
         prompts_P = self.prompt_ids(problems)
-        seeds_P = torch.randint(2**31 - 1, (len(prompts_P),)).tolist()
-        requests = [
-            vllm.SamplingParams(
+        sampling_P = [
+            self.vllm.SamplingParams(
                 n=samples_per_prompt,
                 temperature=0.0 if greedy else params.temperature,
                 top_k=0 if greedy else params.top_k,
@@ -183,30 +198,32 @@ class VLLMSampler:
                 stop_token_ids=[self.tokenizer.eos_token_id],
                 allowed_token_ids=self.allowed_token_ids,
                 seed=seed,  # its G samples use seed, seed + 1, ...
+                detokenize=False,  # opdx decodes the token ids itself
             )
-            for seed in seeds_P
+            for seed in request_seeds(len(prompts_P))
         ]
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompts_P]
-        outputs = self.engine.generate(prompts, requests, use_tqdm=False)
-        completions = [completion for output in outputs for completion in output.outputs]
+        outputs_P = self.engine.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts_P], sampling_P, use_tqdm=False
+        )
+        samples_B = [sample for output in outputs_P for sample in output.outputs]
         return Rollout.from_samples(
             problems,
             prompts_P,
-            [list(completion.token_ids) for completion in completions],
-            [completion.finish_reason == "stop" for completion in completions],
+            [list(sample.token_ids) for sample in samples_B],
+            [sample.finish_reason == "stop" for sample in samples_B],
             self.tokenizer.pad_token_id,
             [
-                [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)]
-                for completion in completions
+                [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids, strict=True)]
+                for sample in samples_B
             ],
         )
 
     def update_weights(self, model: nn.Module) -> None:
         """Push the weights of the trainer's student module (``TokenScores``, maybe wrapped in DDP
-        or FSDP2: the full state dict is gathered, a collective every rank joins) into the engine,
-        cast to its dtype, then reset its prefix cache. Tied embeddings go as the model's
-        ``state_dict`` has them (``lm_head.weight`` too), which vLLM's loader maps."""
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        weights = ((name.removeprefix("model."), tensor.detach().to(self.dtype)) for name, tensor in full.items())
+        or FSDP2) into the engine in its dtype (``full_weights``), then reset its prefix cache;
+        RuntimeError when the engine cannot reset it (the next samples would reuse keys and values
+        of the old weights)."""
+        weights = full_weights(model, self.dtype)
         self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.engine.reset_prefix_cache()
+        if not self.engine.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight push (requests still running?)")

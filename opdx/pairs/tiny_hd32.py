@@ -40,12 +40,12 @@ def head_rows(old_head_dim: int, new_head_dim: int, heads: int, interleave: bool
 
 
 def padded_heads(model: LlamaForCausalLM, head_dim: int = HEAD_DIM) -> LlamaForCausalLM:
-    """A copy of the Llama ``model`` whose attention heads have ``head_dim`` dimensions, computing
-    the same logits (the mapping above)."""
+    """A copy of the Llama ``model`` whose attention heads have ``head_dim`` dimensions, twice its
+    own (``head_rows`` doubles the rotary indices), computing the same logits. ValueError otherwise."""
     config = model.config
     old = config.head_dim
-    if head_dim <= old or old % 2:
-        raise ValueError(f"padding heads needs an even head_dim below {head_dim}, got {old}")
+    if head_dim != 2 * old:
+        raise ValueError(f"padding heads doubles their size: head_dim={head_dim} for a model with {old}, not {2 * old}")
     padded_config = config.__class__.from_dict({**config.to_dict(), "head_dim": head_dim})
     padded = LlamaForCausalLM(padded_config).to(model.dtype)
     state = model.state_dict()
