@@ -95,7 +95,9 @@ def run_hydra(task: Callable[[DictConfig], float | None], argv: list[str], prog:
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
 
 
-def train_task(cfg: DictConfig) -> float | None:
+def run_errors() -> tuple[type[Exception], ...]:
+    """The errors a started command reports in one line: bad data, weight files, checkpoints, a
+    pair, a config value found at start, a teacher's server."""
     # The commands' modules load torch and transformers: imported when a command runs, so that
     # `opdx --help`, `opdx table` and a config error answer without that cost.
     from opdx.backends.server import TeacherServerError
@@ -103,6 +105,11 @@ def train_task(cfg: DictConfig) -> float | None:
     from opdx.checkpoint import CheckpointError
     from opdx.compat import PairError
     from opdx.pairs import WeightFilesError
+
+    return (BenchmarkDataError, WeightFilesError, CheckpointError, PairError, ConfigError, TeacherServerError)
+
+
+def train_task(cfg: DictConfig) -> float | None:
     from opdx.run import validate
     from opdx.trainer import NonFiniteError, train
 
@@ -115,15 +122,7 @@ def train_task(cfg: DictConfig) -> float | None:
         run.config.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     try:
         summary = train(run, Path(hydra_cfg.runtime.output_dir))
-    except (
-        BenchmarkDataError,
-        WeightFilesError,
-        CheckpointError,
-        NonFiniteError,
-        PairError,
-        ConfigError,
-        TeacherServerError,
-    ) as error:
+    except (*run_errors(), NonFiniteError) as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 
@@ -150,12 +149,7 @@ EVAL_RUN_DIR = "outputs/eval/${start_time:%Y-%m-%d}/${start_time:%H-%M-%S}_${mod
 
 
 def eval_task(cfg: DictConfig) -> float | None:
-    from opdx.backends.server import TeacherServerError
-    from opdx.benchmarks.data import BenchmarkDataError
-    from opdx.checkpoint import CheckpointError
-    from opdx.compat import PairError
     from opdx.eval_command import run_eval
-    from opdx.pairs import WeightFilesError
     from opdx.run import validate
 
     try:
@@ -164,7 +158,7 @@ def eval_task(cfg: DictConfig) -> float | None:
         sys.exit(f"opdx eval: invalid config: {error}")
     try:
         record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
-    except (BenchmarkDataError, WeightFilesError, CheckpointError, PairError, ConfigError, TeacherServerError) as error:
+    except run_errors() as error:
         sys.exit(f"opdx eval: {error}")
     return record["results"]["student"]["greedy_acc"]
 
