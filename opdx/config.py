@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from fnmatch import fnmatchcase
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -243,8 +244,10 @@ class RunConfig:
     seed: int = 0
 
 
-# Settings a resumed run may change: how long it runs, where and how fast, how it is evaluated and
-# logged, and which backend samples or serves the teacher. Any other difference changes its meaning.
+# Settings a resumed run may change (fnmatch patterns of config keys): how long it runs, where and
+# how fast, how it is evaluated and logged, and which backend samples or serves a teacher (the
+# run's, or a mixture component's). Any other difference (a component's teacher_model, weight or
+# benchmark included) changes its meaning.
 RESUME_SAFE = (
     "trainer.steps",
     "trainer.resume",
@@ -256,22 +259,25 @@ RESUME_SAFE = (
     "trainer.logprob_chunk",
     "trainer.max_bad_steps",
     "trainer.strategy",
-    "eval.",
-    "logger.",
-    "rollout.",
-    "teacher.",
+    "eval.*",
+    "logger.*",
+    "rollout.*",
+    "teacher.*",
+    "benchmark.components.*.teacher",
+    "benchmark.components.*.teacher.*",
 )
 
 
 def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The settings outside ``RESUME_SAFE`` on which two resolved configs differ, as
-    ``"key: saved -> new"`` (another model, divergence, estimator, benchmark, seed, lr, batch ...)."""
+    ``"key: saved -> new"`` (another model, divergence, estimator, benchmark, seed, lr, batch, a
+    mixture's components or their teachers ...)."""
     flat_saved, flat_new = _flatten(saved), _flatten(new)
     keys = sorted(set(flat_saved) | set(flat_new))
     return [
         f"{key}: {flat_saved.get(key, '<unset>')} -> {flat_new.get(key, '<unset>')}"
         for key in keys
-        if flat_saved.get(key) != flat_new.get(key) and not key.startswith(RESUME_SAFE)
+        if flat_saved.get(key) != flat_new.get(key) and not any(fnmatchcase(key, safe) for safe in RESUME_SAFE)
     ]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from opdx.backends.hf import TokenScores
 from opdx.checkpoint import CheckpointError, load_weights, usable_checkpoint
-from opdx.evaluation import evaluate_split, format_side_by_side
+from opdx.evaluation import components_table, eval_problem_count, evaluate_split, format_side_by_side, markdown_table
 from opdx.run import Run, start
 
 EVAL_FILE = "eval.json"
@@ -62,7 +62,7 @@ def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
         "student": cfg.model.student,
         "run": cfg.eval.run,
         "benchmark": run.benchmark.name,
-        "problems": min(cfg.eval.problems, len(run.benchmark.eval)),
+        "problems": eval_problem_count(run.benchmark, cfg.eval),
         "n": cfg.eval.n,
         "max_new_tokens": cfg.eval.max_new_tokens or cfg.trainer.max_new_tokens,
         "results": results,
@@ -73,6 +73,9 @@ def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
     path = out_dir / EVAL_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\n{record['benchmark']}: {record['problems']} problems, n={record['n']} ({cfg.model.name})")
-    print(format_side_by_side(results))
+    per_component = components_table(results)
+    if per_component is not None:
+        print(markdown_table(per_component) + "\n")
+    print(format_side_by_side({role: {k: v for k, v in one.items() if "/" not in k} for role, one in results.items()}))
     print(f"written to {path}")
     return record

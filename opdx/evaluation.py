@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from opdx.backends import Sampler, Scorer
-from opdx.benchmarks import Benchmark, Problem
+from opdx.benchmarks import Benchmark, Mixture, Problem
 from opdx.config import EvalConfig
 from opdx.dist import ONE_RANK, Ranks, global_sum
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, decode_responses
@@ -138,7 +138,19 @@ def evaluate_split(
 ) -> dict[str, float]:
     """``evaluate`` with the ``eval`` settings on the first ``config.problems`` eval problems,
     sampling with ``params`` (the run's temperature / top-k / top-p) and ``config.max_new_tokens``
-    tokens, else ``max_new_tokens`` (the trainer's); shared over ``ranks``."""
+    tokens, else ``max_new_tokens`` (the trainer's); shared over ``ranks``.
+
+    A ``Mixture`` is evaluated one component at a time (its first ``config.problems`` problems,
+    with its teacher where the sampler or scorer routes by component): each metric of component c
+    as ``c/<metric>``, and unprefixed the mean of the components weighted by their sampling weights."""
+    if isinstance(benchmark, Mixture):
+        results = {
+            c.name: evaluate_split(sampler, tokenizer, c, config, params, max_new_tokens, teacher, progress, ranks)
+            for c in benchmark.components
+        }
+        return weighted_means(results, benchmark.weights) | {
+            f"{name}/{key}": value for name, one in results.items() for key, value in one.items()
+        }
     return evaluate(
         sampler,
         tokenizer,
@@ -152,3 +164,27 @@ def evaluate_split(
         progress,
         ranks,
     )
+
+
+def eval_problem_count(benchmark: Benchmark, config: EvalConfig) -> int:
+    """How many problems ``evaluate_split`` grades: the first ``config.problems`` of the eval
+    split, of each component's for a mixture."""
+    parts = benchmark.components if isinstance(benchmark, Mixture) else [benchmark]
+    return sum(min(config.problems, len(part.eval)) for part in parts)
+
+
+def components_table(results: dict[str, dict[str, float]], metric: str = "greedy_acc") -> pd.DataFrame | None:
+    """Rows: the components of mixture results (keys ``c/<metric>``); columns: the results
+    (teacher, student before, ...); None when the results have no component."""
+    components = [key.rpartition("/")[0] for key in next(iter(results.values())) if key.endswith(f"/{metric}")]
+    if not components:
+        return None
+    table = pd.DataFrame({role: {c: one.get(f"{c}/{metric}") for c in components} for role, one in results.items()})
+    table.index.name = f"component: {metric}"
+    return table
+
+
+def weighted_means(results: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, float]:
+    """Each metric that every result has, averaged over the results with ``weights`` (summing to 1)."""
+    shared = [key for key in next(iter(results.values())) if all(key in one for one in results.values())]
+    return {key: sum(weights[name] * one[key] for name, one in results.items()) for key in shared}

@@ -109,6 +109,22 @@ class Rollout:
                 rollout.logp_sampling_B_T[row, : len(logps)] = torch.tensor(logps)
         return rollout
 
+    def select(self, rows: Sequence[int]) -> Rollout:
+        """The rollout of ``rows`` (in that order), its prompt columns that are padding in all of
+        them left out; the response columns stay (T), so results scatter back by row."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        prompt_mask = self.prompt_mask_B_L[index]
+        first = int((prompt_mask.sum(0) > 0).long().argmax()) if prompt_mask.any() else 0
+        return Rollout(
+            self.prompt_tokens_B_L[index, first:],
+            prompt_mask[:, first:],
+            self.response_tokens_B_T[index],
+            self.response_mask_B_T[index],
+            None if self.logp_sampling_B_T is None else self.logp_sampling_B_T[index],
+            None if self.finished_B is None else self.finished_B[index],
+            None if self.problems is None else [self.problems[i] for i in rows],
+        )
+
     @property
     def lengths_B(self) -> Tensor:
         return self.response_mask_B_T.sum(-1)

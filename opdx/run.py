@@ -5,14 +5,16 @@
 a message naming it and the valid choices, and what it returns holds the built divergence,
 estimator and benchmark. ``start`` then sets threads and seed, loads the benchmark's data (a
 data error fails before minutes of model loading), builds a local pair on first use, and loads
-the student, its tokenizer and the rollout and teacher backends.
+the student, its tokenizer and the rollout and teacher backends (a mixture's: one per component,
+``RoutedTeacher``).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psutil
@@ -22,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.backends import Sampler, Teacher
-from opdx.benchmarks import Benchmark, Problem, Subset, build_benchmark
+from opdx.backends.routing import RoutedTeacher
+from opdx.benchmarks import Benchmark, Mixture, Problem, Subset, build_benchmark
 from opdx.compat import PairError
-from opdx.config import ConfigError, RunConfig, check, typed
+from opdx.config import ConfigError, ModelConfig, RunConfig, check, typed
 from opdx.dist import Ranks, init
 from opdx.divergences import Divergence, build_divergence
 from opdx.metrics import LOGGERS
@@ -56,20 +59,35 @@ def validate(cfg: DictConfig) -> Run:
         config.logger.name in LOGGERS,
         f"logger={config.logger.name!r} is unknown; valid loggers: {', '.join(LOGGERS)}",
     )
-    for group in ("rollout", "teacher"):
-        check_backend(getattr(config, group), group)
+    check_backend(config.rollout, "rollout")
     try:
         divergence = build_divergence(config.divergence)
         estimator = build_estimator(config.estimator, sampling.is_plain)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    check(
-        not estimator.needs_teacher_logits or getattr(get_object(config.teacher["_target_"]), "supports_logits", True),
-        f"estimator={estimator.name} needs the teacher's full [B, T, V] logits, and teacher._target_="
-        f"{config.teacher['_target_']} returns only the log-probs of given tokens (a server's prompt log-probs). "
-        "Use estimator=unbiased or stopgrad: they need only each sampled token's log-prob and are exact with it",
-    )
-    return Run(config, divergence, estimator, build_benchmark(config.benchmark), sampling)
+    benchmark = build_benchmark(config.benchmark)
+    for key, (_, node) in teacher_nodes(config, benchmark).items():
+        check_backend(node, key)
+        check(
+            not estimator.needs_teacher_logits or getattr(get_object(node["_target_"]), "supports_logits", True),
+            f"estimator={estimator.name} needs the teacher's full [B, T, V] logits, and {key}._target_="
+            f"{node['_target_']} returns only the log-probs of given tokens (a server's prompt log-probs). "
+            "Use estimator=unbiased or stopgrad: they need only each sampled token's log-prob and are exact with it",
+        )
+    return Run(config, divergence, estimator, benchmark, sampling)
+
+
+def teacher_nodes(config: RunConfig, benchmark: Benchmark) -> dict[str, tuple[ModelConfig, dict[str, Any]]]:
+    """The teachers a run loads, by the config key that sets them (``teacher``, or in a mixture
+    ``benchmark.components.<name>.teacher``): the pair it loads with (``model`` with the
+    component's ``teacher_model``) and its backend node (the component's, else the run's)."""
+    if not isinstance(benchmark, Mixture):
+        return {"teacher": (config.model, config.teacher)}
+    nodes = {}
+    for component in benchmark.components:
+        pair = replace(config.model, teacher=component.config.teacher_model or config.model.teacher)
+        nodes[f"benchmark.components.{component.name}.teacher"] = (pair, component.config.teacher or config.teacher)
+    return nodes
 
 
 def check_backend(node: Mapping[str, Any], group: str) -> None:
@@ -93,6 +111,26 @@ def build_backend(node: Mapping[str, Any], **runtime: Any) -> Any:
     factory = get_object(node["_target_"])
     takes = inspect.signature(factory).parameters
     return factory(**options, **{name: value for name, value in runtime.items() if name in takes})
+
+
+def build_teachers(run: Run, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> Teacher:
+    """The run's teacher backend; for a mixture a ``RoutedTeacher`` over the components'
+    teachers, each distinct (model, backend node) built once."""
+    runtime = {"tokenizer": tokenizer, "device": device, "logprob_chunk": run.config.trainer.logprob_chunk}
+    nodes = teacher_nodes(run.config, run.benchmark)
+    if not isinstance(run.benchmark, Mixture):
+        pair, node = nodes["teacher"]
+        return build_backend(node, pair=pair, **runtime)
+    users: dict[str, list[str]] = {}  # a distinct teacher (model, dtype, backend node) -> its components
+    for component, (pair, node) in zip(run.benchmark.names, nodes.values(), strict=True):
+        users.setdefault(json.dumps([pair.teacher, pair.teacher_dtype, node], sort_keys=True), []).append(component)
+    teachers = {}
+    for components in users.values():
+        pair, node = nodes[f"benchmark.components.{components[0]}.teacher"]
+        print(f"teacher of {', '.join(components)}: {pair.teacher} ({node['_target_']})")
+        teacher = build_backend(node, pair=pair, **runtime)
+        teachers |= dict.fromkeys(components, teacher)
+    return RoutedTeacher({name: teachers[name] for name in run.benchmark.names})
 
 
 @dataclass
@@ -125,15 +163,16 @@ def start(run: Run, train: bool) -> Parts:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
-    counts = [f"{len(run.benchmark.train)} train prompts"] if train else []
-    print(f"{run.benchmark.name}: {', '.join([*counts, f'{len(run.benchmark.eval)} eval problems'])}")
+    parts_of = run.benchmark.components if isinstance(run.benchmark, Mixture) else [run.benchmark]
+    for benchmark in parts_of:
+        counts = [f"{len(benchmark.train)} train prompts"] if train else []
+        weight = f" (weight {run.benchmark.weights[benchmark.name]:.3g})" if isinstance(run.benchmark, Mixture) else ""
+        print(f"{benchmark.name}: {', '.join([*counts, f'{len(benchmark.eval)} eval problems'])}{weight}")
     ensure_built(config.model)
     tokenizer = load_tokenizer(config.model)
     student = load_model(config.model.student, config.model.dtype, device, tokenizer, trainable=True)
     rollout = build_backend(config.rollout, model=student, tokenizer=tokenizer)
-    teacher = build_backend(
-        config.teacher, pair=config.model, tokenizer=tokenizer, device=device, logprob_chunk=t.logprob_chunk
-    )
+    teacher = build_teachers(run, tokenizer, device)
     torch.manual_seed(config.seed)  # an engine backend may have reseeded the process (vLLM seeds its own)
     parts = Parts(student, tokenizer, rollout, teacher, device, ranks)
     if train and run.estimator.needs_teacher_logits:
@@ -165,11 +204,19 @@ def check_logits_memory(run: Run, parts: Parts) -> None:
 def fit_prompts(run: Run, parts: Parts, train: bool) -> None:
     """Check that every prompt plus its new tokens fits the student's and the teacher's positions
     (each with its own rendering); refuse (PairError) or, with ``trainer.drop_long_prompts``, leave
-    the long ones out of the run's benchmark and say how many."""
+    the long ones out of the run's benchmark (of each component of a mixture) and say how many."""
+    if isinstance(run.benchmark, Mixture):
+        run.benchmark = run.benchmark.with_benchmarks(lambda c: fitted(run, parts, c, train, f"{c.name} "))
+    else:
+        run.benchmark = fitted(run, parts, run.benchmark, train)
+
+
+def fitted(run: Run, parts: Parts, benchmark: Benchmark, train: bool, label: str = "") -> Benchmark:
+    """``benchmark``, or a ``Subset`` of it without the prompts too long for the models (``fit_prompts``)."""
     t, e = run.config.trainer, run.config.eval
-    splits = {"eval": (run.benchmark.eval[: e.problems], e.max_new_tokens or t.max_new_tokens)}
+    splits = {"eval": (benchmark.eval[: e.problems], e.max_new_tokens or t.max_new_tokens)}
     if train:
-        splits["train"] = (run.benchmark.train, t.max_new_tokens)
+        splits["train"] = (benchmark.train, t.max_new_tokens)
     kept: dict[str, list[Problem]] = {"train": [], "eval": []}
     for split, (problems, new_tokens) in splits.items():
         long: set[int] = set()
@@ -178,15 +225,18 @@ def fit_prompts(run: Run, parts: Parts, train: bool) -> None:
             over = {i for i, length in enumerate(lengths) if length + new_tokens > backend.context}
             if over and not t.drop_long_prompts:
                 raise PairError(
-                    f"{len(over)} of {len(problems)} {split} prompts do not fit the {role}: prompt + {new_tokens} new "
-                    f"tokens exceed its {backend.context} positions (the longest prompt has {max(lengths)} tokens). "
-                    "Lower the new tokens, use shorter prompts, or leave them out with trainer.drop_long_prompts=true"
+                    f"{len(over)} of {len(problems)} {label}{split} prompts do not fit the {role}: prompt + "
+                    f"{new_tokens} new tokens exceed its {backend.context} positions (the longest prompt has "
+                    f"{max(lengths)} tokens). Lower the new tokens, use shorter prompts, or leave them out with "
+                    "trainer.drop_long_prompts=true"
                 )
             long |= over
         kept[split] = [problem for i, problem in enumerate(problems) if i not in long]
         if long:
-            print(f"left out {len(long)} of {len(problems)} {split} prompts longer than the models' positions allow")
+            too_long = f"{label}{split} prompts longer than the models' positions allow"
+            print(f"left out {len(long)} of {len(problems)} {too_long}")
         if not kept[split]:
-            raise PairError(f"no {split} prompt fits the models' positions with {new_tokens} new tokens")
+            raise PairError(f"no {label}{split} prompt fits the models' positions with {new_tokens} new tokens")
     if any(len(kept[split]) < len(problems) for split, (problems, _) in splits.items()):
-        run.benchmark = Subset(run.benchmark, kept["train"], kept["eval"])
+        return Subset(benchmark, kept["train"], kept["eval"])
+    return benchmark

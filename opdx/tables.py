@@ -83,7 +83,10 @@ def config_key(name: str) -> str:
 
 
 def load_runs(paths: list[Path]) -> pd.DataFrame:
-    """One row per run: flattened config, status, steps done, initial / final / best eval, and
+    """One row per run: flattened config, status, steps done, initial / final / best eval (a
+    mixture's components as ``<stage>/<component>/<metric>``, and a single benchmark's metrics
+    also as ``<stage>/<benchmark>/<metric>``, so ``--metric arith/greedy_acc`` compares a
+    mixture's arith component with runs on arith alone), and
     for complete runs what happened (``opdx.outcome``): ``collapsed`` with its ``collapse``
     reason, and ``below_start`` (the final greedy accuracy below the initial student's beyond
     eval noise) with the ``change`` and its interval."""
@@ -98,9 +101,12 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
             row["status"] = "complete"
+            benchmark = config.get("benchmark", {}).get("name")
             for stage in ("initial", "final", "best"):
                 for key, value in summary[f"{stage}_eval"].items():
                     row[f"{stage}/{key}"] = value
+                    if benchmark != "mixture" and "/" not in key and key != "step":  # as a mixture's component
+                        row[f"{stage}/{benchmark}/{key}"] = value
             row |= outcome(summary, metrics, config)
         rows.append(row)
     runs = pd.DataFrame(rows)
@@ -280,6 +286,16 @@ PLOT_PANELS = (
 )
 
 
+def plot_panels(runs: pd.DataFrame) -> list[tuple[str, str, int]]:
+    """``PLOT_PANELS``, and for runs of mixtures the greedy accuracy of each component (which runs
+    on that benchmark alone share: both log ``eval/<name>/greedy_acc``)."""
+    prefix, suffix = "benchmark.components.", ".weight"
+    keys = [key for key in runs if key.startswith(prefix) and key.endswith(suffix)]
+    components = [key.removeprefix(prefix).removesuffix(suffix) for key in keys]
+    extra = [(f"eval/{name}/greedy_acc", f"{name}: greedy accuracy (held-out)", 1) for name in components]
+    return [*PLOT_PANELS, *extra]
+
+
 def learning_curves(runs: pd.DataFrame, line_keys: list[str]) -> dict[str, pd.DataFrame]:
     """Per panel metric: a long frame of (config label, seed, step, value), train metrics smoothed
     by a rolling mean over ``window`` steps."""
@@ -289,7 +305,7 @@ def learning_curves(runs: pd.DataFrame, line_keys: list[str]) -> dict[str, pd.Da
         if records.empty:
             continue
         label = " / ".join(str(run[config_key(k)]) for k in line_keys)
-        for template, _, window in PLOT_PANELS:
+        for template, _, window in plot_panels(runs):
             key = template.format(benchmark=run.get("benchmark.name", ""))
             if key not in records:
                 continue
@@ -307,11 +323,11 @@ def plot_runs(runs: pd.DataFrame, out_dir: Path, line_keys: list[str]) -> list[P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = learning_curves(runs, line_keys)
-    fig, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(5.2 * len(PLOT_PANELS), 4.2), constrained_layout=True)
+    curves, panels = learning_curves(runs, line_keys), plot_panels(runs)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = sorted({label for frame in curves.values() for label in frame["label"]})
-    for ax, (template, title, window) in zip(axes, PLOT_PANELS, strict=True):
+    for ax, (template, title, window) in zip(axes, panels, strict=True):
         frame = curves.get(template)
         ax.set_title(title + (f" (rolling mean, {window} steps)" if window > 1 else ""), fontsize=10)
         ax.set_xlabel("training step")

@@ -31,12 +31,12 @@ from transformers import PreTrainedModel, get_scheduler
 
 from opdx.backends import Sampler, Scorer
 from opdx.backends.hf import TokenScores
-from opdx.benchmarks import Benchmark, Problem
+from opdx.benchmarks import Benchmark, Mixture, Problem
 from opdx.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint, usable_checkpoint
 from opdx.config import TrainerConfig
 from opdx.dist import Ranks, active, barrier, broadcast, global_max, global_min, global_sum, wrap
 from opdx.divergences import Divergence
-from opdx.evaluation import evaluate_split, markdown_table
+from opdx.evaluation import components_table, eval_problem_count, evaluate_split, markdown_table
 from opdx.files import atomic_write_text
 from opdx.metrics import LOGGERS, SilentLogger, read_metrics, timed
 from opdx.models import checkpoint_activations
@@ -95,9 +95,23 @@ def lr_schedule(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> tor
 
 
 def prompts_for_step(benchmark: Benchmark, seed: int, step: int, count: int) -> list[Problem]:
-    """The step's prompts, a function of (seed, step) alone so a resumed run draws the same."""
-    indices = torch.randint(len(benchmark.train), (count,), generator=generator(seed, "prompts", step))
+    """The step's prompts, a function of (seed, step) alone so a resumed run draws the same: uniform
+    over the train split, or for a mixture by component weight (``Mixture.draw``)."""
+    rng = generator(seed, "prompts", step)
+    if isinstance(benchmark, Mixture):
+        return benchmark.draw(count, rng)
+    indices = torch.randint(len(benchmark.train), (count,), generator=rng)
     return [benchmark.train[i] for i in indices.tolist()]
+
+
+def eval_metrics(result: dict[str, float], benchmark: str, role: str = "") -> dict[str, float]:
+    """An eval's metrics as logged: ``eval/<benchmark>/<role>metric``, and a mixture component's
+    ``c/metric`` as ``eval/<c>/<role>metric`` (``role``: "" for the student, "teacher/")."""
+    logged = {}
+    for key, value in result.items():
+        component, _, metric = key.rpartition("/")
+        logged[f"eval/{component or benchmark}/{role}{metric}"] = value
+    return logged
 
 
 def nonfinite_parts(terms: LossTerms, mask_B_T: torch.Tensor) -> dict[str, int]:
@@ -172,6 +186,8 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     if bad:
         return metrics | {f"nonfinite/{name}": float(count) for name, count in bad.items()}
     metrics.update(rollout_metrics(rollout, terms, run.divergence))
+    if isinstance(run.benchmark, Mixture):
+        metrics.update(component_metrics(rollout, terms, run.divergence, run.benchmark.names))
     metrics["train/loss"] = global_sum(terms.loss.detach()).item()
     metrics["train/grad_norm"] = grad_norm.item()
     step_time = metrics["time/rollout"] + metrics["time/teacher"] + metrics["time/update"]
@@ -227,6 +243,42 @@ def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict
     }
 
 
+def component_metrics(rollout: Rollout, terms: LossTerms, div: Divergence, components: list[str]) -> dict[str, float]:
+    """Per mixture component c (its teacher's scale differs from the others'), over the response
+    tokens of its rows on all ranks: ``reward/<c>/token_mean`` (mean -f(u)), ``adv/<c>/mean`` and
+    ``adv/<c>/std`` (n - 1), ``div/<c>/reverse_kl`` (mean -log u), ``rollout/<c>/len_mean`` and
+    ``rollout/<c>/share`` (its fraction of the step's sequences). A component with no token this
+    step gets none of them."""
+    mask_B_T = rollout.response_mask_B_T
+    sources = [getattr(problem, "source", None) for problem in rollout.problems or []]
+    sums_per_component = torch.zeros(len(components), 7, dtype=torch.float64)
+    for c, name in enumerate(components):
+        rows_B = torch.tensor([source == name for source in sources], dtype=torch.bool)
+        in_rows_B_T = mask_B_T & rows_B[:, None]
+        log_u, adv = terms.log_u_B_T[in_rows_B_T].double(), terms.advantages_B_T[in_rows_B_T].double()
+        sums_per_component[c] = torch.stack([
+            log_u.new_tensor(float(log_u.numel())), -div.f(log_u).sum(), adv.sum(), adv.square().sum(), -log_u.sum(),
+            rows_B.sum().double(), (rollout.lengths_B * rows_B).sum().double(),
+        ])  # fmt: skip
+    tokens, reward, adv_sum, adv_squares, neg_log_u, rows, lengths = global_sum(sums_per_component).T.tolist()
+    sequences = sum(rows)
+    metrics = {}
+    for c, name in enumerate(components):
+        if not tokens[c]:
+            continue
+        n, mean = tokens[c], adv_sum[c] / tokens[c]
+        variance = max(adv_squares[c] - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+        metrics |= {
+            f"reward/{name}/token_mean": reward[c] / n,
+            f"adv/{name}/mean": mean,
+            f"adv/{name}/std": variance**0.5,
+            f"div/{name}/reverse_kl": neg_log_u[c] / n,
+            f"rollout/{name}/len_mean": lengths[c] / rows[c],
+            f"rollout/{name}/share": rows[c] / sequences,
+        }
+    return metrics
+
+
 def train(run: Run, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) one distillation run into ``run_dir``; returns the summary. Under torchrun
     every rank runs this; rank 0 alone writes the metrics, the summary and the final student."""
@@ -269,8 +321,8 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     if not checkpoint:
         state["teacher_eval"] = evaluate("teacher", 0)
         state["initial_eval"] = state["best_eval"] = {**evaluate("student", 0), "step": 0}
-        initial = {f"eval/{bench}/{k}": v for k, v in state["initial_eval"].items() if k != "step"}
-        logger.log({**initial, **{f"eval/{bench}/teacher/{k}": v for k, v in state["teacher_eval"].items()}}, step=0)
+        initial = {k: v for k, v in state["initial_eval"].items() if k != "step"}
+        logger.log(eval_metrics(initial, bench) | eval_metrics(state["teacher_eval"], bench, "teacher/"), step=0)
 
     started = time.perf_counter() - state["elapsed"]
     progress = tqdm(
@@ -299,7 +351,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         if done % t.eval_every == 0 or done == t.steps:
             with timed(metrics, "eval"):
                 result = evaluate("student", done)
-            metrics.update({f"eval/{bench}/{k}": v for k, v in result.items()})
+            metrics.update(eval_metrics(result, bench))
             if result["greedy_acc"] >= state["best_eval"]["greedy_acc"]:
                 state["best_eval"] = {**result, "step": done}
             state["final_eval"] = {**result, "step": done}
@@ -336,7 +388,7 @@ def make_summary(run: Run, state: dict[str, Any], run_dir: Path) -> dict[str, An
     steps = [r for r in records if "time/update" in r]
     mean = {k: sum(r[k] for r in steps) / len(steps) for k in ("time/rollout", "time/teacher", "time/update")}
     before, after = state["initial_eval"]["greedy_acc"], state["final_eval"]["greedy_acc"]
-    n = min(cfg.eval.problems, len(run.benchmark.eval))
+    n = eval_problem_count(run.benchmark, cfg.eval)
     change = accuracy_change(before, after, n)
     return {
         "model": cfg.model.name,
@@ -366,8 +418,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     rows = {"teacher": summary["teacher_eval"], "student before": summary["initial_eval"]}
     rows |= {"student after": summary["final_eval"], "student best": summary["best_eval"]}
     table = pd.DataFrame(rows).T.drop(columns="step")
+    per_component = components_table(rows)
     print(f"\n{summary['divergence']} / {summary['estimator']} on {summary['benchmark']}, {summary['steps']} steps:")
-    print(markdown_table(table))
+    if per_component is not None:
+        print(markdown_table(per_component) + "\n")
+    print(markdown_table(table[[key for key in table if "/" not in key]]))  # a mixture's: the weighted means
     change = accuracy_change(
         summary["initial_eval"]["greedy_acc"], summary["final_eval"]["greedy_acc"], summary["eval_problems"]
     )

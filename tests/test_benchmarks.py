@@ -1,7 +1,7 @@
 import pytest
 
 from opdx.benchmarks import get_benchmark
-from opdx.benchmarks.arith import final_answer, running_sums
+from opdx.benchmarks.arith import final_answer, partial_products, running_sums
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +37,16 @@ def test_worked_solution_and_grading(arith):
 def test_unknown_benchmark():
     with pytest.raises(ValueError, match="'gsm9k'.*arith"):
         get_benchmark("gsm9k")
+
+
+def test_products_worked_solutions_multiply_by_tens_then_ones_and_grade_right():
+    assert partial_products("15 * 43") == "15*4=60;15*3=45;600+45=645"
+    assert partial_products("20 * 50") == "20*5=100;20*0=0;1000+0=1000"
+    assert partial_products("7 * 8") == "7*8=56"
+    products = get_benchmark("products", train_size=200, eval_size=50)
+    assert not {p.prompt for p in products.train} & {p.prompt for p in products.eval}
+    for problem in products.eval:
+        assert len(problem.prompt) == 6 and problem.prompt[2] == "*"  # two 2-digit factors
+        assert products.score(problem, products.worked_solution(problem)) == 1.0
+    with pytest.raises(ValueError, match="no worked solution for generator='basic_arithmetic'"):
+        get_benchmark("arith", generator="basic_arithmetic").worked_solution(products.eval[0])

@@ -118,6 +118,17 @@ def test_shipped_pair_matches_its_report():
     )
 
 
+def test_shipped_products_teacher_matches_its_report_and_shares_the_students_tokens():
+    report = json.loads(Path(asset_path("tiny_products/prepare_report.json")).read_text())
+    teacher = AutoModelForCausalLM.from_pretrained(asset_path("tiny_products/teacher"))
+    assert sum(p.numel() for p in teacher.parameters()) == report["teacher"]["parameters"]
+    assert report["teacher"]["greedy_accuracy"] > 0.5  # on products; the tiny student never saw one
+    check_same_tokenizer(
+        AutoTokenizer.from_pretrained(asset_path("tiny_products/teacher")),
+        AutoTokenizer.from_pretrained(asset_path("tiny/student")),
+    )
+
+
 def test_build_and_sft_are_reproducible():
     benchmark = get_benchmark("arith", train_size=300, eval_size=20)
     tokenizer = build_char_tokenizer()

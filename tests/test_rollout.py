@@ -23,3 +23,11 @@ def test_gather_logprobs_is_the_log_softmax_of_the_token():
     logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])
     expected = torch.tensor([[-torch.log(torch.tensor(2.0)), -torch.log1p(torch.exp(torch.tensor(-2.0)))]])
     torch.testing.assert_close(gather_logprobs(logits, torch.tensor([[1, 0]])), expected)
+
+
+def test_select_keeps_the_rows_in_order_and_drops_prompt_columns_padding_in_all_of_them():
+    rollout = Rollout.from_token_lists([[5, 6, 7, 8], [9], [3, 4]], [[1, 2], [3], [4, 5]], pad_id=0)
+    rollout.problems = ["a", "b", "c"]
+    picked = rollout.select([2, 1])
+    assert picked.prompt_tokens_B_L.tolist() == [[3, 4], [0, 9]] and picked.prompt_mask_B_L.tolist() == [[1, 1], [0, 1]]
+    assert picked.response_tokens_B_T.tolist() == [[4, 5], [3, 0]] and picked.problems == ["c", "b"]

@@ -6,7 +6,7 @@ import pytest
 from conftest import FAST_TRAIN
 from omegaconf import OmegaConf
 
-from opdx.tables import ablation_table, load_runs, mean_ci, plot_main, table_main
+from opdx.tables import ablation_table, load_runs, mean_ci, plot_main, plot_panels, table_main
 
 FINALS = {  # (divergence, estimator) -> final greedy accuracy of seeds 0, 1, 2
     ("reverse_kl", "stopgrad"): [0.10, 0.20, 0.30],
@@ -106,7 +106,7 @@ def test_bad_arguments(sweep, tmp_path, capsys):
     assert table_main([str(tmp_path / "missing")]) == 2
     capsys.readouterr()
     assert table_main([str(sweep), "--metric", "avg@8"]) == 2
-    assert "no eval metric 'avg@8' in these runs; logged: greedy_acc" in capsys.readouterr().out
+    assert "no eval metric 'avg@8' in these runs; logged: arith/greedy_acc, greedy_acc" in capsys.readouterr().out
 
 
 def test_plot_writes_png_and_svg(sweep, tmp_path):
@@ -160,3 +160,32 @@ def test_runs_are_marked_by_what_happened_not_by_a_lower_score(tmp_path, capsys)
     assert "†3 ↓1" in out
     assert f"collapsed: {tmp_path / 'no_eos'} (responses stopped ending" in out
     assert f"below the initial student beyond eval noise: {tmp_path / 'below'} (greedy accuracy 8.6% → 4.1%" in out
+
+
+def test_a_mixtures_components_sit_beside_runs_on_one_of_them(tmp_path, capsys):
+    """``--metric products/greedy_acc``: a mixture's products component and a products-only run
+    in one table; the plot gets a panel per component."""
+    write_run(tmp_path / "products", "forward_kl", "unbiased", 0, final=0.30, initial=0.0)
+    write_run(tmp_path / "mixture", "forward_kl", "unbiased", 0, final=0.25, initial=0.05)
+    for name, benchmark in (("products", {"name": "products"}), ("mixture", {"name": "mixture", "components": {
+        "arith": {"weight": 0.5}, "products": {"weight": 0.5}}})):  # fmt: skip
+        config = OmegaConf.load(tmp_path / name / ".hydra" / "config.yaml")
+        config.benchmark = benchmark
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    summary_path = tmp_path / "mixture" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    for stage, arith, products in (("initial", 0.10, 0.0), ("final", 0.30, 0.20), ("best", 0.30, 0.20)):
+        summary[f"{stage}_eval"] |= {"arith/greedy_acc": arith, "products/greedy_acc": products}
+    summary_path.write_text(json.dumps(summary))
+    runs = load_runs([tmp_path]).set_index("benchmark.name")
+    assert runs.loc["mixture", "final/products/greedy_acc"] == 0.20
+    assert runs.loc["products", "final/products/greedy_acc"] == 0.30  # its greedy_acc, named as a component
+    assert (
+        table_main([str(tmp_path), "--rows", "benchmark", "--facet", "model", "--metric", "products/greedy_acc"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "| mixture   | 20.0" in out and "| products  | 30.0" in out
+    assert [panel[0] for panel in plot_panels(load_runs([tmp_path]))][-2:] == [
+        "eval/arith/greedy_acc",
+        "eval/products/greedy_acc",
+    ]

@@ -7,6 +7,7 @@ template: an optional system message, the user prompt, and for tool use the tool
 A benchmark class is a dataclass whose fields are its options; ``conf/benchmark/<name>.yaml``
 gives their values (the one home of their defaults) and ``build_benchmark`` type-checks a config
 node against the class before building it (no data is read until ``.train`` / ``.eval``).
+``benchmark=mixture`` (``opdx.benchmarks.mixture``) holds several, each with its own teacher.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from opdx.benchmarks.arith import ArithBenchmark
 from opdx.benchmarks.base import Benchmark, Problem, Subset
 from opdx.benchmarks.bfcl import BfclBenchmark
 from opdx.benchmarks.math import MathBenchmark
+from opdx.benchmarks.mixture import Component, Mixture, build_mixture
 from opdx.benchmarks.toolalpaca import ToolAlpacaBenchmark
 from opdx.config import check, load_option, typed
 
-__all__ = ["BENCHMARKS", "Benchmark", "Problem", "Subset", "build_benchmark", "get_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "Component", "Mixture", "Problem", "Subset", "build_benchmark", "get_benchmark"]
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
-    "arith": ArithBenchmark,
+    **{name: ArithBenchmark for name in ("arith", "products")},
     **{name: MathBenchmark for name in ("deepmath", "gsm8k", "math500", "aime24", "aime25")},
     "bfcl": BfclBenchmark,
     "toolalpaca": ToolAlpacaBenchmark,
+    "mixture": Mixture,
 }
 
 
@@ -36,6 +39,8 @@ def build_benchmark(config: Mapping[str, Any]) -> Benchmark:
     options type-checked against the benchmark's class; ConfigError names a bad key or value."""
     name = config.get("name")
     check(name in BENCHMARKS, f"benchmark={name!r} is unknown; valid benchmarks: {', '.join(BENCHMARKS)}")
+    if name == Mixture.name:
+        return build_mixture(config, build_benchmark)
     return typed(BENCHMARKS[name], config, "benchmark")
 
 

@@ -1,11 +1,13 @@
-"""`arith`: multi-step integer arithmetic from reasoning-gym's procedural generators.
+"""`arith` and `products`: integer arithmetic from reasoning-gym's procedural generators.
 
-Problems come from ``reasoning_gym.create_dataset(generator, seed=..., ...)`` (chain_sum by
-default: 2-3 terms of 1-2 digits joined by + and -). Item i of a dataset uses Random(seed + i),
-so the train and eval seeds are kept far apart and eval expressions are removed from train.
-Prompts are the compact expression (``98+93-77=``); a worked response writes the running
-partial sums (``98+93=191;191-77=114``) and the final answer is the number after the last
-``=``, graded by the generator's own ``score_answer``.
+Problems come from ``reasoning_gym.create_dataset(generator, seed=..., ...)``: chain_sum for
+``arith`` (2-3 terms of 1-2 digits joined by + and -), products for ``products`` (two 2-digit
+factors). Item i of a dataset uses Random(seed + i), so the train and eval seeds are kept far
+apart and eval expressions are removed from train. Prompts are the compact expression
+(``98+93-77=``, ``15*43=``); a worked response (``worked_solution``, what the tiny teachers are
+fine-tuned on) writes the running partial sums (``98+93=191;191-77=114``) or the partial
+products and their sum (``15*4=60;15*3=45;600+45=645``), and the final answer is the number
+after the last ``=``, graded by the generator's own ``score_answer``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ def running_sums(expression: str) -> str:
         steps.append(f"{total}{term[0]}{term[1:]}={new_total}")
         total = new_total
     return ";".join(steps)
+
+
+def partial_products(expression: str) -> str:
+    """Long multiplication of two factors by the digits of the second, tens then ones:
+    '15 * 43' -> '15*4=60;15*3=45;600+45=645'; a one-digit second factor: '7 * 8' -> '7*8=56'."""
+    a, b = (int(term) for term in compact(expression).split("*"))
+    if b < 10:
+        return f"{a}*{b}={a * b}"
+    tens, ones = divmod(b, 10)
+    steps = [f"{a}*{tens}={a * tens}", f"{a}*{ones}={a * ones}", f"{a * tens}0+{a * ones}={a * b}"]
+    return ";".join(steps)
+
+
+# generator -> the worked solution of its expression (the supervised targets of the tiny teachers)
+WORKED_SOLUTIONS = {"chain_sum": running_sums, "products": partial_products}
 
 
 @dataclass
@@ -107,4 +124,8 @@ class ArithBenchmark:
         return float(self._dataset("eval").score_answer(final_answer(response), problem.entry) == 1.0)
 
     def worked_solution(self, problem: Problem) -> str:
-        return running_sums(problem.entry["metadata"]["expression"])
+        """The step-by-step response of ``WORKED_SOLUTIONS``; ValueError for another generator."""
+        if self.generator not in WORKED_SOLUTIONS:
+            known = ", ".join(WORKED_SOLUTIONS)
+            raise ValueError(f"no worked solution for generator={self.generator!r}; known: {known}")
+        return WORKED_SOLUTIONS[self.generator](problem.entry["metadata"]["expression"])

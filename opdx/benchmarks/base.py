@@ -12,13 +12,15 @@ class Problem:
 
     ``prompt`` is the user message; ``system`` an optional system message; ``tools`` JSON-schema
     function definitions (``{"type": "function", "function": {"name", "description",
-    "parameters"}}``) handed to the chat template's ``tools=``."""
+    "parameters"}}``) handed to the chat template's ``tools=``; ``source`` the mixture component
+    it was drawn from (``benchmark=mixture``: it picks the teacher that scores it), else None."""
 
     prompt: str
     answer: str
     entry: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     system: str | None = None
     tools: list[dict[str, Any]] | None = field(default=None, compare=False, hash=False)
+    source: str | None = None
 
 
 class Benchmark(Protocol):

@@ -1,6 +1,7 @@
 """Building the teacher/student pairs that have no hub copy, once and atomically.
 
     opdx prepare model=tiny                 # writes opdx/assets/tiny/{teacher,student}
+    opdx prepare model=tiny_products        # opdx/assets/tiny_products/teacher: a second tiny teacher (products)
     opdx prepare model=tiny_hd32            # $OPDX_CACHE/tiny_hd32/...: the tiny student with 32-dim heads (vLLM)
     opdx prepare model=smollm2_135m         # writes $OPDX_CACHE/smollm2_135m/{teacher,student}
     opdx prepare model=qwen2p5_coder_1p5b_to_0p5b   # $OPDX_CACHE/qwen2p5_coder_1p5b_to_0p5b/...
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from opdx.config import ModelConfig, load_option
-from opdx.pairs import qwen2p5_coder, smollm2, tiny, tiny_hd32
+from opdx.pairs import qwen2p5_coder, smollm2, tiny, tiny_hd32, tiny_products
 from opdx.pairs.gguf import WeightFilesError
 
 __all__ = ["BUILD_REPORT", "PAIRS", "WeightFilesError", "build", "build_dir", "ensure_built"]
@@ -30,6 +31,7 @@ __all__ = ["BUILD_REPORT", "PAIRS", "WeightFilesError", "build", "build_dir", "e
 PAIRS: dict[str, Callable[..., dict]] = {
     "tiny": tiny.build,
     "tiny_hd32": tiny_hd32.build,
+    "tiny_products": tiny_products.build,
     "smollm2_135m": smollm2.build,
     "qwen2p5_coder_1p5b_to_0p5b": qwen2p5_coder.build,
 }

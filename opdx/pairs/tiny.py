@@ -123,24 +123,33 @@ def supervised_finetune(
     model.eval()
 
 
+def train_tiny(
+    role: str, spec: TinyLMSpec, benchmark: Benchmark, out_dir: Path, seed: int, eval_problems: int = 1000
+) -> dict:
+    """Build one tiny Llama of ``spec``, fine-tune it on ``benchmark``'s worked solutions, save it
+    (with the character tokenizer) into ``out_dir / role``; returns its size, spec and greedy accuracy."""
+    start = time.time()
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(spec, tokenizer, seed)
+    supervised_finetune(model, tokenizer, benchmark, spec, seed, desc=f"SFT {role}")
+    accuracy = evaluate(HFModel(model, tokenizer), tokenizer, benchmark, benchmark.eval[:eval_problems])
+    model.save_pretrained(out_dir / role)
+    tokenizer.save_pretrained(out_dir / role)
+    report = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "spec": asdict(spec),
+        "greedy_accuracy": accuracy["greedy_acc"],
+        "build_seconds": round(time.time() - start, 1),
+    }
+    print(f"{role}: {report}")
+    return report
+
+
 def prepare_tiny(out_dir: Path, benchmark: Benchmark, seed: int = 0, eval_problems: int = 1000) -> dict:
     """Build, train and save the tiny teacher and student; returns their greedy accuracies."""
-    tokenizer = build_char_tokenizer()
     report: dict = {"seed": seed}
     for offset, (role, spec) in enumerate((("teacher", TEACHER), ("student", STUDENT))):
-        start = time.time()
-        model = build_tiny_llama(spec, tokenizer, seed + offset)
-        supervised_finetune(model, tokenizer, benchmark, spec, seed + offset, desc=f"SFT {role}")
-        accuracy = evaluate(HFModel(model, tokenizer), tokenizer, benchmark, benchmark.eval[:eval_problems])
-        model.save_pretrained(out_dir / role)
-        tokenizer.save_pretrained(out_dir / role)
-        report[role] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "spec": asdict(spec),
-            "greedy_accuracy": accuracy["greedy_acc"],
-            "build_seconds": round(time.time() - start, 1),
-        }
-        print(f"{role}: {report[role]}")
+        report[role] = train_tiny(role, spec, benchmark, out_dir, seed + offset, eval_problems)
     return report
 
 
