@@ -60,6 +60,22 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def check_teacher_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+    """A further teacher (a mixture component's) against the run's tokenizer (``load_tokenizer``'s):
+    the same ids (``check_same_tokenizer``) and the same EOS, where every response ends; PairError
+    naming ``path`` otherwise."""
+    other = load_tokenizer_of(path)
+    try:
+        check_same_tokenizer(tokenizer, other)
+    except PairError as error:
+        raise PairError(f"{path}: {error}") from None
+    if other.eos_token != tokenizer.eos_token:
+        raise PairError(
+            f"{path}: its EOS {other.eos_token!r} is not the run's {tokenizer.eos_token!r} (model.teacher's), where "
+            "every response ends; the teachers of a mixture must end their turns with the same token"
+        )
+
+
 def load_model(
     path: str, dtype: str, device: torch.device, tokenizer: PreTrainedTokenizerBase, trainable: bool
 ) -> PreTrainedModel:

@@ -112,16 +112,16 @@ class Rollout:
     def select(self, rows: Sequence[int]) -> Rollout:
         """The rollout of ``rows`` (in that order), its prompt columns that are padding in all of
         them left out; the response columns stay (T), so results scatter back by row."""
-        index = torch.tensor(list(rows), dtype=torch.long)
-        prompt_mask = self.prompt_mask_B_L[index]
-        first = int((prompt_mask.sum(0) > 0).long().argmax()) if prompt_mask.any() else 0
+        rows_b = torch.tensor(list(rows), dtype=torch.long)
+        prompt_mask_b_L = self.prompt_mask_B_L[rows_b]
+        first = int((prompt_mask_b_L.sum(0) > 0).long().argmax()) if prompt_mask_b_L.any() else 0
         return Rollout(
-            self.prompt_tokens_B_L[index, first:],
-            prompt_mask[:, first:],
-            self.response_tokens_B_T[index],
-            self.response_mask_B_T[index],
-            None if self.logp_sampling_B_T is None else self.logp_sampling_B_T[index],
-            None if self.finished_B is None else self.finished_B[index],
+            self.prompt_tokens_B_L[rows_b, first:],
+            prompt_mask_b_L[:, first:],
+            self.response_tokens_B_T[rows_b],
+            self.response_mask_B_T[rows_b],
+            None if self.logp_sampling_B_T is None else self.logp_sampling_B_T[rows_b],
+            None if self.finished_B is None else self.finished_B[rows_b],
             None if self.problems is None else [self.problems[i] for i in rows],
         )
 

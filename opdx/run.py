@@ -31,7 +31,7 @@ from opdx.config import ConfigError, ModelConfig, RunConfig, check, typed
 from opdx.dist import Ranks, init
 from opdx.divergences import Divergence, build_divergence
 from opdx.metrics import LOGGERS
-from opdx.models import load_model, load_tokenizer, resolve_device
+from opdx.models import check_teacher_tokenizer, load_model, load_tokenizer, resolve_device
 from opdx.objective import Estimator, build_estimator
 from opdx.pairs import ensure_built
 from opdx.rollout import SamplingParams
@@ -128,6 +128,8 @@ def build_teachers(run: Run, tokenizer: PreTrainedTokenizerBase, device: torch.d
     for components in users.values():
         pair, node = nodes[f"benchmark.components.{components[0]}.teacher"]
         print(f"teacher of {', '.join(components)}: {pair.teacher} ({node['_target_']})")
+        if pair.teacher != run.config.model.teacher:
+            check_teacher_tokenizer(tokenizer, pair.teacher)  # model.teacher's was checked by load_tokenizer
         teacher = build_backend(node, pair=pair, **runtime)
         teachers |= dict.fromkeys(components, teacher)
     return RoutedTeacher({name: teachers[name] for name in run.benchmark.names})
@@ -206,13 +208,19 @@ def fit_prompts(run: Run, parts: Parts, train: bool) -> None:
     (each with its own rendering); refuse (PairError) or, with ``trainer.drop_long_prompts``, leave
     the long ones out of the run's benchmark (of each component of a mixture) and say how many."""
     if isinstance(run.benchmark, Mixture):
-        run.benchmark = run.benchmark.with_benchmarks(lambda c: fitted(run, parts, c, train, f"{c.name} "))
+        teachers = parts.teacher.teachers  # a RoutedTeacher: each component against its own teacher
+        run.benchmark = run.benchmark.with_benchmarks(
+            lambda c: fitted(run, parts.rollout, teachers[c.name], c, train, f"{c.name} ")
+        )
     else:
-        run.benchmark = fitted(run, parts, run.benchmark, train)
+        run.benchmark = fitted(run, parts.rollout, parts.teacher, run.benchmark, train)
 
 
-def fitted(run: Run, parts: Parts, benchmark: Benchmark, train: bool, label: str = "") -> Benchmark:
-    """``benchmark``, or a ``Subset`` of it without the prompts too long for the models (``fit_prompts``)."""
+def fitted(
+    run: Run, student: Sampler, teacher: Teacher, benchmark: Benchmark, train: bool, label: str = ""
+) -> Benchmark:
+    """``benchmark``, or a ``Subset`` of it without the prompts too long for the student's or the
+    teacher's backend (``fit_prompts``); ``label`` names it in messages."""
     t, e = run.config.trainer, run.config.eval
     splits = {"eval": (benchmark.eval[: e.problems], e.max_new_tokens or t.max_new_tokens)}
     if train:
@@ -220,7 +228,7 @@ def fitted(run: Run, parts: Parts, benchmark: Benchmark, train: bool, label: str
     kept: dict[str, list[Problem]] = {"train": [], "eval": []}
     for split, (problems, new_tokens) in splits.items():
         long: set[int] = set()
-        for role, backend in (("student", parts.rollout), ("teacher", parts.teacher)):
+        for role, backend in (("student", student), ("teacher", teacher)):
             lengths = [len(ids) for ids in backend.prompt_ids(problems)]
             over = {i for i, length in enumerate(lengths) if length + new_tokens > backend.context}
             if over and not t.drop_long_prompts:

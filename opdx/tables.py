@@ -211,9 +211,11 @@ NOT_A_SETTING = ("trainer.resume", "trainer.threads", "trainer.device")
 
 
 def pooled_keys(runs: pd.DataFrame, shown: list[str]) -> list[str]:
-    """Config keys, besides the shown ones and the seed, on which the pooled runs differ."""
+    """Config keys, besides the shown ones and the seed, on which runs pooled in one cell (the
+    same values of the ``shown`` keys) differ."""
     config_columns = [c for c in runs if c not in RUN_COLUMNS + NOT_A_SETTING and "/" not in c and c not in shown]
-    return [c for c in config_columns if runs[c].astype(str).nunique() > 1]
+    differ = runs.astype(str).groupby(shown, sort=False)[config_columns].nunique().max() > 1
+    return [c for c in config_columns if differ[c]]
 
 
 def status_report(runs: pd.DataFrame) -> str:

@@ -251,16 +251,16 @@ def component_metrics(rollout: Rollout, terms: LossTerms, div: Divergence, compo
     step gets none of them."""
     mask_B_T = rollout.response_mask_B_T
     sources = [getattr(problem, "source", None) for problem in rollout.problems or []]
-    sums_per_component = torch.zeros(len(components), 7, dtype=torch.float64)
+    sums_K_7 = torch.zeros(len(components), 7, dtype=torch.float64)  # per component: 7 sums
     for c, name in enumerate(components):
         rows_B = torch.tensor([source == name for source in sources], dtype=torch.bool)
         in_rows_B_T = mask_B_T & rows_B[:, None]
         log_u, adv = terms.log_u_B_T[in_rows_B_T].double(), terms.advantages_B_T[in_rows_B_T].double()
-        sums_per_component[c] = torch.stack([
+        sums_K_7[c] = torch.stack([
             log_u.new_tensor(float(log_u.numel())), -div.f(log_u).sum(), adv.sum(), adv.square().sum(), -log_u.sum(),
             rows_B.sum().double(), (rollout.lengths_B * rows_B).sum().double(),
         ])  # fmt: skip
-    tokens, reward, adv_sum, adv_squares, neg_log_u, rows, lengths = global_sum(sums_per_component).T.tolist()
+    tokens, reward, adv_sum, adv_squares, neg_log_u, rows, lengths = global_sum(sums_K_7).T.tolist()
     sequences = sum(rows)
     metrics = {}
     for c, name in enumerate(components):
@@ -388,7 +388,7 @@ def make_summary(run: Run, state: dict[str, Any], run_dir: Path) -> dict[str, An
     steps = [r for r in records if "time/update" in r]
     mean = {k: sum(r[k] for r in steps) / len(steps) for k in ("time/rollout", "time/teacher", "time/update")}
     before, after = state["initial_eval"]["greedy_acc"], state["final_eval"]["greedy_acc"]
-    n = eval_problem_count(run.benchmark, cfg.eval)
+    n = eval_problem_count(run.benchmark, cfg.eval)  # a mixture's weighted mean: as one pool (exact for equal weights)
     change = accuracy_change(before, after, n)
     return {
         "model": cfg.model.name,

@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from opdx.backends.hf import HFModel
-from opdx.benchmarks import Mixture, build_benchmark
+from opdx.benchmarks import Mixture, Subset, build_benchmark
+from opdx.compat import PairError
 from opdx.config import (
     CONF_DIR,
     ConfigError,
@@ -22,8 +23,9 @@ from opdx.config import (
 from opdx.evaluation import evaluate_split
 from opdx.metrics import read_metrics
 from opdx.models import load_model, load_tokenizer_of
+from opdx.pairs.tiny import TinyLMSpec, build_char_tokenizer, build_tiny_llama
 from opdx.rollout import PLAIN_SAMPLING
-from opdx.run import teacher_nodes, validate
+from opdx.run import start, teacher_nodes, validate
 from opdx.trainer import eval_metrics, prompts_for_step
 
 register_schema()
@@ -145,14 +147,43 @@ def test_resume_conflicts_name_a_changed_teacher_set_or_mixture_but_not_a_moved_
     assert resume_conflicts(saved, served) == []  # the same teacher model, served: as teacher=server is
 
 
+SMALL = (
+    "benchmark.components.arith.benchmark.train_size=300",
+    "benchmark.components.products.benchmark.train_size=300",
+)
+
+
+def test_each_distinct_teacher_is_loaded_once_and_checked_against_the_students_tokenizer(tmp_path):
+    two = start(validate(composed("benchmark=mixture", *SMALL, "eval.problems=20")), train=False)
+    assert len(two.teacher.distinct) == 2 and two.teacher.teachers["products"].model.config.num_hidden_layers == 4
+    same = f"benchmark.components.products.teacher_model={asset_path('tiny/teacher')}"
+    one = start(validate(composed("benchmark=mixture", *SMALL, same, "eval.problems=20")), train=False)
+    assert one.teacher.distinct == [one.teacher.teachers["arith"]] == [one.teacher.teachers["products"]]
+    tokenizer = build_char_tokenizer("0123456789+-*=;")  # fewer characters: other ids
+    build_tiny_llama(TinyLMSpec(32, 1, 2, 64, 0, 0.0), tokenizer, seed=0).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    other = f"benchmark.components.products.teacher_model={tmp_path}"
+    with pytest.raises(PairError, match=f"{tmp_path}: teacher and student tokenizers differ"):
+        start(validate(composed("benchmark=mixture", *SMALL, other, "eval.problems=20")), train=False)
+
+
+def test_long_prompts_are_left_out_of_each_component_by_its_own_models(capsys):
+    """56 new tokens leave 8 positions of the 64: every products prompt (<bos> + 6 characters)
+    fits, arith prompts of 3 terms do not; the components keep their problems' sources."""
+    overrides = ("trainer.max_new_tokens=56", "trainer.drop_long_prompts=true", "eval.problems=100")
+    run = validate(composed("benchmark=mixture", *SMALL, *overrides))
+    start(run, train=True)
+    arith, products = run.benchmark.components
+    assert 0 < len(arith.eval) < 100 and isinstance(arith.benchmark, Subset)
+    assert not isinstance(products.benchmark, Subset) and len(products.eval) == 1000  # nothing left out: as built
+    assert {p.source for p in arith.train + arith.eval} == {"arith"} and all(len(p.prompt) <= 7 for p in arith.eval)
+    assert f"left out {100 - len(arith.eval)} of 100 arith eval prompts" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_a_mixture_run_logs_each_component_and_resume_refuses_another_teacher(opdx_cli, tmp_path):
-    small = [
-        "benchmark.components.arith.benchmark.train_size=300",
-        "benchmark.components.products.benchmark.train_size=300",
-    ]
     opdx_cli(
-        "train", "benchmark=mixture", *small, *FAST_TRAIN, "trainer.max_new_tokens=32", f"hydra.run.dir={tmp_path}"
+        "train", "benchmark=mixture", *SMALL, *FAST_TRAIN, "trainer.max_new_tokens=32", f"hydra.run.dir={tmp_path}"
     )
     records = read_metrics(tmp_path)
     first, trained = records[0], [r for r in records if "train/loss" in r]

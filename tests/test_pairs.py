@@ -13,6 +13,7 @@ from opdx.backends.hf import HFModel, TokenScores
 from opdx.benchmarks import get_benchmark
 from opdx.compat import check_same_tokenizer
 from opdx.config import ModelConfig, asset_path
+from opdx.evaluation import evaluate
 from opdx.pairs import WeightFilesError, qwen2p5_coder
 from opdx.pairs.gguf import SplitGGUF, assemble_split_gguf, package_file, prepare_gguf_pair, require_installed
 from opdx.pairs.qwen2p5_coder import QWEN2P5_CODER_STUDENT, QWEN2P5_CODER_TEACHER
@@ -122,7 +123,10 @@ def test_shipped_products_teacher_matches_its_report_and_shares_the_students_tok
     report = json.loads(Path(asset_path("tiny_products/prepare_report.json")).read_text())
     teacher = AutoModelForCausalLM.from_pretrained(asset_path("tiny_products/teacher"))
     assert sum(p.numel() for p in teacher.parameters()) == report["teacher"]["parameters"]
-    assert report["teacher"]["greedy_accuracy"] > 0.5  # on products; the tiny student never saw one
+    products = get_benchmark("products", train_size=10, eval_size=40)
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny_products/teacher"))
+    accuracy = evaluate(HFModel(teacher.eval(), tokenizer), tokenizer, products, products.eval, max_new_tokens=32)
+    assert accuracy["greedy_acc"] > 0.8 and report["teacher"]["greedy_accuracy"] > 0.8
     check_same_tokenizer(
         AutoTokenizer.from_pretrained(asset_path("tiny_products/teacher")),
         AutoTokenizer.from_pretrained(asset_path("tiny/student")),

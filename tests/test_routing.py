@@ -48,6 +48,7 @@ def test_each_row_gets_the_log_probs_and_logits_of_its_components_teacher(parts)
     logits = routed.logits(rollout)
     assert logits.shape == (12, rollout.response_tokens_B_T.shape[1], arith_teacher.scores.vocab_size)
     torch.testing.assert_close(logits[products_rows], other.logits(rollout)[products_rows], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[arith_rows], arith_teacher.logits(rollout)[arith_rows], atol=1e-4, rtol=1e-4)
 
 
 def test_prompts_samples_and_errors_route_by_source(parts):

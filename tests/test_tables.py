@@ -184,8 +184,20 @@ def test_a_mixtures_components_sit_beside_runs_on_one_of_them(tmp_path, capsys):
         table_main([str(tmp_path), "--rows", "benchmark", "--facet", "model", "--metric", "products/greedy_acc"]) == 0
     )
     out = capsys.readouterr().out
-    assert "| mixture   | 20.0" in out and "| products  | 30.0" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
+    cells = {row[1].strip(): row[2].strip() for row in rows}
+    assert cells["mixture"] == "20.0" and cells["products"] == "**30.0**"
+    assert "warning" not in out  # one run a cell: nothing pooled, though the two differ in their benchmark's keys
     assert [panel[0] for panel in plot_panels(load_runs([tmp_path]))][-2:] == [
         "eval/arith/greedy_acc",
         "eval/products/greedy_acc",
     ]
+
+
+def test_the_pooling_warning_names_keys_that_differ_within_a_cell(tmp_path, capsys):
+    for seed in (0, 1):
+        write_run(tmp_path / f"s{seed}", "js", "unbiased", seed, final=0.2)
+    config_path = tmp_path / "s1" / ".hydra" / "config.yaml"
+    config_path.write_text(config_path.read_text().replace("lr: 0.001", "lr: 0.01"))
+    assert table_main([str(tmp_path)]) == 0
+    assert "warning: cells pool runs that differ in trainer.lr\n" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from a single teacher. Any backend may serve a component (``teacher=hf``, ``teac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -57,13 +58,16 @@ class RoutedTeacher:
         return ids
 
     def _scatter(self, rollout: Rollout, score: Callable[[Teacher, Rollout], Tensor]) -> Tensor:
-        groups = self._rows_by_teacher(rollout.problems)
-        parts = [(rows, score(teacher, rollout.select(rows))) for teacher, rows in groups]
-        first = parts[0][1]
-        out = first.new_empty((len(rollout.response_tokens_B_T), *first.shape[1:]))
-        for rows, values in parts:
-            out[torch.tensor(rows)] = values
-        return out
+        """Each teacher's ``score`` of its rows ([b, T] or [b, T, V]) put in those rows of one
+        [B, T] (or [B, T, V]) tensor, in the widest dtype of the teachers' (float64 where one is)."""
+        scored = [
+            (rows, score(teacher, rollout.select(rows))) for teacher, rows in self._rows_by_teacher(rollout.problems)
+        ]
+        shape, dtype = scored[0][1].shape[1:], functools.reduce(torch.promote_types, (s.dtype for _, s in scored))
+        merged = torch.empty((len(rollout.response_tokens_B_T), *shape), dtype=dtype)
+        for rows, scores in scored:
+            merged[torch.tensor(rows)] = scores.to(dtype)
+        return merged
 
     def logprobs(self, rollout: Rollout) -> Tensor:
         """log q_c(response token | prefix) of each row under its component c's teacher, [B, T]."""

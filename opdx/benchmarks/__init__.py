@@ -47,4 +47,9 @@ def build_benchmark(config: Mapping[str, Any]) -> Benchmark:
 def get_benchmark(name: str, **overrides: Any) -> Benchmark:
     """The benchmark ``name`` with the options of its YAML file, ``overrides`` replacing some."""
     check(name in BENCHMARKS, f"unknown benchmark {name!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
+    check(
+        name != Mixture.name,
+        "a mixture's YAML composes its components through Hydra's defaults list: build it from a composed "
+        "config (opdx.run.validate, or build_benchmark(cfg.benchmark)), not from the file alone",
+    )
     return build_benchmark({**load_option("benchmark", name), **overrides})

@@ -132,6 +132,7 @@ def build_mixture(config: Mapping[str, Any], build: Callable[[Mapping[str, Any]]
     for name, component in node.components.items():
         key = f"benchmark.components.{name}"
         check("/" not in name, f"{key}: a component's name must not contain '/' (it names metrics eval/<name>/...)")
+        check(name != Mixture.name, f"{key}: '{name}' names the weighted means (eval/{name}/...); rename the component")
         check(component.weight > 0, f"{key}.weight={component.weight!r} is invalid; it must be positive")
         check(component.benchmark.get("name") != Mixture.name, f"{key}: a mixture cannot hold a mixture")
         try:
