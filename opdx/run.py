@@ -121,17 +121,16 @@ def build_teachers(run: Run, tokenizer: PreTrainedTokenizerBase, device: torch.d
     if not isinstance(run.benchmark, Mixture):
         pair, node = nodes["teacher"]
         return build_backend(node, pair=pair, **runtime)
-    users: dict[str, list[str]] = {}  # a distinct teacher (model, dtype, backend node) -> its components
+    groups: dict[str, tuple[ModelConfig, dict[str, Any], list[str]]] = {}  # one per (model, dtype, backend node)
     for component, (pair, node) in zip(run.benchmark.names, nodes.values(), strict=True):
-        users.setdefault(json.dumps([pair.teacher, pair.teacher_dtype, node], sort_keys=True), []).append(component)
-    teachers = {}
-    for components in users.values():
-        pair, node = nodes[f"benchmark.components.{components[0]}.teacher"]
+        key = json.dumps([pair.teacher, pair.teacher_dtype, node], sort_keys=True)
+        groups.setdefault(key, (pair, node, []))[2].append(component)
+    teachers: dict[str, Teacher] = {}
+    for pair, node, components in groups.values():
         print(f"teacher of {', '.join(components)}: {pair.teacher} ({node['_target_']})")
         if pair.teacher != run.config.model.teacher:
             check_teacher_tokenizer(tokenizer, pair.teacher)  # model.teacher's was checked by load_tokenizer
-        teacher = build_backend(node, pair=pair, **runtime)
-        teachers |= dict.fromkeys(components, teacher)
+        teachers |= dict.fromkeys(components, build_backend(node, pair=pair, **runtime))
     return RoutedTeacher({name: teachers[name] for name in run.benchmark.names})
 
 
@@ -165,10 +164,10 @@ def start(run: Run, train: bool) -> Parts:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
-    parts_of = run.benchmark.components if isinstance(run.benchmark, Mixture) else [run.benchmark]
-    for benchmark in parts_of:
+    mixture = isinstance(run.benchmark, Mixture)
+    for benchmark in run.benchmark.components if mixture else [run.benchmark]:
         counts = [f"{len(benchmark.train)} train prompts"] if train else []
-        weight = f" (weight {run.benchmark.weights[benchmark.name]:.3g})" if isinstance(run.benchmark, Mixture) else ""
+        weight = f" (weight {run.benchmark.weights[benchmark.name]:.3g})" if mixture else ""
         print(f"{benchmark.name}: {', '.join([*counts, f'{len(benchmark.eval)} eval problems'])}{weight}")
     ensure_built(config.model)
     tokenizer = load_tokenizer(config.model)
