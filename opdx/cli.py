@@ -100,7 +100,7 @@ def run_errors() -> tuple[type[Exception], ...]:
     pair, a config value found at start, a teacher's server."""
     # The commands' modules load torch and transformers: imported when a command runs, so that
     # `opdx --help`, `opdx table` and a config error answer without that cost.
-    from opdx.backends.server import TeacherServerError
+    from opdx.backends import TeacherServerError
     from opdx.benchmarks.data import BenchmarkDataError
     from opdx.checkpoint import CheckpointError
     from opdx.compat import PairError

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opdx.backends.hf import TokenScores
 from opdx.checkpoint import CheckpointError, load_weights, usable_checkpoint
-from opdx.evaluation import components_table, eval_problem_count, evaluate_split, format_side_by_side, markdown_table
+from opdx.evaluation import eval_problem_count, evaluate_split, format_side_by_side
+from opdx.policy import TokenScores
 from opdx.run import Run, start
+from opdx.summary import components_table, markdown_table
 
 EVAL_FILE = "eval.json"
 

@@ -15,10 +15,11 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from opdx.backends import Sampler, Scorer
-from opdx.benchmarks import Benchmark, Mixture, Problem
+from opdx.benchmarks import Benchmark, Problem
 from opdx.config import EvalConfig
 from opdx.dist import ONE_RANK, Ranks, global_sum
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, decode_responses
+from opdx.summary import markdown_table
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:
@@ -113,11 +114,6 @@ def evaluate(
     return metrics
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """``table`` in markdown with 4 decimals and "-" where a value is missing."""
-    return table.astype(object).where(table.notna(), None).to_markdown(floatfmt=".4f", missingval="-")
-
-
 def format_side_by_side(results: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per metric, one column per model (teacher, student, ...)."""
     table = pd.DataFrame(results)
@@ -140,15 +136,19 @@ def evaluate_split(
     sampling with ``params`` (the run's temperature / top-k / top-p) and ``config.max_new_tokens``
     tokens, else ``max_new_tokens`` (the trainer's); shared over ``ranks``.
 
-    A ``Mixture`` is evaluated one component at a time (its first ``config.problems`` problems,
-    with its teacher where the sampler or scorer routes by component): each metric of component c
-    as ``c/<metric>``, and unprefixed the mean of the components weighted by their sampling weights."""
-    if isinstance(benchmark, Mixture):
+    A benchmark of several components (``benchmark=mixture``) is evaluated one component at a time
+    (its first ``config.problems`` problems, with its teacher where the sampler or scorer routes by
+    component): each metric of component c as ``c/<metric>``, and unprefixed the mean of the
+    components weighted by their sampling weights."""
+    components = benchmark.components
+    if len(components) > 1:
         results = {
-            c.name: evaluate_split(sampler, tokenizer, c, config, params, max_new_tokens, teacher, progress, ranks)
-            for c in benchmark.components
+            c.name: evaluate_split(
+                sampler, tokenizer, c.benchmark, config, params, max_new_tokens, teacher, progress, ranks
+            )
+            for c in components
         }
-        return weighted_means(results, benchmark.weights) | {
+        return weighted_means(results, {c.name: c.weight for c in components}) | {
             f"{name}/{key}": value for name, one in results.items() for key, value in one.items()
         }
     return evaluate(
@@ -167,21 +167,9 @@ def evaluate_split(
 
 
 def eval_problem_count(benchmark: Benchmark, config: EvalConfig) -> int:
-    """How many problems ``evaluate_split`` grades: the first ``config.problems`` of the eval
-    split, of each component's for a mixture."""
-    parts = benchmark.components if isinstance(benchmark, Mixture) else [benchmark]
-    return sum(min(config.problems, len(part.eval)) for part in parts)
-
-
-def components_table(results: dict[str, dict[str, float]], metric: str = "greedy_acc") -> pd.DataFrame | None:
-    """Rows: the components of mixture results (keys ``c/<metric>``); columns: the results
-    (teacher, student before, ...); None when the results have no component."""
-    components = [key.rpartition("/")[0] for key in next(iter(results.values())) if key.endswith(f"/{metric}")]
-    if not components:
-        return None
-    table = pd.DataFrame({role: {c: one.get(f"{c}/{metric}") for c in components} for role, one in results.items()})
-    table.index.name = f"component: {metric}"
-    return table
+    """How many problems ``evaluate_split`` grades: the first ``config.problems`` of each
+    component's eval split."""
+    return sum(min(config.problems, len(component.eval)) for component in benchmark.components)
 
 
 def weighted_means(results: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, float]:

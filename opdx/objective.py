@@ -18,7 +18,9 @@ per-state gradient sum_n grad D_f(q || p)(s_n) with the state distribution held 
 
 Each estimator says what it needs from the teacher (``needs_teacher_logits``: the sampled
 tokens' log-probs, or full [B, T, V] logits), checks the switches of its ``EstimatorConfig`` and
-computes its loss; ``build_estimator`` is the one constructor.
+computes its loss from one ``LossInputs``; ``build_estimator`` is the one constructor, and the
+estimator object (never its name) is what the loss layer passes around. The conventions and
+derivations are those of ``docs/opd-math.md``.
 
 Under data parallelism each rank holds a share of the batch; every normaliser (the loss's 1/B,
 ``token_mean``'s token count, the batch baseline's mean, whitening's standard deviation) is then
@@ -46,6 +48,29 @@ Reduce = Callable[[Tensor], Tensor]
 def local(x: Tensor) -> Tensor:
     """The sum over ranks of a one-process run: ``x`` itself."""
     return x
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What an estimator's loss reads: one batch of B sequences with T response positions (V the
+    vocabulary), the student's scores with grad and everything else constant.
+
+    - ``student_scores``: log p_theta of the sampled tokens [B, T], or next-token logits
+      [B, T, V] when the estimator ``needs_teacher_logits``; with grad.
+    - ``teacher_scores``: log q of the same tokens [B, T], or logits [B, T, V], likewise.
+    - ``mask_B_T``: the response tokens (bool); off the mask any value, -inf included, is ignored.
+    - ``tokens_B_T``: the sampled token ids (int64); the analytic estimator reads the sampled
+      tokens' log-probs from the logits with them (for its metrics). A sampled estimator's scores
+      are already those of the tokens: None is fine there.
+    - ``logp_sampling_B_T``: the log-probs the sampler recorded for the tokens (the distribution
+      actually sampled from), which ``rollout_correction`` compares with; None without it.
+    """
+
+    student_scores: Tensor
+    teacher_scores: Tensor
+    mask_B_T: Tensor
+    tokens_B_T: Tensor | None = None
+    logp_sampling_B_T: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -78,20 +103,9 @@ class Estimator(ABC):
         """Whether E[grad L] equals the true gradient for this divergence and discount (``opdx verify``)."""
 
     @abstractmethod
-    def loss(
-        self,
-        student_scores: Tensor,
-        teacher_scores: Tensor,
-        tokens_B_T: Tensor,
-        mask_B_T: Tensor,
-        divergence: Divergence,
-        logp_rollout_B_T: Tensor | None = None,
-        reduce: Reduce = local,
-    ) -> LossTerms:
-        """The loss of a batch from the student's scores (with grad) and the teacher's: log-probs
-        of the sampled ``tokens_B_T`` [B, T], or logits [B, T, V] when ``needs_teacher_logits``.
-        ``logp_rollout_B_T`` are the log-probs the sampler recorded (for ``rollout_correction``);
-        ``reduce`` sums a tensor over the ranks that share the batch."""
+    def loss(self, inputs: LossInputs, divergence: Divergence, reduce: Reduce = local) -> LossTerms:
+        """The loss of a batch for ``divergence``; ``reduce`` sums a tensor over the ranks that share
+        the batch, so every normaliser is the global batch's."""
 
 
 class SampledEstimator(Estimator):
@@ -104,17 +118,18 @@ class SampledEstimator(Estimator):
     def own_advantage(divergence: Divergence, log_u: Tensor) -> Tensor:
         """The advantage of a token's own term, before the discounted future rewards."""
 
-    def loss(
-        self,
-        student_scores: Tensor,
-        teacher_scores: Tensor,
-        tokens_B_T: Tensor,
-        mask_B_T: Tensor,
-        divergence: Divergence,
-        logp_rollout_B_T: Tensor | None = None,
-        reduce: Reduce = local,
-    ) -> LossTerms:
-        return sampled_loss(student_scores, teacher_scores, mask_B_T, divergence, self, logp_rollout_B_T, reduce)
+    def loss(self, inputs: LossInputs, divergence: Divergence, reduce: Reduce = local) -> LossTerms:
+        """The OPD / OPD+ surrogate with this config's switches and, for the metrics, the advantages
+        A_B_T after baseline / whitening and log u_B_T."""
+        logp_student_B_T, mask_B_T = inputs.student_scores, inputs.mask_B_T
+        advantages_B_T, log_u_B_T = token_advantages(
+            logp_student_B_T, inputs.teacher_scores, mask_B_T, divergence, self
+        )
+        advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, self.config, reduce)
+        loss = policy_gradient_loss(
+            logp_student_B_T, advantages_B_T, mask_B_T, self.config, inputs.logp_sampling_B_T, reduce
+        )
+        return LossTerms(loss, logp_student_B_T.detach(), log_u_B_T, advantages_B_T)
 
 
 class StopGradient(SampledEstimator):
@@ -127,7 +142,7 @@ class StopGradient(SampledEstimator):
 
     @staticmethod
     def is_exact(divergence: str, gamma: float) -> bool:
-        return divergence == "reverse_kl"  # the only f whose u f'(u) is a constant (opd-math.md)
+        return divergence == "reverse_kl"  # the only f whose u f'(u) is a constant (docs/opd-math.md)
 
 
 class Unbiased(SampledEstimator):
@@ -151,7 +166,7 @@ class Analytic(Estimator):
     def check(self, plain_sampling: bool) -> None:
         if not plain_sampling:
             raise ValueError(
-                "estimator=analytic needs the student's own distribution: trainer.temperature=1, top_k=0, top_p=1"
+                "estimator=analytic needs the student's own distribution: sampling.temperature=1, top_k=0, top_p=1"
             )
         c = self.config
         switches = (c.gamma, c.log_ratio_clip, c.batch_baseline, c.whiten, c.rollout_correction)
@@ -165,24 +180,20 @@ class Analytic(Estimator):
     def is_exact(divergence: str, gamma: float) -> bool:
         return gamma == 0  # the per-state gradient; it ignores the effect on future states
 
-    def loss(
-        self,
-        student_scores: Tensor,
-        teacher_scores: Tensor,
-        tokens_B_T: Tensor,
-        mask_B_T: Tensor,
-        divergence: Divergence,
-        logp_rollout_B_T: Tensor | None = None,
-        reduce: Reduce = local,
-    ) -> LossTerms:
-        device = student_scores.device
-        tokens_B_T, mask_B_T = tokens_B_T.to(device), mask_B_T.to(device)
-        logp_student_B_T = gather_logprobs(student_scores.detach(), tokens_B_T)
-        logp_teacher_B_T = gather_logprobs(teacher_scores, tokens_B_T)
+    def loss(self, inputs: LossInputs, divergence: Divergence, reduce: Reduce = local) -> LossTerms:
+        logits_student_B_T_V, logits_teacher_B_T_V = inputs.student_scores, inputs.teacher_scores
+        if inputs.tokens_B_T is None:
+            raise ValueError("estimator=analytic needs the sampled tokens (LossInputs.tokens_B_T) for its metrics")
+        device = logits_student_B_T_V.device
+        tokens_B_T, mask_B_T = inputs.tokens_B_T.to(device), inputs.mask_B_T.to(device)
+        logp_student_B_T = gather_logprobs(logits_student_B_T_V.detach(), tokens_B_T)
+        logp_teacher_B_T = gather_logprobs(logits_teacher_B_T_V, tokens_B_T)
         # what the unbiased estimator's advantages would be, for the metrics
-        advantages_B_T, log_u_B_T = token_advantages(logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence)
+        advantages_B_T, log_u_B_T = token_advantages(
+            logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence, Unbiased(EstimatorConfig(Unbiased.name))
+        )
         loss = analytic_loss(
-            student_scores, teacher_scores, mask_B_T, divergence, self.config.token_mean, reduce=reduce
+            logits_student_B_T_V, logits_teacher_B_T_V, mask_B_T, divergence, self.config.token_mean, reduce=reduce
         )
         return LossTerms(loss, logp_student_B_T.cpu(), log_u_B_T.cpu(), advantages_B_T.cpu())
 
@@ -198,21 +209,6 @@ def build_estimator(config: EstimatorConfig, plain_sampling: bool = True) -> Est
     estimator = ESTIMATORS[config.name](config)
     estimator.check(plain_sampling)
     return estimator
-
-
-def sampled_estimator(name: str) -> type[SampledEstimator]:
-    """The sampled-token estimator class registered as ``name``; ValueError lists the valid ones."""
-    cls = ESTIMATORS.get(name)
-    if cls is None or not issubclass(cls, SampledEstimator):
-        valid = [key for key, value in ESTIMATORS.items() if issubclass(value, SampledEstimator)]
-        hint = " ('analytic' needs full logits: use analytic_loss)" if cls is not None else ""
-        raise ValueError(f"unknown estimator {name!r}; valid estimators here: {', '.join(valid)}{hint}")
-    return cls
-
-
-def resolve_divergence(divergence: str | Divergence) -> Divergence:
-    """A divergence object from a registry name (without parameters) or the object itself."""
-    return divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
 
 
 def discounted_future_sum(rewards_B_T: Tensor, gamma: float) -> Tensor:
@@ -231,25 +227,21 @@ def token_advantages(
     logp_student_B_T: Tensor,
     logp_teacher_B_T: Tensor,
     mask_B_T: Tensor,
-    divergence: str | Divergence = "reverse_kl",
-    estimator: str = "unbiased",
-    gamma: float = 0.0,
-    log_ratio_clip: float | None = None,
+    divergence: Divergence,
+    estimator: SampledEstimator,
 ) -> tuple[Tensor, Tensor]:
-    """Advantages A_B_T (detached, 0 off the mask) and the per-token log u_B_T they come from.
+    """Advantages A_B_T (detached, 0 off the mask) of ``estimator`` (its own term, its config's
+    ``gamma`` and ``log_ratio_clip``) and the per-token log u_B_T they come from.
 
     ``logp_student_B_T`` are the log-probs of the distribution the tokens were sampled from.
     """
-    div = resolve_divergence(divergence)
-    own_advantage = sampled_estimator(estimator).own_advantage
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    config = estimator.config
     mask_B_T = mask_B_T.bool()
     log_u_B_T = torch.where(mask_B_T, logp_teacher_B_T.detach() - logp_student_B_T.detach(), 0.0)
-    if log_ratio_clip is not None:
-        log_u_B_T = log_u_B_T.clamp(-log_ratio_clip, log_ratio_clip)
-    rewards_B_T = torch.where(mask_B_T, div.opd_advantage(log_u_B_T), 0.0)
-    advantages_B_T = own_advantage(div, log_u_B_T) + discounted_future_sum(rewards_B_T, gamma)
+    if config.log_ratio_clip is not None:
+        log_u_B_T = log_u_B_T.clamp(-config.log_ratio_clip, config.log_ratio_clip)
+    rewards_B_T = torch.where(mask_B_T, divergence.opd_advantage(log_u_B_T), 0.0)
+    advantages_B_T = estimator.own_advantage(divergence, log_u_B_T) + discounted_future_sum(rewards_B_T, config.gamma)
     return torch.where(mask_B_T, advantages_B_T, 0.0), log_u_B_T
 
 
@@ -307,26 +299,6 @@ def policy_gradient_loss(
     return -objective_B_T.sum() / reduce(count.to(objective_B_T.dtype)).clamp(min=1)
 
 
-def sampled_loss(
-    logp_student_B_T: Tensor,
-    logp_teacher_B_T: Tensor,
-    mask_B_T: Tensor,
-    divergence: str | Divergence,
-    estimator: SampledEstimator,
-    logp_rollout_B_T: Tensor | None = None,
-    reduce: Reduce = local,
-) -> LossTerms:
-    """The OPD / OPD+ surrogate of ``estimator`` (with its config's switches) and, for the
-    metrics, the advantages A_B_T after baseline / whitening and log u_B_T."""
-    config = estimator.config
-    advantages_B_T, log_u_B_T = token_advantages(
-        logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence, estimator.name, config.gamma, config.log_ratio_clip
-    )
-    advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, config, reduce)
-    loss = policy_gradient_loss(logp_student_B_T, advantages_B_T, mask_B_T, config, logp_rollout_B_T, reduce)
-    return LossTerms(loss, logp_student_B_T.detach(), log_u_B_T, advantages_B_T)
-
-
 def opd_loss(
     student_logprobs: Tensor,
     teacher_logprobs: Tensor,
@@ -353,18 +325,24 @@ def opd_loss(
     are those of ``EstimatorConfig``, and ``rollout_logprobs`` [B, T] the sampler's log-probs that
     ``rollout_correction`` compares with. Raises ValueError naming a bad value.
     """
-    cls = sampled_estimator(estimator)
+    cls = ESTIMATORS.get(estimator)
+    if cls is None or not issubclass(cls, SampledEstimator):
+        valid = [key for key, value in ESTIMATORS.items() if issubclass(value, SampledEstimator)]
+        hint = " ('analytic' needs full logits: use analytic_loss)" if cls is not None else ""
+        raise ValueError(f"unknown estimator {estimator!r}; valid estimators here: {', '.join(valid)}{hint}")
     config = EstimatorConfig(
         cls.name, gamma, log_ratio_clip, token_mean, batch_baseline, whiten, rollout_correction, tis_cap, ppo_clip
     )
-    return sampled_loss(student_logprobs, teacher_logprobs, mask, divergence, cls(config), rollout_logprobs).loss
+    div = divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
+    inputs = LossInputs(student_logprobs, teacher_logprobs, mask, logp_sampling_B_T=rollout_logprobs)
+    return cls(config).loss(inputs, div).loss
 
 
 def analytic_loss(
     logits_student_B_T_V: Tensor,
     logits_teacher_B_T_V: Tensor,
     mask_B_T: Tensor,
-    divergence: str | Divergence = "reverse_kl",
+    divergence: Divergence,
     token_mean: bool = False,
     chunk_size: int = 1024,
     reduce: Reduce = local,
@@ -375,9 +353,8 @@ def analytic_loss(
     Its gradient is the exact per-state gradient at the visited states (the gamma = 0 ground
     truth). The teacher logits are treated as constant.
     """
-    div = resolve_divergence(divergence)
     mask_B_T = mask_B_T.bool()
-    per_state_B_T = div.full(logits_student_B_T_V, logits_teacher_B_T_V.detach(), chunk_size)
+    per_state_B_T = divergence.full(logits_student_B_T_V, logits_teacher_B_T_V.detach(), chunk_size)
     per_state_B_T = torch.where(mask_B_T, per_state_B_T, 0.0)
     count = mask_B_T.sum() if token_mean else torch.tensor(mask_B_T.shape[0])
     return per_state_B_T.sum() / reduce(count.to(per_state_B_T.dtype)).clamp(min=1)

@@ -5,8 +5,8 @@
 a message naming it and the valid choices, and what it returns holds the built divergence,
 estimator and benchmark. ``start`` then sets threads and seed, loads the benchmark's data (a
 data error fails before minutes of model loading), builds a local pair on first use, and loads
-the student, its tokenizer and the rollout and teacher backends (a mixture's: one per component,
-``RoutedTeacher``).
+the student, its tokenizer and the rollout and teacher backends (a teacher per component, each
+distinct one built once; several behind a ``RoutedTeacher``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.backends import Sampler, Teacher
 from opdx.backends.routing import RoutedTeacher
-from opdx.benchmarks import Benchmark, Mixture, Problem, Subset, build_benchmark
+from opdx.benchmarks import Benchmark, Problem, Subset, build_benchmark
 from opdx.compat import PairError
 from opdx.config import ConfigError, ModelConfig, RunConfig, check, typed
 from opdx.dist import Ranks, init
@@ -78,15 +78,13 @@ def validate(cfg: DictConfig) -> Run:
 
 
 def teacher_nodes(config: RunConfig, benchmark: Benchmark) -> dict[str, tuple[ModelConfig, dict[str, Any]]]:
-    """The teachers a run loads, by the config key that sets them (``teacher``, or in a mixture
-    ``benchmark.components.<name>.teacher``): the pair it loads with (``model`` with the
-    component's ``teacher_model``) and its backend node (the component's, else the run's)."""
-    if not isinstance(benchmark, Mixture):
-        return {"teacher": (config.model, config.teacher)}
+    """The teachers a run loads, one per component, by the config key that sets it (``teacher``,
+    or in a mixture ``benchmark.components.<name>.teacher``): the pair it loads with (``model``
+    with the component's ``teacher_model``) and its backend node (the component's, else the run's)."""
     nodes = {}
     for component in benchmark.components:
-        pair = replace(config.model, teacher=component.config.teacher_model or config.model.teacher)
-        nodes[f"benchmark.components.{component.name}.teacher"] = (pair, component.config.teacher or config.teacher)
+        pair = replace(config.model, teacher=component.teacher_model or config.model.teacher)
+        nodes[component.teacher_key] = (pair, component.teacher or config.teacher)
     return nodes
 
 
@@ -113,36 +111,42 @@ def build_backend(node: Mapping[str, Any], **runtime: Any) -> Any:
     return factory(**options, **{name: value for name, value in runtime.items() if name in takes})
 
 
-def build_teachers(run: Run, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> Teacher:
-    """The run's teacher backend; for a mixture a ``RoutedTeacher`` over the components'
-    teachers, each distinct (model, backend node) built once."""
+def build_teachers(run: Run, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, Teacher]:
+    """Each component's teacher backend by component name; each distinct (model, dtype, backend
+    node) is built once and shared by the components that name it."""
     runtime = {"tokenizer": tokenizer, "device": device, "logprob_chunk": run.config.trainer.logprob_chunk}
-    nodes = teacher_nodes(run.config, run.benchmark)
-    if not isinstance(run.benchmark, Mixture):
-        pair, node = nodes["teacher"]
-        return build_backend(node, pair=pair, **runtime)
+    components = run.benchmark.components
     groups: dict[str, tuple[ModelConfig, dict[str, Any], list[str]]] = {}  # one per (model, dtype, backend node)
-    for component, (pair, node) in zip(run.benchmark.names, nodes.values(), strict=True):
+    for component, (pair, node) in zip(components, teacher_nodes(run.config, run.benchmark).values(), strict=True):
         key = json.dumps([pair.teacher, pair.teacher_dtype, node], sort_keys=True)
-        groups.setdefault(key, (pair, node, []))[2].append(component)
+        groups.setdefault(key, (pair, node, []))[2].append(component.name)
     teachers: dict[str, Teacher] = {}
-    for pair, node, components in groups.values():
-        print(f"teacher of {', '.join(components)}: {pair.teacher} ({node['_target_']})")
+    for pair, node, names in groups.values():
+        if len(components) > 1:
+            print(f"teacher of {', '.join(names)}: {pair.teacher} ({node['_target_']})")
         if pair.teacher != run.config.model.teacher:
             check_teacher_tokenizer(tokenizer, pair.teacher)  # model.teacher's was checked by load_tokenizer
-        teachers |= dict.fromkeys(components, build_backend(node, pair=pair, **runtime))
-    return RoutedTeacher({name: teachers[name] for name in run.benchmark.names})
+        teachers |= dict.fromkeys(names, build_backend(node, pair=pair, **runtime))
+    return teachers
+
+
+def one_teacher(teachers: Mapping[str, Teacher]) -> Teacher:
+    """The run's teacher: the one backend all components share, else a ``RoutedTeacher`` that
+    scores each row with its component's."""
+    distinct = {id(teacher) for teacher in teachers.values()}
+    return next(iter(teachers.values())) if len(distinct) == 1 else RoutedTeacher(teachers)
 
 
 @dataclass
 class Parts:
     """What a started run works with: the trainable student, its tokenizer, the sampler of its
-    rollouts and the teacher."""
+    rollouts, the teacher (``one_teacher``) and each component's teacher by component name."""
 
     student: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     rollout: Sampler
     teacher: Teacher
+    teachers: dict[str, Teacher]
     device: torch.device
     ranks: Ranks
 
@@ -164,18 +168,18 @@ def start(run: Run, train: bool) -> Parts:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
-    mixture = isinstance(run.benchmark, Mixture)
-    for benchmark in run.benchmark.components if mixture else [run.benchmark]:
-        counts = [f"{len(benchmark.train)} train prompts"] if train else []
-        weight = f" (weight {run.benchmark.weights[benchmark.name]:.3g})" if mixture else ""
-        print(f"{benchmark.name}: {', '.join([*counts, f'{len(benchmark.eval)} eval problems'])}{weight}")
+    components = run.benchmark.components
+    for component in components:
+        counts = [f"{len(component.train)} train prompts"] if train else []
+        weight = f" (weight {component.weight:.3g})" if len(components) > 1 else ""
+        print(f"{component.name}: {', '.join([*counts, f'{len(component.eval)} eval problems'])}{weight}")
     ensure_built(config.model)
     tokenizer = load_tokenizer(config.model)
     student = load_model(config.model.student, config.model.dtype, device, tokenizer, trainable=True)
     rollout = build_backend(config.rollout, model=student, tokenizer=tokenizer)
-    teacher = build_teachers(run, tokenizer, device)
+    teachers = build_teachers(run, tokenizer, device)
     torch.manual_seed(config.seed)  # an engine backend may have reseeded the process (vLLM seeds its own)
-    parts = Parts(student, tokenizer, rollout, teacher, device, ranks)
+    parts = Parts(student, tokenizer, rollout, one_teacher(teachers), teachers, device, ranks)
     if train and run.estimator.needs_teacher_logits:
         check_logits_memory(run, parts)
     fit_prompts(run, parts, train)
@@ -203,16 +207,13 @@ def check_logits_memory(run: Run, parts: Parts) -> None:
 
 
 def fit_prompts(run: Run, parts: Parts, train: bool) -> None:
-    """Check that every prompt plus its new tokens fits the student's and the teacher's positions
-    (each with its own rendering); refuse (PairError) or, with ``trainer.drop_long_prompts``, leave
-    the long ones out of the run's benchmark (of each component of a mixture) and say how many."""
-    if isinstance(run.benchmark, Mixture):
-        teachers = parts.teacher.teachers  # a RoutedTeacher: each component against its own teacher
-        run.benchmark = run.benchmark.with_benchmarks(
-            lambda c: fitted(run, parts.rollout, teachers[c.name], c, train, f"{c.name} ")
-        )
-    else:
-        run.benchmark = fitted(run, parts.rollout, parts.teacher, run.benchmark, train)
+    """Check that every prompt plus its new tokens fits the student's and its component's teacher's
+    positions (each with its own rendering); refuse (PairError) or, with ``trainer.drop_long_prompts``,
+    leave the long ones out of the run's benchmark (of each component) and say how many."""
+    several = len(run.benchmark.components) > 1
+    run.benchmark = run.benchmark.with_benchmarks(
+        lambda c: fitted(run, parts.rollout, parts.teachers[c.name], c.benchmark, train, f"{c.name} " * several)
+    )
 
 
 def fitted(

@@ -26,11 +26,12 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from opdx.metrics import read_metrics
-from opdx.objective import StopGradient, Unbiased
 from opdx.outcome import accuracy_change, collapse_reason
 
 GROUP_KEYS = ("model", "divergence", "estimator", "benchmark", "logger")
-ESTIMATOR_PAIR = (StopGradient.name, Unbiased.name)
+# the two estimators a table compares, by their registry names (opdx.objective.ESTIMATORS; a test checks):
+# named here, not imported, so that `opdx table` and `opdx plot` never load torch
+ESTIMATOR_PAIR = ("stopgrad", "unbiased")
 # t_{0.975, df} for df = 1..30; beyond, 1.96 (at most 4% narrow, at df = 31)
 T_975 = (
     12.706,

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from opdx.config import EstimatorConfig, load_option
 from opdx.divergences import DIVERGENCES, Divergence, build_divergence, parameters
-from opdx.objective import ESTIMATORS
+from opdx.objective import ESTIMATORS, LossInputs
 
 TOLERANCE = 1e-9
 
@@ -99,7 +99,7 @@ def per_response_gradients(problem: TabularProblem, div: Divergence, estimator: 
             student, teacher = theta[states_T].unsqueeze(0), problem.logits_teacher_S_V[states_T].unsqueeze(0)
         else:
             student, teacher = problem.token_logprobs(theta)[y : y + 1], logq_Y_T[y : y + 1]
-        loss = est.loss(student, teacher, tokens_1_T, mask_1_T, div).loss
+        loss = est.loss(LossInputs(student, teacher, mask_1_T, tokens_1_T), div).loss
         grads.append(torch.autograd.grad(loss, theta)[0])
     return torch.stack(grads)
 

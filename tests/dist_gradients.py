@@ -16,11 +16,12 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opdx.backends.hf import HFModel, TokenScores
+from opdx.backends.hf import HFModel
 from opdx.config import EstimatorConfig, asset_path
 from opdx.dist import Ranks, global_max, global_sum, init, wrap
 from opdx.divergences import get_divergence
-from opdx.objective import build_estimator
+from opdx.objective import LossInputs, build_estimator
+from opdx.policy import TokenScores
 from opdx.rollout import Rollout
 
 SETTINGS = [
@@ -75,17 +76,18 @@ def largest_difference(strategy: str, ranks: Ranks, teacher: HFModel, rollout: R
         logits = estimator.needs_teacher_logits
         teacher_scores = teacher.logits(rollout) if logits else teacher.logprobs(rollout)
         whole = TokenScores(student())
-        loss = estimator.loss(
-            whole(rollout, logits=logits), teacher_scores, rollout.response_tokens_B_T, rollout.response_mask_B_T, div
-        ).loss
+        inputs = LossInputs(
+            whole(rollout, logits=logits), teacher_scores, rollout.response_mask_B_T, rollout.response_tokens_B_T
+        )
+        loss = estimator.loss(inputs, div).loss
         loss.backward()
         expected = {name: p.grad for name, p in whole.named_parameters()}
         model = student()
         policy = wrap(TokenScores(model), strategy, model.model.layers, torch.device("cpu"), ("generate",))
-        loss = estimator.loss(
-            policy(share, logits=logits), teacher_scores[rows], share.response_tokens_B_T, share.response_mask_B_T,
-            div, reduce=global_sum,
-        ).loss  # fmt: skip
+        inputs = LossInputs(
+            policy(share, logits=logits), teacher_scores[rows], share.response_mask_B_T, share.response_tokens_B_T
+        )
+        loss = estimator.loss(inputs, div, reduce=global_sum).loss
         loss.backward()
         for name, p in policy.named_parameters():
             grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from opdx.backends.hf import HFModel, TokenScores, cache_argument, shared_prompt_cache
+from opdx.backends.hf import HFModel
 from opdx.config import asset_path
 from opdx.models import checkpoint_activations
+from opdx.policy import TokenScores, cache_argument, shared_prompt_cache
 from opdx.rollout import Rollout, SamplingParams, decode_responses
 
 PROMPTS = ["12+7=", "3-45+6=", "9="]

@@ -26,7 +26,8 @@ from opdx.models import load_model, load_tokenizer_of
 from opdx.pairs.tiny import TinyLMSpec, build_char_tokenizer, build_tiny_llama
 from opdx.rollout import PLAIN_SAMPLING
 from opdx.run import start, teacher_nodes, validate
-from opdx.trainer import eval_metrics, prompts_for_step
+from opdx.step_metrics import eval_metrics
+from opdx.trainer import prompts_for_step
 
 register_schema()
 register_resolvers()
@@ -155,10 +156,11 @@ SMALL = (
 
 def test_each_distinct_teacher_is_loaded_once_and_checked_against_the_students_tokenizer(tmp_path):
     two = start(validate(composed("benchmark=mixture", *SMALL, "eval.problems=20")), train=False)
-    assert len(two.teacher.distinct) == 2 and two.teacher.teachers["products"].model.config.num_hidden_layers == 4
+    assert two.teacher.distinct == [two.teachers["arith"], two.teachers["products"]]  # a RoutedTeacher over both
+    assert two.teachers["products"].model.config.num_hidden_layers == 4
     same = f"benchmark.components.products.teacher_model={asset_path('tiny/teacher')}"
     one = start(validate(composed("benchmark=mixture", *SMALL, same, "eval.problems=20")), train=False)
-    assert one.teacher.distinct == [one.teacher.teachers["arith"]] == [one.teacher.teachers["products"]]
+    assert one.teacher is one.teachers["arith"] is one.teachers["products"]  # one shared teacher, no routing
     tokenizer = build_char_tokenizer("0123456789+-*=;")  # fewer characters: other ids
     build_tiny_llama(TinyLMSpec(32, 1, 2, 64, 0, 0.0), tokenizer, seed=0).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -3,13 +3,19 @@ import math
 import pytest
 import torch
 
+from opdx.config import EstimatorConfig
 from opdx.divergences import DIVERGENCES, get_divergence
-from opdx.objective import analytic_loss, discounted_future_sum, opd_loss, token_advantages
+from opdx.objective import ESTIMATORS, analytic_loss, discounted_future_sum, opd_loss, token_advantages
 from opdx.verify import divergence_for  # each divergence with the parameters of its YAML
 
 LOGP = torch.log(torch.tensor([[0.5, 0.25, 0.8], [0.1, 0.9, 0.3]], dtype=torch.float64))
 LOGQ = torch.log(torch.tensor([[0.25, 0.5, 0.4], [0.3, 0.6, 0.6]], dtype=torch.float64))
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+
+def sampled(name: str, **switches):
+    """The sampled estimator ``name`` with ``EstimatorConfig`` switches."""
+    return ESTIMATORS[name](EstimatorConfig(name, **switches))
 
 
 def test_reverse_kl_stopgrad_value_by_hand():
@@ -23,7 +29,7 @@ def test_reverse_kl_stopgrad_value_by_hand():
 
 
 def test_forward_kl_unbiased_advantage_is_u():
-    advantages, log_u = token_advantages(LOGP, LOGQ, MASK, "forward_kl", "unbiased")
+    advantages, log_u = token_advantages(LOGP, LOGQ, MASK, get_divergence("forward_kl"), sampled("unbiased"))
     expected = torch.tensor([[0.5, 2.0, 0.5], [3.0, 2 / 3, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(advantages, expected)
     torch.testing.assert_close(log_u, (LOGQ - LOGP) * MASK)
@@ -46,8 +52,8 @@ def test_advantage_is_own_term_plus_discounted_future_rewards(gamma):
     div = get_divergence("js")
     log_u = (LOGQ - LOGP) * MASK
     rewards = -div.f(log_u) * MASK
-    for estimator, own in (("stopgrad", rewards), ("unbiased", div.unbiased_advantage(log_u))):
-        advantages, _ = token_advantages(LOGP, LOGQ, MASK, div, estimator, gamma)
+    for name, own in (("stopgrad", rewards), ("unbiased", div.unbiased_advantage(log_u))):
+        advantages, _ = token_advantages(LOGP, LOGQ, MASK, div, sampled(name, gamma=gamma))
         for b in range(2):
             for n in range(3):
                 if not MASK[b, n]:
@@ -93,7 +99,7 @@ def test_token_mean_divides_by_response_tokens():
 
 
 def test_batch_baseline_and_whitening():
-    advantages, _ = token_advantages(LOGP, LOGQ, MASK, "forward_kl", "unbiased")
+    advantages, _ = token_advantages(LOGP, LOGQ, MASK, get_divergence("forward_kl"), sampled("unbiased"))
     valid = advantages[MASK.bool()]
     logp = LOGP.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(opd_loss(logp, LOGQ, MASK, "forward_kl", "unbiased", batch_baseline=True), logp)
@@ -103,7 +109,9 @@ def test_batch_baseline_and_whitening():
 
 
 def test_log_ratio_clip():
-    advantages, log_u = token_advantages(LOGP, LOGQ, MASK, "reverse_kl", "stopgrad", log_ratio_clip=0.5)
+    advantages, log_u = token_advantages(
+        LOGP, LOGQ, MASK, get_divergence("reverse_kl"), sampled("stopgrad", log_ratio_clip=0.5)
+    )
     assert log_u.abs().max().item() == pytest.approx(0.5)
     assert advantages[1, 0].item() == pytest.approx(0.5)  # log(0.3/0.1) = 1.10 clipped to 0.5
 
@@ -121,7 +129,7 @@ def test_rollout_correction_is_the_identity_when_the_log_probs_agree(correction)
 
 
 def test_rollout_correction_weighs_by_the_ratio_truncated_or_clipped():
-    advantages, _ = token_advantages(LOGP + 1.0, LOGQ, MASK, "js", "unbiased")
+    advantages, _ = token_advantages(LOGP + 1.0, LOGQ, MASK, get_divergence("js"), sampled("unbiased"))
     # the trainer's policy moved up by e on every token against the sampler's: ratio e
     moved = (LOGP + 1.0).requires_grad_(True)
     (grad_tis,) = torch.autograd.grad(
@@ -157,7 +165,7 @@ def test_analytic_gradient_equals_exact_per_state_gradient():
 def test_analytic_loss_value_and_masking():
     logits_p = torch.zeros(1, 2, 2, dtype=torch.float64)
     logits_q = torch.log(torch.tensor([[[0.9, 0.1], [0.2, 0.8]]], dtype=torch.float64))
-    value = analytic_loss(logits_p, logits_q, torch.tensor([[1, 0]]), "forward_kl").item()
+    value = analytic_loss(logits_p, logits_q, torch.tensor([[1, 0]]), get_divergence("forward_kl")).item()
     assert value == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2))
 
 
@@ -187,7 +195,7 @@ def test_huge_but_finite_advantages_are_applied_as_computed_not_clipped():
     reaches the loss unclipped (clipping stays the explicit log_ratio_clip)."""
     logp = torch.tensor([[-25.0, -1.0]], dtype=torch.float64, requires_grad=True)
     logq = torch.tensor([[-5.0, -1.0]], dtype=torch.float64)
-    advantages, _ = token_advantages(logp, logq, torch.ones(1, 2), "pearson", "stopgrad")
+    advantages, _ = token_advantages(logp, logq, torch.ones(1, 2), get_divergence("pearson"), sampled("stopgrad"))
     assert advantages[0, 0].item() == pytest.approx(-((math.exp(20) - 1) ** 2), rel=1e-12)
     (grad,) = torch.autograd.grad(opd_loss(logp, logq, torch.ones(1, 2), "pearson", "stopgrad"), logp)
     assert torch.isfinite(grad).all() and grad[0, 0].item() == pytest.approx((math.exp(20) - 1) ** 2, rel=1e-12)

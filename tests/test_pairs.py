@@ -9,7 +9,7 @@ from test_models import load_pair
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdx import pairs
-from opdx.backends.hf import HFModel, TokenScores
+from opdx.backends.hf import HFModel
 from opdx.benchmarks import get_benchmark
 from opdx.compat import check_same_tokenizer
 from opdx.config import ModelConfig, asset_path
@@ -19,6 +19,7 @@ from opdx.pairs.gguf import SplitGGUF, assemble_split_gguf, package_file, prepar
 from opdx.pairs.qwen2p5_coder import QWEN2P5_CODER_STUDENT, QWEN2P5_CODER_TEACHER
 from opdx.pairs.smollm2 import SMOLLM2_GGUF, SMOLLM2_PACKAGE, depth_pruned
 from opdx.pairs.tiny import TinyLMSpec, build_char_tokenizer, build_tiny_llama, sft_batch, supervised_finetune
+from opdx.policy import TokenScores
 from opdx.rollout import decode_responses
 
 # ---- building and the build directory -------------------------------------------------------

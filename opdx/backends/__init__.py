@@ -19,8 +19,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from opdx.benchmarks import Problem
+from opdx.compat import PairError
+from opdx.config import ModelConfig
+from opdx.models import load_tokenizer_of
 from opdx.rollout import Rollout, SamplingParams
 
 
@@ -78,3 +82,36 @@ def request_seeds(count: int) -> list[int]:
     (which the trainer seeds per step and rank), so a run's samples repeat and ranks differ. A
     request of G samples uses seed, seed + 1, ... (vLLM)."""
     return torch.randint(2**31 - 1, (count,)).tolist()
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher's server is down, answers with an error or in another shape, or serves another
+    model or tokenizer; the message names the URL. ``status`` is the HTTP status of an error answer.
+    (Here, not in ``server.py``, so that the CLI reports it without importing a concrete backend.)"""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+PROMPT_TEMPLATES = ("own", "student")
+
+
+def teacher_prompt_tokenizer(
+    pair: ModelConfig, tokenizer: PreTrainedTokenizerBase, prompt_template: str
+) -> PreTrainedTokenizerBase:
+    """The tokenizer whose chat template renders the prompts the teacher scores and answers.
+
+    ``prompt_template="own"``: the teacher's own (``pair.teacher``'s) when it differs from the
+    student's (an instruct teacher and a base student); the response token ids stay the student's.
+    ``"student"``: the student's. PairError naming a bad value."""
+    if prompt_template not in PROMPT_TEMPLATES:
+        raise PairError(f"teacher.prompt_template={prompt_template!r} is invalid; valid: {', '.join(PROMPT_TEMPLATES)}")
+    own = load_tokenizer_of(pair.teacher)
+    if own.chat_template == tokenizer.chat_template:
+        return tokenizer
+    if prompt_template == "student":
+        print("teacher: prompts rendered with the student's chat template (teacher.prompt_template=student)")
+        return tokenizer
+    print("teacher: prompts rendered with its own chat template, not the student's (the responses stay the student's)")
+    return own

@@ -2,40 +2,35 @@
 
     opdx train rollout=hf teacher=hf     # conf/rollout/hf.yaml, conf/teacher/hf.yaml (the default)
 
-``TokenScores`` is the one ``nn.Module`` whose ``forward`` gives the log-probs (or logits) of a
-rollout's response tokens: the student's with-grad forward goes through it, so wrapping *it* in
-``DistributedDataParallel`` or FSDP2 puts the wrapper's hooks on the path; the teacher scores
-with the same module under ``torch.no_grad``.
+Scoring goes through ``opdx.policy.TokenScores``, the module the trainer's with-grad forward
+uses too; sampling uses ``generate`` of the same module (under FSDP2 its parameters are
+gathered there).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from functools import cache as cache_result
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (
-    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.cache_utils import CacheLayerMixin
 
+from opdx.backends import teacher_prompt_tokenizer
 from opdx.benchmarks import Problem
-from opdx.compat import PairError, vocab_logits
 from opdx.config import ModelConfig, check
-from opdx.models import load_model, load_tokenizer_of
+from opdx.models import load_model
+from opdx.policy import TokenScores, cache_argument, shared_prompt_cache, upcast
 from opdx.prompts import encode_prompts
-from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, gather_logprobs, pad, response_mask
+from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, pad, response_mask
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -73,146 +68,6 @@ class DecodingProgress(LogitsProcessor):
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         self.on_step()
         return scores
-
-
-class TokenScores(nn.Module):
-    """log p(response token | prefix) of a rollout under a causal LM, [B, T] on the CPU,
-    or with ``logits=True`` the next-token logits at each response position, [B, T, V], both in
-    float32 at least (float64 for a float64 model).
-    Both are over the tokenizer's ``vocab_size`` ids (output rows beyond it are padding: left out,
-    ``opdx.compat.vocab_logits``) and warped by ``params`` (the distribution sampled from; the
-    teacher uses the plain one).
-
-    Log-probs are made ``chunk_size`` positions at a time; with grad enabled each chunk is
-    recomputed in backward (activation checkpointing), so no full [B, T, V] tensor is kept.
-    """
-
-    def __init__(self, model: PreTrainedModel, chunk_size: int = 128, vocab_size: int | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-        self.vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
-
-    def forward(self, rollout: Rollout, params: SamplingParams = PLAIN_SAMPLING, logits: bool = False) -> Tensor:
-        hidden_B_T_D = self._hidden_states(rollout)
-        lm_head = self.model.get_output_embeddings()
-        if logits:
-            logits_B_T_V = upcast(vocab_logits(lm_head(hidden_B_T_D), self.vocab_size))
-            return params.warp(logits_B_T_V.flatten(0, 1)).view_as(logits_B_T_V)
-        tokens_B_T = rollout.response_tokens_B_T.to(hidden_B_T_D.device)
-        chunks = []
-        for start in range(0, tokens_B_T.shape[1], self.chunk_size):
-            end = start + self.chunk_size
-            args = (lm_head, params, self.vocab_size, hidden_B_T_D[:, start:end], tokens_B_T[:, start:end])
-            if torch.is_grad_enabled():
-                chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-            else:
-                chunks.append(_chunk_logprobs(*args))
-        return torch.cat(chunks, dim=1).cpu()
-
-    def generate(self, **kwargs: object) -> Tensor:
-        """The model's ``generate``, through this module: under FSDP2 it is registered as a forward
-        method of the sharded root (``register_fsdp_forward_method``), so its parameters are gathered."""
-        return self.model.generate(**kwargs)
-
-    def _hidden_states(self, rollout: Rollout) -> Tensor:
-        """Final hidden states at the positions that predict each response token, [B, T, D].
-
-        Rows that share a prompt (a group of samples) share its forward (``shared_prompt_cache``):
-        the same function as one forward per row, with the prompt's cost divided by the group
-        size, where ``_may_share``; elsewhere every row runs whole."""
-        device = self.model.device
-        prompt_B_L, prompt_mask_B_L = rollout.prompt_tokens_B_L.to(device), rollout.prompt_mask_B_L.to(device)
-        tokens_B_N = torch.cat([prompt_B_L, rollout.response_tokens_B_T[:, :-1].to(device)], dim=1)
-        attention_B_N = torch.cat([prompt_mask_B_L, torch.ones_like(rollout.response_tokens_B_T[:, :-1]).to(device)], 1)
-        position_ids_B_N = (attention_B_N.cumsum(-1) - 1).clamp(min=0)
-        prefix = prompt_B_L.shape[1] - 1  # the positions before the first one that predicts a response token
-        may_share = self._may_share()
-        cache = shared_prompt_cache(self.model, prompt_B_L, prompt_mask_B_L, read_only=True) if may_share else None
-        start = 0 if cache is None else prefix  # the first position this forward runs
-        out = self.model.base_model(
-            input_ids=tokens_B_N[:, start:],
-            attention_mask=attention_B_N,
-            position_ids=position_ids_B_N[:, start:],
-            use_cache=cache is not None,
-            **cache_argument(self.model, cache),
-        )
-        return out.last_hidden_state[:, prefix - start :]
-
-    def _may_share(self) -> bool:
-        """Whether the prompt's forward may be shared: not where activation checkpointing would
-        run (HF's checkpointed layers drop a cache) nor under FSDP2 (whose backward cannot take a
-        layer run twice in one forward: it reshards in between)."""
-        checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in self.model.modules())
-        checkpointed = checkpointing and torch.is_grad_enabled() and self.model.training
-        return not isinstance(self, FSDPModule) and not checkpointed
-
-
-def shared_prompt_cache(
-    model: PreTrainedModel, prompt_B_L: Tensor, prompt_mask_B_L: Tensor, read_only: bool = False
-) -> DynamicCache | None:
-    """The keys and values of every row's prompt but its last token ([B, L-1] positions, left
-    padded), computed once per distinct prompt and indexed out to the rows that share it; None
-    when no two rows share a prompt (or the prompts are one token), where it would save nothing,
-    or when the model did not fill the cache (a model whose forward takes no such cache).
-
-    ``read_only``: a forward on the cache reads the prompt's keys and values joined to its own
-    and stores nothing (``_joined``), so a one-shot scoring forward holds no copy of the whole
-    sequence's keys and values per layer; ``generate`` needs the default, which grows per token.
-    With grad enabled the cache carries the graph, so gradients reach the prompt through every row
-    that reads it (autograd sums them at the indexing). Values equal one forward per row to
-    floating-point rounding (the model's float32 norms make that ~1e-7 relative, float64 too)."""
-    distinct_U_2L, row_B = torch.unique(torch.cat([prompt_B_L, prompt_mask_B_L], 1), dim=0, return_inverse=True)
-    prefix = prompt_B_L.shape[1] - 1
-    if prefix == 0 or len(distinct_U_2L) == len(row_B):
-        return None
-    prompt_U_L, prompt_mask_U_L = distinct_U_2L.split(prompt_B_L.shape[1], dim=1)
-    cache = DynamicCache(config=model.config)
-    model.base_model(
-        input_ids=prompt_U_L[:, :prefix],
-        attention_mask=prompt_mask_U_L[:, :prefix],
-        position_ids=(prompt_mask_U_L[:, :prefix].cumsum(-1) - 1).clamp(min=0),
-        use_cache=True,
-        **cache_argument(model, cache),
-    )
-    if cache.get_seq_length() != prefix:
-        return None
-    cache.batch_select_indices(row_B)
-    if read_only:
-        for layer in cache.layers:
-            layer.update = partial(_joined, layer)
-    return cache
-
-
-def _joined(layer: CacheLayerMixin, key_states: Tensor, value_states: Tensor, *_: object, **__: object) -> tuple:
-    """A cache layer's keys and values with ``key_states`` / ``value_states`` appended, the layer
-    unchanged (what ``DynamicLayer.update`` and the sliding-window layer return, without storing)."""
-    return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-
-
-def cache_argument(model: PreTrainedModel, cache: DynamicCache | None) -> dict[str, DynamicCache | None]:
-    """``cache`` as the keyword this transformers takes in forward and ``generate``: ``cache``
-    where the model's forward names it so (later 5.x, where ``past_key_values`` is deprecated),
-    else ``past_key_values``."""
-    return {_cache_keyword(type(model.base_model)): cache}
-
-
-@cache_result
-def _cache_keyword(base_model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(base_model_class.forward).parameters else "past_key_values"
-
-
-def upcast(logits: Tensor) -> Tensor:
-    """Logits in float32 at least (bfloat16 and float16 upcast; float64 stays float64)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def _chunk_logprobs(
-    lm_head: nn.Module, params: SamplingParams, vocab_size: int, hidden_B_C_D: Tensor, tokens_B_C: Tensor
-) -> Tensor:
-    logits_B_C_V = upcast(vocab_logits(lm_head(hidden_B_C_D), vocab_size))
-    logits_B_C_V = params.warp(logits_B_C_V.flatten(0, 1)).view_as(logits_B_C_V)
-    return gather_logprobs(logits_B_C_V, tokens_B_C)
 
 
 class PaddingRowsOff(LogitsProcessor):
@@ -344,9 +199,6 @@ class HFModel:
         return replace(rollout, prompt_tokens_B_L=prompt_tokens_B_L, prompt_mask_B_L=prompt_mask_B_L)
 
 
-PROMPT_TEMPLATES = ("own", "student")
-
-
 def load_teacher(
     pair: ModelConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -359,23 +211,3 @@ def load_teacher(
     prompt_tokenizer = teacher_prompt_tokenizer(pair, tokenizer, prompt_template)
     teacher = load_model(pair.teacher, pair.teacher_dtype, device, tokenizer, trainable=False)
     return HFModel(teacher, tokenizer, logprob_chunk, prompt_tokenizer=prompt_tokenizer)
-
-
-def teacher_prompt_tokenizer(
-    pair: ModelConfig, tokenizer: PreTrainedTokenizerBase, prompt_template: str
-) -> PreTrainedTokenizerBase:
-    """The tokenizer whose chat template renders the prompts the teacher scores and answers.
-
-    ``prompt_template="own"``: the teacher's own (``pair.teacher``'s) when it differs from the
-    student's (an instruct teacher and a base student); the response token ids stay the student's.
-    ``"student"``: the student's. PairError naming a bad value."""
-    if prompt_template not in PROMPT_TEMPLATES:
-        raise PairError(f"teacher.prompt_template={prompt_template!r} is invalid; valid: {', '.join(PROMPT_TEMPLATES)}")
-    own = load_tokenizer_of(pair.teacher)
-    if own.chat_template == tokenizer.chat_template:
-        return tokenizer
-    if prompt_template == "student":
-        print("teacher: prompts rendered with the student's chat template (teacher.prompt_template=student)")
-        return tokenizer
-    print("teacher: prompts rendered with its own chat template, not the student's (the responses stay the student's)")
-    return own

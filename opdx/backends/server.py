@@ -31,8 +31,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 from urllib3.util.retry import Retry
 
-from opdx.backends import request_seeds
-from opdx.backends.hf import teacher_prompt_tokenizer
+from opdx.backends import TeacherServerError, request_seeds, teacher_prompt_tokenizer
 from opdx.benchmarks import Problem
 from opdx.compat import TOKENIZER_PROBES
 from opdx.config import ModelConfig
@@ -43,15 +42,6 @@ NEG_INF_SENTINEL = -9999.0  # vLLM's JSON for a log-prob of -inf
 # The teacher's own answers: every sampling setting a server could fill from the model's
 # generation_config.json set to none (opdx samples with temperature / top-k / top-p alone).
 NEUTRAL_SAMPLING = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
-
-
-class TeacherServerError(RuntimeError):
-    """The teacher's server is down, answers with an error or in another shape, or serves another
-    model or tokenizer; the message names the URL. ``status`` is the HTTP status of an error answer."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class ServedTeacher:

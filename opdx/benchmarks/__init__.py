@@ -16,14 +16,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from opdx.benchmarks.arith import ArithBenchmark
-from opdx.benchmarks.base import Benchmark, Problem, Subset
+from opdx.benchmarks.base import Benchmark, Component, Problem, SingleComponent, Subset
 from opdx.benchmarks.bfcl import BfclBenchmark
 from opdx.benchmarks.math import MathBenchmark
-from opdx.benchmarks.mixture import Component, Mixture, build_mixture
+from opdx.benchmarks.mixture import Mixture, build_mixture
 from opdx.benchmarks.toolalpaca import ToolAlpacaBenchmark
 from opdx.config import check, load_option, typed
 
-__all__ = ["BENCHMARKS", "Benchmark", "Component", "Mixture", "Problem", "Subset", "build_benchmark", "get_benchmark"]
+__all__ = [
+    "BENCHMARKS",
+    "Benchmark",
+    "Component",
+    "Mixture",
+    "Problem",
+    "SingleComponent",
+    "Subset",
+    "build_benchmark",
+    "get_benchmark",
+]
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
     **{name: ArithBenchmark for name in ("arith", "products")},

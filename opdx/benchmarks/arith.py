@@ -18,7 +18,7 @@ from functools import cached_property
 
 import reasoning_gym
 
-from opdx.benchmarks.base import Problem
+from opdx.benchmarks.base import Problem, SingleComponent
 
 EVAL_SEED_OFFSET = 10_000_000
 
@@ -60,7 +60,7 @@ WORKED_SOLUTIONS = {"chain_sum": running_sums, "products": partial_products}
 
 
 @dataclass
-class ArithBenchmark:
+class ArithBenchmark(SingleComponent):
     """Options as in conf/benchmark/arith.yaml: the generator, split sizes, the train seed (eval
     uses seed + EVAL_SEED_OFFSET) and the expression's number of terms and digits."""
 

@@ -1,9 +1,14 @@
-"""What every benchmark gives: problems (prompt, reference answer, chat extras) and a verifier."""
+"""What every benchmark gives: problems (prompt, reference answer, chat extras), a verifier, and
+the components a step draws its prompts from (a plain benchmark is one; ``benchmark=mixture``
+has several, each with its weight and teacher)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,65 @@ class Benchmark(Protocol):
         """1.0 if the response's final answer is right, else 0.0 (or partial credit)."""
         ...
 
+    @property
+    def components(self) -> list[Component]:
+        """What a step draws from, each with its sampling weight (summing to 1) and teacher."""
+        ...
+
+    def draw(self, count: int, generator: torch.Generator) -> list[Problem]:
+        """``count`` train problems drawn with replacement, a function of ``generator``'s state alone."""
+        ...
+
+    def with_benchmarks(self, replace: Callable[[Component], Benchmark]) -> Benchmark:
+        """This benchmark with each component's problems those of ``replace(component)`` (e.g. a
+        ``Subset`` without the prompts too long for the models)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Component:
+    """One source of a run's prompts: a benchmark, its sampling weight and the teacher of its
+    prompts. ``teacher_model`` is a local path or hub id (None: ``model.teacher``), ``teacher`` a
+    node of the teacher group (None: the run's), ``teacher_key`` the config key that sets them
+    (in messages). It grades and lists problems as its benchmark does."""
+
+    name: str
+    benchmark: Benchmark
+    weight: float = 1.0
+    teacher_model: str | None = None
+    teacher: dict[str, Any] | None = None
+    teacher_key: str = "teacher"
+
+    @property
+    def train(self) -> list[Problem]:
+        return self.benchmark.train
+
+    @property
+    def eval(self) -> list[Problem]:
+        return self.benchmark.eval
+
+    def score(self, problem: Problem, response: str) -> float:
+        return self.benchmark.score(problem, response)
+
+
+class SingleComponent:
+    """The component interface of a plain benchmark: one component, itself, of weight 1 and with
+    the run's teacher; a step's prompts are uniform draws from its train split."""
+
+    @property
+    def components(self) -> list[Component]:
+        return [Component(self.name, self)]
+
+    def draw(self, count: int, generator: torch.Generator) -> list[Problem]:
+        indices = torch.randint(len(self.train), (count,), generator=generator)
+        return [self.train[i] for i in indices.tolist()]
+
+    def with_benchmarks(self, replace: Callable[[Component], Benchmark]) -> Benchmark:
+        return replace(self.components[0])
+
 
 @dataclass
-class Subset:
+class Subset(SingleComponent):
     """A benchmark with some of its problems left out (e.g. prompts too long for the models);
     it scores as the benchmark does."""
 

@@ -42,7 +42,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from opdx.benchmarks.base import Problem
+from opdx.benchmarks.base import Problem, SingleComponent
 from opdx.benchmarks.data import BenchmarkDataError, read_file
 from opdx.benchmarks.tool_calls import bfcl_tool, check_calls, parse_tool_calls
 
@@ -116,7 +116,7 @@ def reference_response(docs: list[dict[str, Any]], ground_truth: list[dict[str, 
 
 
 @dataclass
-class BfclBenchmark:
+class BfclBenchmark(SingleComponent):
     """Options as in conf/benchmark/bfcl.yaml: the categories, how many of their shuffled records
     are eval (null: all), the shuffle's seed, and a data directory (null: the bfcl-eval package's)."""
 

@@ -37,7 +37,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-from opdx.benchmarks.base import Problem
+from opdx.benchmarks.base import Problem, SingleComponent
 from opdx.benchmarks.data import BenchmarkDataError, drop_eval_prompts, load_records, pick_eval
 
 PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -91,7 +91,7 @@ def grade(gold: str, response: str) -> float:
 
 
 @dataclass
-class MathBenchmark:
+class MathBenchmark(SingleComponent):
     """Options as in conf/benchmark/<name>.yaml (one file per dataset of the table above)."""
 
     name: str

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from opdx.benchmarks.base import Benchmark, Problem
+from opdx.benchmarks.base import Benchmark, Component, Problem, SingleComponent
 from opdx.config import ConfigError, check, typed
 
 
@@ -47,12 +47,12 @@ class MixtureConfig:
     components: dict[str, ComponentConfig]
 
 
-class Component:
+class Tagged(SingleComponent):
     """A component's benchmark with every problem tagged with the component's ``name``
     (``Problem.source``); scores as its benchmark does. Problems are read on first use."""
 
-    def __init__(self, name: str, benchmark: Benchmark, weight: float, config: ComponentConfig) -> None:
-        self.name, self.benchmark, self.weight, self.config = name, benchmark, weight, config
+    def __init__(self, name: str, benchmark: Benchmark) -> None:
+        self.name, self.benchmark = name, benchmark
 
     @cached_property
     def train(self) -> list[Problem]:
@@ -67,7 +67,8 @@ class Component:
 
 
 class Mixture:
-    """Components (``Component``, each a benchmark) with normalised sampling weights.
+    """Components (``Component``, each a ``Tagged`` benchmark with its teacher) whose sampling
+    weights sum to 1 (``build_mixture`` normalises them).
 
     ``train`` and ``eval`` are the components' problems one after another; ``score`` grades a
     problem with its own component's verifier."""
@@ -76,12 +77,14 @@ class Mixture:
 
     def __init__(self, components: list[Component]) -> None:
         self.components = components
-        total = sum(component.weight for component in components)
-        self.weights = {component.name: component.weight / total for component in components}
 
     @property
     def names(self) -> list[str]:
         return [component.name for component in self.components]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {component.name: component.weight for component in self.components}
 
     def component(self, name: str | None) -> Component:
         for component in self.components:
@@ -113,13 +116,9 @@ class Mixture:
         return problems
 
     def with_benchmarks(self, replace: Callable[[Component], Benchmark]) -> Mixture:
-        """This mixture with each component's problems those of ``replace(component)`` (e.g. a
-        ``Subset`` of it: its problems keep their source)."""
-        components = []
-        for old in self.components:
-            benchmark = replace(old)
-            components.append(old if benchmark is old else Component(old.name, benchmark, old.weight, old.config))
-        return Mixture(components)
+        """This mixture with each component's benchmark ``replace(component)`` (e.g. a ``Subset``
+        of its tagged benchmark: its problems keep their source)."""
+        return Mixture([dataclasses.replace(c, benchmark=replace(c)) for c in self.components])
 
 
 def build_mixture(config: Mapping[str, Any], build: Callable[[Mapping[str, Any]], Benchmark]) -> Mixture:
@@ -139,5 +138,11 @@ def build_mixture(config: Mapping[str, Any], build: Callable[[Mapping[str, Any]]
             benchmark = build(component.benchmark)
         except ConfigError as error:
             raise ConfigError(f"benchmark.components.{name}.{error}") from None
-        components.append(Component(name, benchmark, component.weight, component))
-    return Mixture(components)
+        teacher_key = f"{key}.teacher"
+        components.append(
+            Component(
+                name, Tagged(name, benchmark), component.weight, component.teacher_model, component.teacher, teacher_key
+            )
+        )
+    total = sum(component.weight for component in components)
+    return Mixture([dataclasses.replace(c, weight=c.weight / total) for c in components])

@@ -47,7 +47,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from opdx.benchmarks.base import Problem
+from opdx.benchmarks.base import Problem, SingleComponent
 from opdx.benchmarks.data import BenchmarkDataError, drop_eval_prompts, load_records, pick_eval
 from opdx.benchmarks.tool_calls import parse_tool_calls, standardize_string
 
@@ -234,7 +234,7 @@ def grade(problem: Problem, response: str) -> float:
 
 
 @dataclass
-class ToolAlpacaBenchmark:
+class ToolAlpacaBenchmark(SingleComponent):
     """Options as in conf/benchmark/toolalpaca.yaml: where the release files are (a directory, a
     file or a hub copy), the splits (file stems), the eval subset and its seed."""
 

@@ -22,9 +22,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from opdx.backends.hf import HFModel, TokenScores
+from opdx.backends.hf import HFModel
 from opdx.benchmarks import Benchmark, Problem, get_benchmark
 from opdx.evaluation import evaluate
+from opdx.policy import TokenScores
 from opdx.prompts import encode_prompts
 from opdx.rollout import Rollout
 
