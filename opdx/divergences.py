@@ -1,6 +1,6 @@
 """f-divergences for on-policy distillation, computed from log u.
 
-Conventions (../docs/opd-math.md): p = student (trained), q = teacher (frozen), and for a
+Conventions (docs/opd-math.md): p = student (trained), q = teacher (frozen), and for a
 sampled token y of state s, u = q(y|s) / p(y|s), always handled as ``log_u = log q - log p``.
 The per-state divergence with the student as base measure is
 
@@ -12,7 +12,7 @@ Each divergence gives, as functions of ``log_u`` (any shape, elementwise):
 - ``unbiased_advantage(log_u)``: w_f(u) = -f(u) + u f'(u), the OPD+ advantage (unbiased).
 
 Adding k(u - 1) to f leaves D_f unchanged but changes the stop-gradient bias, so each f is
-exactly the one of the table in opd-math.md.
+exactly the one of the table in docs/opd-math.md.
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ class Divergence:
             logp_S_V = torch.log_softmax(flat_student_S_V[start : start + chunk_size].to(dtype), dim=-1)
             logq_S_V = torch.log_softmax(flat_teacher_S_V[start : start + chunk_size].to(dtype), dim=-1)
             p_S_V = logp_S_V.exp()
-            # A student probability that underflows to 0 would give 0 * inf = nan; such terms
-            # are dropped, which is exact only for the f with finite f'(inf) (reverse_kl, js, tv).
+            # A student probability that underflows to 0 would give 0 * inf = nan; such terms are
+            # dropped. Their limit as p -> 0 is q * lim_{u->inf} f(u)/u: 0 for reverse_kl, but
+            # q log(2)/2 for js and q/2 for tv, so elsewhere this misses that much of the teacher's
+            # mass on tokens whose student probability underflows (none in float32 unless log p < -103).
             log_u_S_V = torch.where(p_S_V > 0, logq_S_V - logp_S_V, 0.0)  # keeps backward finite too
             term_S_V = torch.where(p_S_V > 0, p_S_V * self.f(log_u_S_V), 0.0)
             chunks.append(term_S_V.sum(dim=-1))

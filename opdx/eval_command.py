@@ -18,7 +18,7 @@ from typing import Any
 from opdx.checkpoint import CheckpointError, load_weights, usable_checkpoint
 from opdx.evaluation import eval_problem_count, evaluate_split, format_side_by_side
 from opdx.policy import TokenScores
-from opdx.run import Run, start
+from opdx.run import Setup, start
 from opdx.summary import components_table, markdown_table
 
 EVAL_FILE = "eval.json"
@@ -34,7 +34,7 @@ def student_of_run(run_dir: Path) -> tuple[Path | None, Path | None]:
     return None, checkpoint
 
 
-def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
+def run_eval(run: Setup, out_dir: Path) -> dict[str, Any]:
     """Teacher and student side by side on the run's benchmark; writes and returns the eval.json record."""
     cfg = run.config
     checkpoint = None
@@ -43,7 +43,7 @@ def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
         if student_dir is not None:
             cfg.model.student = str(student_dir)
     began = time.perf_counter()
-    parts = start(run, train=False)
+    parts = start(run)
     if checkpoint is not None:
         student = TokenScores(parts.student)
         load_weights(checkpoint, student)
@@ -53,7 +53,7 @@ def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
     for role, sampler, teacher in (("teacher", parts.teacher, None), ("student", parts.rollout, parts.teacher)):
         began = time.perf_counter()
         results[role] = evaluate_split(
-            sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, cfg.trainer.max_new_tokens, teacher,
+            sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, cfg.sampling.max_new_tokens, teacher,
             parts.ranks.main, parts.ranks,
         )  # fmt: skip
         seconds[role] = round(time.perf_counter() - began, 1)
@@ -65,7 +65,7 @@ def run_eval(run: Run, out_dir: Path) -> dict[str, Any]:
         "benchmark": run.benchmark.name,
         "problems": eval_problem_count(run.benchmark, cfg.eval),
         "n": cfg.eval.n,
-        "max_new_tokens": cfg.eval.max_new_tokens or cfg.trainer.max_new_tokens,
+        "max_new_tokens": cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
         "results": results,
         "seconds": {"load": round(load_seconds, 1), **seconds},
     }

@@ -134,7 +134,7 @@ def evaluate_split(
 ) -> dict[str, float]:
     """``evaluate`` with the ``eval`` settings on the first ``config.problems`` eval problems,
     sampling with ``params`` (the run's temperature / top-k / top-p) and ``config.max_new_tokens``
-    tokens, else ``max_new_tokens`` (the trainer's); shared over ``ranks``.
+    tokens, else ``max_new_tokens`` (``sampling.max_new_tokens``); shared over ``ranks``.
 
     A benchmark of several components (``benchmark=mixture``) is evaluated one component at a time
     (its first ``config.problems`` problems, with its teacher where the sampler or scorer routes by

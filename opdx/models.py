@@ -26,7 +26,7 @@ def checkpoint_activations(model: PreTrainedModel, on: bool) -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``trainer.device``: "auto" is CUDA when available, else the CPU; a rank's CUDA device is
+    """``runtime.device``: "auto" is CUDA when available, else the CPU; a rank's CUDA device is
     ``cuda:LOCAL_RANK``."""
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     return torch.device(f"cuda:{local_rank}") if kind == "cuda" else torch.device(kind)

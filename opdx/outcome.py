@@ -8,7 +8,7 @@ its start after a few steps has not collapsed. A run collapsed when any of these
 
 - its rollouts stopped ending: over the last ``COLLAPSE_WINDOW`` logged steps the mean EOS rate
   is below ``EOS_RATE_COLLAPSED`` and the mean response length is at least
-  ``LENGTH_AT_LIMIT`` of ``trainer.max_new_tokens``;
+  ``LENGTH_AT_LIMIT`` of ``sampling.max_new_tokens``;
 - its final eval accuracy is 0 while the initial student's was above 0;
 - a training metric (loss, gradient norm, the sampled divergences) or the final eval is not finite.
 

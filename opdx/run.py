@@ -27,7 +27,7 @@ from opdx.backends import Sampler, Teacher
 from opdx.backends.routing import RoutedTeacher
 from opdx.benchmarks import Benchmark, Problem, Subset, build_benchmark
 from opdx.compat import PairError
-from opdx.config import ConfigError, ModelConfig, RunConfig, check, typed
+from opdx.config import ConfigError, EvalRunConfig, ModelConfig, RunConfig, SetupConfig, check, typed, upgrade
 from opdx.dist import Ranks, init
 from opdx.divergences import Divergence, build_divergence
 from opdx.metrics import LOGGERS
@@ -38,46 +38,71 @@ from opdx.rollout import SamplingParams
 
 
 @dataclass
-class Run:
-    """A validated config and the objects built from it."""
+class Setup:
+    """A validated ``opdx eval`` config (or the part of a run both commands share) and the objects
+    built from it: the benchmark and the sampling parameters."""
 
-    config: RunConfig
-    divergence: Divergence
-    estimator: Estimator
+    config: SetupConfig
     benchmark: Benchmark
     sampling: SamplingParams
 
 
+@dataclass
+class Run(Setup):
+    """A validated ``opdx train`` config and the objects built from it."""
+
+    config: RunConfig
+    divergence: Divergence
+    estimator: Estimator
+
+
 def validate(cfg: DictConfig) -> Run:
-    """The composed config as typed objects, every name checked against its registry; raises
-    ConfigError with the bad value and the valid choices."""
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    config = typed(RunConfig, plain, "config")
-    t = config.trainer
-    sampling = SamplingParams(t.temperature, t.top_k, t.top_p)
+    """The composed ``opdx train`` config as typed objects, every name checked against its
+    registry; raises ConfigError with the bad value and the valid choices."""
+    config = typed(RunConfig, upgrade(plain_config(cfg)), "config")
     check(
         config.logger.name in LOGGERS,
         f"logger={config.logger.name!r} is unknown; valid loggers: {', '.join(LOGGERS)}",
     )
-    check_backend(config.rollout, "rollout")
+    setup = validate_setup(config)
     try:
         divergence = build_divergence(config.divergence)
-        estimator = build_estimator(config.estimator, sampling.is_plain)
+        estimator = build_estimator(config.estimator, setup.sampling.is_plain)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    benchmark = build_benchmark(config.benchmark)
-    for key, (_, node) in teacher_nodes(config, benchmark).items():
-        check_backend(node, key)
+    for key, (_, node) in teacher_nodes(config, setup.benchmark).items():
         check(
             not estimator.needs_teacher_logits or getattr(get_object(node["_target_"]), "supports_logits", True),
             f"estimator={estimator.name} needs the teacher's full [B, T, V] logits, and {key}._target_="
             f"{node['_target_']} returns only the log-probs of given tokens (a server's prompt log-probs). "
             "Use estimator=unbiased or stopgrad: they need only each sampled token's log-prob and are exact with it",
         )
-    return Run(config, divergence, estimator, benchmark, sampling)
+    return Run(config, setup.benchmark, setup.sampling, divergence, estimator)
 
 
-def teacher_nodes(config: RunConfig, benchmark: Benchmark) -> dict[str, tuple[ModelConfig, dict[str, Any]]]:
+def validate_eval(cfg: DictConfig) -> Setup:
+    """The composed ``opdx eval`` config as typed objects; ConfigError as ``validate``."""
+    return validate_setup(typed(EvalRunConfig, upgrade(plain_config(cfg)), "config"))
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """A composed config without its ``hydra`` node, as a plain nested dict (unresolved)."""
+    container = OmegaConf.to_container(cfg)
+    container.pop("hydra", None)
+    return container
+
+
+def validate_setup(config: SetupConfig) -> Setup:
+    """The benchmark and sampling of a typed config; its backends' ``_target_`` and options checked."""
+    s = config.sampling
+    check_backend(config.rollout, "rollout")
+    benchmark = build_benchmark(config.benchmark)
+    for key, (_, node) in teacher_nodes(config, benchmark).items():
+        check_backend(node, key)
+    return Setup(config, benchmark, SamplingParams(s.temperature, s.top_k, s.top_p))
+
+
+def teacher_nodes(config: SetupConfig, benchmark: Benchmark) -> dict[str, tuple[ModelConfig, dict[str, Any]]]:
     """The teachers a run loads, one per component, by the config key that sets it (``teacher``,
     or in a mixture ``benchmark.components.<name>.teacher``): the pair it loads with (``model``
     with the component's ``teacher_model``) and its backend node (the component's, else the run's)."""
@@ -111,20 +136,20 @@ def build_backend(node: Mapping[str, Any], **runtime: Any) -> Any:
     return factory(**options, **{name: value for name, value in runtime.items() if name in takes})
 
 
-def build_teachers(run: Run, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, Teacher]:
+def build_teachers(setup: Setup, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, Teacher]:
     """Each component's teacher backend by component name; each distinct (model, dtype, backend
     node) is built once and shared by the components that name it."""
-    runtime = {"tokenizer": tokenizer, "device": device, "logprob_chunk": run.config.trainer.logprob_chunk}
-    components = run.benchmark.components
+    runtime = {"tokenizer": tokenizer, "device": device, "logprob_chunk": setup.config.runtime.logprob_chunk}
+    components = setup.benchmark.components
     groups: dict[str, tuple[ModelConfig, dict[str, Any], list[str]]] = {}  # one per (model, dtype, backend node)
-    for component, (pair, node) in zip(components, teacher_nodes(run.config, run.benchmark).values(), strict=True):
+    for component, (pair, node) in zip(components, teacher_nodes(setup.config, setup.benchmark).values(), strict=True):
         key = json.dumps([pair.teacher, pair.teacher_dtype, node], sort_keys=True)
         groups.setdefault(key, (pair, node, []))[2].append(component.name)
     teachers: dict[str, Teacher] = {}
     for pair, node, names in groups.values():
         if len(components) > 1:
             print(f"teacher of {', '.join(names)}: {pair.teacher} ({node['_target_']})")
-        if pair.teacher != run.config.model.teacher:
+        if pair.teacher != setup.config.model.teacher:
             check_teacher_tokenizer(tokenizer, pair.teacher)  # model.teacher's was checked by load_tokenizer
         teachers |= dict.fromkeys(names, build_backend(node, pair=pair, **runtime))
     return teachers
@@ -151,24 +176,24 @@ class Parts:
     ranks: Ranks
 
 
-def start(run: Run, train: bool) -> Parts:
-    """Ranks (torchrun), threads, seed and device; the benchmark's data (the train split too when
-    ``train``), before any model; a locally built pair on first use; then the student, the
+def start(setup: Setup) -> Parts:
+    """Ranks (torchrun), threads, seed and device; the benchmark's data (the train split too for a
+    training ``Run``), before any model; a locally built pair on first use; then the student, the
     tokenizer and the backends, and the checks of the inputs against them."""
-    config, t = run.config, run.config.trainer
+    config, runtime, train = setup.config, setup.config.runtime, isinstance(setup, Run)
     ranks = init()
     check(
-        ranks.world == 1 or t.strategy != "none",
+        ranks.world == 1 or not train or setup.config.trainer.strategy != "none",
         f"torchrun started {ranks.world} processes but trainer.strategy=none: give trainer.strategy=ddp "
         "(a replica of the student per rank) or fsdp2 (the student sharded over the ranks)",
     )
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = resolve_device(t.device, ranks.local_rank)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    device = resolve_device(runtime.device, ranks.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
-    components = run.benchmark.components
+    components = setup.benchmark.components
     for component in components:
         counts = [f"{len(component.train)} train prompts"] if train else []
         weight = f" (weight {component.weight:.3g})" if len(components) > 1 else ""
@@ -177,20 +202,20 @@ def start(run: Run, train: bool) -> Parts:
     tokenizer = load_tokenizer(config.model)
     student = load_model(config.model.student, config.model.dtype, device, tokenizer, trainable=True)
     rollout = build_backend(config.rollout, model=student, tokenizer=tokenizer)
-    teachers = build_teachers(run, tokenizer, device)
+    teachers = build_teachers(setup, tokenizer, device)
     torch.manual_seed(config.seed)  # an engine backend may have reseeded the process (vLLM seeds its own)
     parts = Parts(student, tokenizer, rollout, one_teacher(teachers), teachers, device, ranks)
-    if train and run.estimator.needs_teacher_logits:
-        check_logits_memory(run, parts)
-    fit_prompts(run, parts, train)
+    if train and setup.estimator.needs_teacher_logits:
+        check_logits_memory(setup, parts)
+    fit_prompts(setup, parts, train)
     return parts
 
 
 def check_logits_memory(run: Run, parts: Parts) -> None:
     """Refuse (ConfigError) an analytic run whose [B, T, V] logits would not fit in free memory."""
-    t = run.config.trainer
+    t, new_tokens = run.config.trainer, run.config.sampling.max_new_tokens
     batch, vocab = t.prompts_per_step * t.samples_per_prompt, len(parts.tokenizer)
-    one = 4 * batch * t.max_new_tokens * vocab  # one float32 [B, T, V] tensor
+    one = 4 * batch * new_tokens * vocab  # one float32 [B, T, V] tensor
     need = 4 * one  # the teacher's logits, the student's, their log-softmax, its gradient
     if parts.device.type == "cuda":
         free = torch.cuda.mem_get_info(parts.device)[0]
@@ -198,45 +223,45 @@ def check_logits_memory(run: Run, parts: Parts) -> None:
         free = psutil.virtual_memory().available
     check(
         need <= free,
-        f"estimator=analytic keeps full [B, T, V] logits: B={batch} x T={t.max_new_tokens} x V={vocab:,} in float32 "
+        f"estimator=analytic keeps full [B, T, V] logits: B={batch} x T={new_tokens} x V={vocab:,} in float32 "
         f"is {one / 2**30:,.1f} GiB each, about {need / 2**30:,.1f} GiB with the student's logits, log-softmax and "
         f"gradient, and {parts.device.type} has {free / 2**30:,.1f} GiB free. Lower trainer.prompts_per_step, "
-        "trainer.samples_per_prompt or trainer.max_new_tokens, or use estimator=unbiased or stopgrad (they need "
+        "trainer.samples_per_prompt or sampling.max_new_tokens, or use estimator=unbiased or stopgrad (they need "
         "only each sampled token's log-prob)",
     )
 
 
-def fit_prompts(run: Run, parts: Parts, train: bool) -> None:
+def fit_prompts(setup: Setup, parts: Parts, train: bool) -> None:
     """Check that every prompt plus its new tokens fits the student's and its component's teacher's
-    positions (each with its own rendering); refuse (PairError) or, with ``trainer.drop_long_prompts``,
+    positions (each with its own rendering); refuse (PairError) or, with ``runtime.drop_long_prompts``,
     leave the long ones out of the run's benchmark (of each component) and say how many."""
-    several = len(run.benchmark.components) > 1
-    run.benchmark = run.benchmark.with_benchmarks(
-        lambda c: fitted(run, parts.rollout, parts.teachers[c.name], c.benchmark, train, f"{c.name} " * several)
+    several = len(setup.benchmark.components) > 1
+    setup.benchmark = setup.benchmark.with_benchmarks(
+        lambda c: fitted(setup, parts.rollout, parts.teachers[c.name], c.benchmark, train, f"{c.name} " * several)
     )
 
 
 def fitted(
-    run: Run, student: Sampler, teacher: Teacher, benchmark: Benchmark, train: bool, label: str = ""
+    setup: Setup, student: Sampler, teacher: Teacher, benchmark: Benchmark, train: bool, label: str = ""
 ) -> Benchmark:
     """``benchmark``, or a ``Subset`` of it without the prompts too long for the student's or the
     teacher's backend (``fit_prompts``); ``label`` names it in messages."""
-    t, e = run.config.trainer, run.config.eval
-    splits = {"eval": (benchmark.eval[: e.problems], e.max_new_tokens or t.max_new_tokens)}
+    e, new_tokens = setup.config.eval, setup.config.sampling.max_new_tokens
+    splits = {"eval": (benchmark.eval[: e.problems], e.max_new_tokens or new_tokens)}
     if train:
-        splits["train"] = (benchmark.train, t.max_new_tokens)
+        splits["train"] = (benchmark.train, new_tokens)
     kept: dict[str, list[Problem]] = {"train": [], "eval": []}
     for split, (problems, new_tokens) in splits.items():
         long: set[int] = set()
         for role, backend in (("student", student), ("teacher", teacher)):
             lengths = [len(ids) for ids in backend.prompt_ids(problems)]
             over = {i for i, length in enumerate(lengths) if length + new_tokens > backend.context}
-            if over and not t.drop_long_prompts:
+            if over and not setup.config.runtime.drop_long_prompts:
                 raise PairError(
                     f"{len(over)} of {len(problems)} {label}{split} prompts do not fit the {role}: prompt + "
                     f"{new_tokens} new tokens exceed its {backend.context} positions (the longest prompt has "
                     f"{max(lengths)} tokens). Lower the new tokens, use shorter prompts, or leave them out with "
-                    "trainer.drop_long_prompts=true"
+                    "runtime.drop_long_prompts=true"
                 )
             long |= over
         kept[split] = [problem for i, problem in enumerate(problems) if i not in long]

@@ -83,7 +83,7 @@ def make_summary(
         "skipped_steps": state.skipped_steps,
         "greedy_acc_change": {"difference": change.difference, "ci95": [change.low, change.high]},
         "below_start": change.below_start,
-        "collapse": collapse_reason(records, config.trainer.max_new_tokens, before, after),
+        "collapse": collapse_reason(records, config.sampling.max_new_tokens, before, after),
         "wall_time_s": round(state.elapsed, 1),
         "mean_step_time_s": {k.removeprefix("time/"): round(v, 4) for k, v in mean.items()},
     }

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from opdx.config import RENAMED, upgrade
 from opdx.metrics import read_metrics
 from opdx.outcome import accuracy_change, collapse_reason
 
@@ -93,7 +94,8 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
     eval noise) with the ``change`` and its interval."""
     rows = []
     for run_dir in find_run_dirs(paths):
-        config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
+        config = upgrade(saved, warn=False)  # runs saved with settings' old names read as today's
         row: dict[str, Any] = {"run_dir": str(run_dir), **pd.json_normalize(config, sep=".").iloc[0].to_dict()}
         metrics = read_metrics(run_dir)
         row["steps_done"] = metrics[-1]["step"] if metrics else 0
@@ -121,7 +123,7 @@ def outcome(summary: dict[str, Any], metrics: list[dict[str, Any]], config: dict
     before ``summary.json`` recorded them are judged the same way)."""
     before, after = summary["initial_eval"]["greedy_acc"], summary["final_eval"]["greedy_acc"]
     n = summary.get("eval_problems") or config.get("eval", {}).get("problems")
-    reason = collapse_reason(metrics, config["trainer"]["max_new_tokens"], before, after)
+    reason = collapse_reason(metrics, config["sampling"]["max_new_tokens"], before, after)
     change = accuracy_change(before, after, n) if n and reason is None else None
     return {
         "collapsed": reason is not None,
@@ -208,7 +210,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 
 
 RUN_COLUMNS = ("run_dir", "status", "steps_done", "collapsed", "collapse", "below_start", "change", "seed")
-NOT_A_SETTING = ("trainer.resume", "trainer.threads", "trainer.device")
+NOT_A_SETTING = ("trainer.resume", "runtime.threads", "runtime.device", *RENAMED)
 
 
 def pooled_keys(runs: pd.DataFrame, shown: list[str]) -> list[str]:

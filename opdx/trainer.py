@@ -74,7 +74,7 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     t = run.config.trainer
     if t.gradient_checkpointing:
         checkpoint_activations(parts.student, on=True)
-    policy = TokenScores(parts.student, t.logprob_chunk, len(parts.tokenizer))
+    policy = TokenScores(parts.student, run.config.runtime.logprob_chunk, len(parts.tokenizer))
     layers = getattr(parts.student.get_decoder(), "layers", [])
     policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",))
     parts.rollout.update_weights(policy)
@@ -113,7 +113,8 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     metrics: dict[str, float] = {}
     learner.policy.train()
     with timed(metrics, "rollout"):
-        rollout = learner.rollout.sample(problems, t.samples_per_prompt, t.max_new_tokens, run.sampling)
+        new_tokens = run.config.sampling.max_new_tokens
+        rollout = learner.rollout.sample(problems, t.samples_per_prompt, new_tokens, run.sampling)
     with timed(metrics, "teacher"), torch.no_grad():
         if estimator.needs_teacher_logits:
             teacher_scores = learner.teacher.logits(rollout)
@@ -164,7 +165,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     if not run.sampling.is_plain:
         warped = f"sampling with {run.sampling}: u = q/p uses the log-probs of that warped distribution"
         print(f"{warped}, not the raw student; the teacher q is scored at temperature 1 (a server's too)")
-    parts = start(run, train=True)
+    parts = start(run)
     learner, ranks = build_learner(run, parts), parts.ranks
 
     def evaluate(role: str, step: int) -> dict[str, float]:
@@ -173,7 +174,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         rank = [ranks.rank] if ranks.world > 1 else []
         with isolated(cfg.seed, f"eval/{role}", step, *rank):
             return evaluate_split(
-                sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, t.max_new_tokens, teacher,
+                sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, cfg.sampling.max_new_tokens, teacher,
                 ranks.main, ranks,
             )  # fmt: skip
 

@@ -11,7 +11,7 @@ sum_y p(y) grad L(y) with p(y) held constant. It is compared with the true gradi
 - gamma = 0: the per-state gradient grad sum_y pbar(y) sum_n D_f(q || p)(s_n(y)), with the
   state distribution pbar frozen, by autograd.
 
-A single categorical state (T = 1) checks the per-state identity (1) of opd-math.md directly.
+A single categorical state (T = 1) checks the per-state identity (1) of docs/opd-math.md directly.
 OPD+ must match to float64 round-off for every f and gamma; stop-gradient OPD only for
 reverse_kl. Results go to stdout and to outputs/verify/ as markdown and CSV.
 """

@@ -36,7 +36,7 @@ from bench_step import PHASES, Timing, bench_trl, compose_run, time_steps
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from opdx.benchmarks import Problem
+from opdx.benchmarks import Problem, SingleComponent
 from opdx.run import start
 from opdx.trainer import build_learner
 
@@ -56,7 +56,7 @@ SIZES = {
 
 
 @dataclass
-class Synthetic:
+class Synthetic(SingleComponent):
     """Random-token prompts as a benchmark (nothing is graded here)."""
 
     train: list[Problem]
@@ -139,10 +139,10 @@ def main() -> None:
         f"model.student={student}",
         f"model.dtype={args.dtype}",
         f"model.teacher_dtype={args.dtype}",
-        f"trainer.device={args.device}",
+        f"runtime.device={args.device}",
         f"trainer.prompts_per_step={args.prompts}",
         f"trainer.samples_per_prompt={args.samples}",
-        f"trainer.max_new_tokens={args.new_tokens}",
+        f"sampling.max_new_tokens={args.new_tokens}",
         "trainer.gradient_checkpointing=false",
     ]
     words = random.Random(0)
@@ -156,7 +156,7 @@ def main() -> None:
         "tokens, on "
         f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}"
     )
-    parts = start(run, train=True)
+    parts = start(run)
     learner = build_learner(run, parts)
     for cache in ("dynamic", "static"):
         parts.rollout.cache = cache

@@ -6,7 +6,7 @@ same pair, prompts and batch, one after the other in one command.
     python scripts/bench_step.py --steps 20 --threads 1 trainer.prompts_per_step=32 divergence=reverse_kl
     python scripts/bench_step.py --threads 1 model=tiny_hd32 rollout=vllm        # rollouts on a vLLM engine
     python scripts/bench_step.py --compare trl --steps 3 --warmup 1 --threads 1 model=smollm2_135m \
-        benchmark=bfcl trainer.prompts_per_step=8 trainer.samples_per_prompt=1 trainer.max_new_tokens=64
+        benchmark=bfcl trainer.prompts_per_step=8 trainer.samples_per_prompt=1 sampling.max_new_tokens=64
 
 Any `opdx train` override works after the flags. Prints the mean seconds per phase over the
 timed steps (after warm-up), sampled tokens per second and peak memory (resident; on a GPU,
@@ -78,7 +78,7 @@ def compose_run(overrides: list[str], threads: int | None) -> Run:
     register_schema()
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        threads_override = [f"trainer.threads={threads}"] if threads else []
+        threads_override = [f"runtime.threads={threads}"] if threads else []
         return validate(compose(config_name="config", overrides=[*overrides, *threads_override]))
 
 
@@ -97,7 +97,7 @@ def summarise(tool: str, records: list[dict[str, float]], tokens: list[float]) -
 def bench_opdx(overrides: list[str], threads: int | None, warmup: int, steps: int) -> Timing:
     """opdx's ``train_step`` on steps 0 .. warmup+steps-1 of the run; the last ``steps`` timed."""
     run = compose_run(overrides, threads)
-    return time_steps(build_learner(run, start(run, train=True)), warmup, steps)
+    return time_steps(build_learner(run, start(run)), warmup, steps)
 
 
 def time_steps(learner: Learner, warmup: int, steps: int, tool: str = "opdx") -> Timing:
@@ -164,8 +164,8 @@ class PhaseClock:
 
 def bench_trl_job(trainer_name: str, overrides: list[str], threads: int | None, warmup: int, steps: int) -> Timing:
     run = compose_run(overrides, threads)
-    if run.config.trainer.threads:
-        torch.set_num_threads(run.config.trainer.threads)
+    if run.config.runtime.threads:
+        torch.set_num_threads(run.config.runtime.threads)
     return bench_trl(trainer_name, run, step_prompts(run, warmup + steps), warmup, steps)
 
 
@@ -226,7 +226,7 @@ def bench_trl(trainer_name: str, run: Run, batches: list[list[list[int]]], warmu
     if trainer_name == "DistillationTrainer":
         args = DistillationConfig(
             **common,
-            max_completion_length=t.max_new_tokens,
+            max_completion_length=config.sampling.max_new_tokens,
             top_k=run.sampling.top_k,
             top_p=run.sampling.top_p,
             shuffle_dataset=False,
@@ -242,9 +242,9 @@ def bench_trl(trainer_name: str, run: Run, batches: list[list[list[int]]], warmu
     else:
         if run.sampling.top_k or run.sampling.top_p < 1:
             raise SystemExit(
-                "GKDTrainer samples at top_k=0, top_p=1 only: compare with trainer.top_k=0 trainer.top_p=1"
+                "GKDTrainer samples at top_k=0, top_p=1 only: compare with sampling.top_k=0 sampling.top_p=1"
             )
-        args = GKDConfig(**common, lmbda=1.0, max_new_tokens=t.max_new_tokens)
+        args = GKDConfig(**common, lmbda=1.0, max_new_tokens=config.sampling.max_new_tokens)
         trainer = GKDTrainer(
             model=student,
             teacher_model=teacher,
@@ -293,7 +293,7 @@ def main() -> None:
     t = run.config.trainer
     print(
         f"{run.config.model.name}: {t.prompts_per_step} prompts x {t.samples_per_prompt} samples, "
-        f"{t.max_new_tokens} new tokens, {run.divergence.name}/{run.estimator.name}, "
+        f"{run.config.sampling.max_new_tokens} new tokens, {run.divergence.name}/{run.estimator.name}, "
         f"{args.steps} timed steps after {args.warmup}, threads {args.threads or torch.get_num_threads()}"
     )
     jobs = [(bench_opdx, ())] + ([(bench_trl_job, (name,)) for name in TRL_TRAINERS] if args.compare else [])

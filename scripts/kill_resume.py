@@ -39,7 +39,7 @@ JOB = [
     "trainer.checkpoint_every=1",
     "eval.problems=16",
     "eval.n=2",
-    "trainer.threads=1",
+    "runtime.threads=1",
     "seed=5",
 ]
 KINDS = ("checkpoint write", "eval", "random moment")

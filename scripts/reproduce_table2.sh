@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-multirun/table2_$(date +%Y%m%d_%H%M%S)}
 start=$(date +%s)
 OMP_NUM_THREADS=1 opdx train -m experiment=table2 hydra/launcher=joblib hydra.launcher.n_jobs=2 \
-  trainer.threads=1 hydra.sweep.dir="$out" "$@" \
+  runtime.threads=1 hydra.sweep.dir="$out" "$@" \
   || echo "some runs of the sweep failed: the table below marks them incomplete"
 opdx table "$out"
 opdx plot "$out" --out "$out"

@@ -24,7 +24,7 @@ FAST_TRAIN = [
     "eval.problems=16",
     "eval.n=2",
     "trainer.checkpoint_every=2",
-    "trainer.threads=1",
+    "runtime.threads=1",
 ]
 
 

@@ -47,7 +47,7 @@ def test_every_pair_built_here_has_a_model_file_and_every_model_file_names_itsel
     assert all(load_option("model", stem)["name"] == stem for stem in stems("model"))
 
 
-# rollout=vllm needs vLLM and a student it can load (tests/test_vllm.py), teacher=server a server (tests/test_server.py)
+# rollout=vllm needs vLLM and a student it can load (tests/backends/test_vllm.py), teacher=server a server (tests/backends/test_server.py)
 OWN_TESTS = {"rollout=vllm", "teacher=server"}
 
 
@@ -56,7 +56,7 @@ OWN_TESTS = {"rollout=vllm", "teacher=server"}
     [f"{group}={stem}" for group in BACKENDS for stem in sorted(stems(group)) if f"{group}={stem}" not in OWN_TESTS],
 )
 def test_backend_files_build_an_object_of_their_interface(override):
-    parts = start(validate(composed(override, "trainer.threads=1")), train=False)
+    parts = start(validate(composed(override, "runtime.threads=1")))
     assert isinstance(parts.rollout, Sampler) and isinstance(parts.teacher, Teacher)
 
 
@@ -140,7 +140,7 @@ def test_hydra_flags_work(opdx_cli):
 
 def test_a_real_model_brings_its_trainer_and_eval_sizes_and_the_command_line_wins():
     run = validate(composed("model=smollm2_135m", "benchmark=bfcl")).config
-    assert (run.trainer.lr, run.trainer.prompts_per_step, run.trainer.max_new_tokens) == (1e-5, 8, 96)
+    assert (run.trainer.lr, run.trainer.prompts_per_step, run.sampling.max_new_tokens) == (1e-5, 8, 96)
     assert (run.eval.problems, run.eval.n, run.trainer.steps) == (20, 2, 1000)
     run = validate(composed("model=smollm2_135m", "trainer.lr=3e-5", "eval.n=4", "trainer.steps=3")).config
     assert (run.trainer.lr, run.eval.n, run.trainer.steps, run.trainer.prompts_per_step) == (3e-5, 4, 3, 8)
@@ -148,24 +148,59 @@ def test_a_real_model_brings_its_trainer_and_eval_sizes_and_the_command_line_win
     assert validate(composed("model=qwen3_8b_to_1p7b_base")).config.model.dtype == "bfloat16"
 
 
-def test_eval_run_reapplies_the_run_overrides_but_not_those_of_a_switched_group(tmp_path):
-    from opdx.cli import eval_overrides
+def test_eval_run_reapplies_the_run_setup_but_not_its_training_nor_a_switched_group(tmp_path):
+    from opdx.cli import eval_run_overrides
 
     (tmp_path / ".hydra").mkdir()
-    saved = ["benchmark=gsm8k", "benchmark.path=x.jsonl", "trainer.lr=0.1", "eval.run=old", "hydra.run.dir=d"]
+    saved = ["benchmark=gsm8k", "benchmark.path=x.jsonl", "trainer.lr=0.1", "trainer.temperature=0.5", "seed=3"]
+    saved += ["runtime.threads=1", "eval.run=old", "trainer.resume=old"]
     (tmp_path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in saved))
-    args = eval_overrides([f"eval.run={tmp_path}", "eval.n=2"])
-    assert args[:3] == ["benchmark=gsm8k", "benchmark.path=x.jsonl", "trainer.lr=0.1"]
-    assert args[3:5] == [f"eval.run={tmp_path}", "eval.n=2"] and args[5].startswith("hydra.run.dir=outputs/eval/")
-    switched = eval_overrides([f"eval.run={tmp_path}", "benchmark=math500", "hydra.run.dir=here"])
-    assert switched == ["trainer.lr=0.1", f"eval.run={tmp_path}", "benchmark=math500", "hydra.run.dir=here"]
+    args = eval_run_overrides(tmp_path, [f"eval.run={tmp_path}", "eval.n=2"])
+    setup = ["benchmark=gsm8k", "benchmark.path=x.jsonl", "sampling.temperature=0.5", "seed=3"]  # an old name renamed
+    assert args == [*setup, f"eval.run={tmp_path}", "eval.n=2"]
+    switched = eval_run_overrides(tmp_path, [f"eval.run={tmp_path}", "benchmark=math500"])
+    assert switched == ["sampling.temperature=0.5", "seed=3", f"eval.run={tmp_path}", "benchmark=math500"]
+    with pytest.raises(SystemExit, match="is not a run directory"):
+        eval_run_overrides(tmp_path / "nothing", [])
+
+
+def test_old_names_of_moved_settings_still_work_and_say_their_new_name(capsys, monkeypatch):
+    from opdx.config import RENAMED, upgrade
+
+    monkeypatch.setattr("opdx.config._warned", set())  # as in a fresh process
+
+    run = validate(composed("trainer.temperature=0.7", "trainer.max_new_tokens=12", "runtime.device=cpu"))
+    assert (run.config.sampling.temperature, run.config.sampling.max_new_tokens) == (0.7, 12)
+    assert run.sampling.temperature == 0.7 and run.config.trainer.temperature is None
+    err = capsys.readouterr().err
+    assert err.count("trainer.temperature is now sampling.temperature") == 1
+    validate(composed("trainer.temperature=0.6"))
+    assert "trainer.temperature" not in capsys.readouterr().err  # once per process
+    saved = {"trainer": {"max_new_tokens": 32, "threads": 1}}  # a run saved before the move
+    assert upgrade(saved, warn=False) == {
+        "trainer": {"max_new_tokens": None, "threads": None},
+        "sampling": {"max_new_tokens": 32},
+        "runtime": {"threads": 1},
+    }
+    assert all(new.split(".")[0] in ("sampling", "runtime") for new in RENAMED.values())
+
+
+def test_eval_has_its_own_entry_config_without_the_trainer_settings():
+    from opdx.run import validate_eval
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=["model=smollm2_135m", "sampling.top_p=0.9"])
+    assert "divergence" not in cfg and "estimator" not in cfg and "logger" not in cfg
+    setup = validate_eval(cfg)
+    assert setup.config.sampling.max_new_tokens == 96 and setup.sampling.top_p == 0.9  # the model file's length
+    assert setup.benchmark.name == "arith"
 
 
 def test_resume_conflicts_name_what_changes_a_run_and_allow_the_rest():
     from opdx.config import resume_conflicts
 
     saved = OmegaConf.to_container(composed(), resolve=True)
-    safe = composed("trainer.steps=5000", "eval.n=0", "logger=wandb", "trainer.threads=1", "trainer.eval_every=7")
+    safe = composed("trainer.steps=5000", "eval.n=0", "logger=wandb", "runtime.threads=1", "trainer.eval_every=7")
     assert resume_conflicts(saved, OmegaConf.to_container(safe, resolve=True)) == []
     changed = composed(
         "divergence=alpha", "estimator=stopgrad", "benchmark.max_terms=4", "seed=1", "model=smollm2_135m"

@@ -139,11 +139,11 @@ def test_opdx_eval_and_train_on_real_weights_and_bfcl(opdx_cli, smollm2_cache, t
         "trainer.steps=2",
         "trainer.prompts_per_step=2",
         "trainer.samples_per_prompt=2",
-        "trainer.max_new_tokens=32",
+        "sampling.max_new_tokens=32",
         "trainer.eval_every=2",
         "eval.problems=2",
         "eval.n=0",
-        "trainer.threads=1",
+        "runtime.threads=1",
         f"hydra.run.dir={tmp_path / 'train'}",
     )
     summary = json.loads((tmp_path / "train" / "summary.json").read_text())

@@ -1,6 +1,6 @@
 """`mixture`: several benchmarks in one run, each with a sampling weight and its own teacher.
 
-    opdx train benchmark=mixture trainer.max_new_tokens=32       # conf/benchmark/mixture.yaml
+    opdx train benchmark=mixture sampling.max_new_tokens=32       # conf/benchmark/mixture.yaml
     opdx train benchmark=mixture benchmark.components.arith.weight=0.25
     opdx train benchmark=mixture +teacher@benchmark.components.products.teacher=server \\
         benchmark.components.products.teacher.url=http://localhost:8000/v1

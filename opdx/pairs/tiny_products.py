@@ -1,7 +1,7 @@
 """`tiny_products`: a second tiny teacher, fine-tuned on reasoning-gym products, for the tiny student.
 
     opdx prepare model=tiny_products        # writes opdx/assets/tiny_products/teacher
-    opdx train model=tiny_products benchmark=products trainer.max_new_tokens=32
+    opdx train model=tiny_products benchmark=products sampling.max_new_tokens=32
 
 The teacher has the tiny arith teacher's shape and character tokenizer (so it shares the tiny
 student's token ids) and is fine-tuned on the partial-products solutions of 2-digit x 2-digit

@@ -28,7 +28,7 @@ def learner():
     """A tiny_hd32 run with rollout=vllm, started in this process (one engine for the module)."""
     overrides = ["model=tiny_hd32", "rollout=vllm", "+rollout.engine_args.block_size=32", "trainer.prompts_per_step=8"]
     run = validate(composed(*FAST_TRAIN, *overrides))  # blocks of 32 tokens: prompts of 32 or more get cached
-    return build_learner(run, start(run, train=True))
+    return build_learner(run, start(run))
 
 
 def mismatch(sampler: VLLMSampler, module: torch.nn.Module, params: SamplingParams = PLAIN_SAMPLING) -> float:
@@ -40,11 +40,11 @@ def mismatch(sampler: VLLMSampler, module: torch.nn.Module, params: SamplingPara
 
 
 def test_a_student_whose_heads_the_cpu_attention_cannot_take_is_refused_naming_them():
-    run = validate(composed("rollout=vllm", "trainer.threads=1"))
+    run = validate(composed("rollout=vllm", "runtime.threads=1"))
     with pytest.raises(
         ConfigError, match="heads of 16 dimensions and vLLM's CPU attention takes 32, 64.*model=tiny_hd32"
     ):
-        start(run, train=True)
+        start(run)
 
 
 def test_every_step_syncs_the_weights_and_a_skipped_sync_shows(learner):

@@ -1,3 +1,5 @@
+"""opdx.policy: the student's scoring module (chunked, shared prompt forward, checkpointed, wrapped)."""
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ from opdx.backends.hf import HFModel
 from opdx.config import asset_path
 from opdx.models import checkpoint_activations
 from opdx.policy import TokenScores, cache_argument, shared_prompt_cache
-from opdx.rollout import Rollout, SamplingParams, decode_responses
+from opdx.rollout import Rollout
 
 PROMPTS = ["12+7=", "3-45+6=", "9="]
 
@@ -16,22 +18,6 @@ def student():
 
     path = asset_path("tiny/student")
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
-@pytest.mark.parametrize(
-    "params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.8)]
-)
-def test_recorded_logprobs_are_those_of_the_sampling_distribution(student, params):
-    model, tokenizer = student
-    torch.manual_seed(0)
-    rollout = HFModel(model, tokenizer).sample(PROMPTS, 4, 12, params)
-    assert rollout.response_tokens_B_T.shape[0] == 12
-    mask = rollout.response_mask_B_T
-    recomputed = TokenScores(model)(rollout, params)
-    torch.testing.assert_close(recomputed[mask], rollout.logp_sampling_B_T[mask], atol=2e-5, rtol=0)
-    if not params.is_plain:  # the raw student's log-probs differ from the warped ones
-        assert (TokenScores(model)(rollout)[mask] - rollout.logp_sampling_B_T[mask]).abs().max() > 1e-2
-    assert bool((rollout.logp_sampling_B_T[mask] > -float("inf")).all())
 
 
 def test_chunking_and_left_padding_do_not_change_logprobs(student):
@@ -64,6 +50,12 @@ def test_chunked_logprobs_backprop_like_full_logits(student):
     grads_full = torch.autograd.grad(full, list(model.parameters()))
     for a, b in zip(grads_chunked, grads_full, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def row(rollout: Rollout, i: int) -> Rollout:
+    r = rollout
+    tensors = (r.prompt_tokens_B_L, r.prompt_mask_B_L, r.response_tokens_B_T, r.response_mask_B_T)
+    return Rollout(*(t[i : i + 1] for t in tensors))
 
 
 def test_rows_sharing_a_prompt_share_its_forward(student):
@@ -112,44 +104,6 @@ def test_a_read_only_prompt_cache_is_read_and_not_grown(student):
     assert shared_prompt_cache(model, prompt[::2], mask[::2]) is None  # no two rows share a prompt
 
 
-def row(rollout: Rollout, i: int) -> Rollout:
-    r = rollout
-    tensors = (r.prompt_tokens_B_L, r.prompt_mask_B_L, r.response_tokens_B_T, r.response_mask_B_T)
-    return Rollout(*(t[i : i + 1] for t in tensors))
-
-
-def test_greedy_samples_of_a_shared_prompt_equal_those_of_it_alone(student):
-    model, tokenizer = student
-    grouped = HFModel(model, tokenizer).sample(PROMPTS, 3, 10, greedy=True)
-    single = HFModel(model, tokenizer).sample(PROMPTS, 1, 10, greedy=True)
-    assert torch.equal(grouped.response_tokens_B_T[::3], single.response_tokens_B_T)
-    torch.testing.assert_close(grouped.logp_sampling_B_T[::3], single.logp_sampling_B_T, atol=1e-5, rtol=0)
-
-
-def test_a_static_cache_samples_as_the_dynamic_one(student):
-    model, tokenizer = student
-    dynamic, static = HFModel(model, tokenizer), HFModel(model, tokenizer, cache="static")
-    assert torch.equal(
-        static.sample(PROMPTS, 1, 10, greedy=True).response_tokens_B_T,
-        dynamic.sample(PROMPTS, 1, 10, greedy=True).response_tokens_B_T,
-    )
-    torch.manual_seed(5)
-    rollout = static.sample(PROMPTS, 2, 10, SamplingParams(temperature=0.7))
-    mask = rollout.response_mask_B_T
-    recomputed = TokenScores(model)(rollout, SamplingParams(temperature=0.7))
-    torch.testing.assert_close(recomputed[mask], rollout.logp_sampling_B_T[mask], atol=2e-5, rtol=0)
-    with pytest.raises(ValueError, match="rollout.cache='paged' is invalid; valid: dynamic, static"):
-        HFModel(model, tokenizer, cache="paged")
-
-
-def test_greedy_is_deterministic_and_decodes_text(student):
-    model, tokenizer = student
-    first = decode_responses(tokenizer, HFModel(model, tokenizer).sample(PROMPTS, 1, 12, greedy=True))
-    second = decode_responses(tokenizer, HFModel(model, tokenizer).sample(PROMPTS, 1, 12, greedy=True))
-    assert first == second
-    assert all(set(text) <= set("0123456789+-*/()=;# ") for text in first)
-
-
 def test_gradient_checkpointing_gives_the_same_gradients(student):
     """trainer.gradient_checkpointing recomputes layers in backward: same gradients, less memory
     (one sample per prompt: no shared prompt cache, which checkpointing turns off)."""
@@ -168,20 +122,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(student):
     for without, with_checkpointing in zip(*grads, strict=True):
         torch.testing.assert_close(with_checkpointing, without, rtol=1e-5, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in grads[0])
-
-
-def test_on_step_counts_decoding_steps_and_changes_nothing(student):
-    model, tokenizer = student
-    steps = []
-    torch.manual_seed(3)
-    counted = HFModel(model, tokenizer).sample(
-        PROMPTS, 2, 12, SamplingParams(temperature=0.8), on_step=lambda: steps.append(1)
-    )
-    torch.manual_seed(3)
-    plain = HFModel(model, tokenizer).sample(PROMPTS, 2, 12, SamplingParams(temperature=0.8))
-    assert len(steps) == counted.response_tokens_B_T.shape[1] > 1
-    assert torch.equal(counted.response_tokens_B_T, plain.response_tokens_B_T)
-    assert torch.equal(counted.logp_sampling_B_T, plain.logp_sampling_B_T)
 
 
 def test_a_ddp_wrapped_student_forward_goes_through_the_wrapper(student, tmp_path):

@@ -109,9 +109,9 @@ def test_prompts_longer_than_the_context_are_refused_or_dropped(opdx_cli, tmp_pa
     result = opdx_cli("train", *long, f"hydra.run.dir={tmp_path / 'refused'}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "of 200 eval prompts do not fit the student: prompt + 24 new tokens exceed its 64 positions" in result.stderr
-    assert "trainer.drop_long_prompts=true" in result.stderr
+    assert "runtime.drop_long_prompts=true" in result.stderr
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()
-    dropped = opdx_cli("train", *long, "trainer.drop_long_prompts=true", f"hydra.run.dir={tmp_path / 'dropped'}")
+    dropped = opdx_cli("train", *long, "runtime.drop_long_prompts=true", f"hydra.run.dir={tmp_path / 'dropped'}")
     assert "of 300 train prompts longer than the models' positions allow" in dropped.stdout
     assert "of 200 eval prompts longer than the models' positions allow" in dropped.stdout
     summary = json.loads((tmp_path / "dropped" / "summary.json").read_text())
@@ -121,9 +121,9 @@ def test_prompts_longer_than_the_context_are_refused_or_dropped(opdx_cli, tmp_pa
 def test_analytic_logits_that_cannot_fit_in_memory_are_refused_with_their_size():
     """The Qwen3 configs' 32 x 4 x 4096 x 151,936 teacher logits alone would be 297 GiB; here the
     tiny pair with 10^8 new tokens: 8 x 10^8 x 24 floats, 71.5 GiB a tensor."""
-    run = validate(composed(*TINY, "estimator=analytic", "trainer.max_new_tokens=100000000"))
+    run = validate(composed(*TINY, "estimator=analytic", "sampling.max_new_tokens=100000000"))
     with pytest.raises(ConfigError, match=r"B=8 x T=100000000 x V=24 in float32 is 71.5 GiB each, about 286.1 GiB"):
-        start(run, train=True)
-    run = validate(composed(*TINY, "estimator=unbiased", "trainer.max_new_tokens=100000000"))
+        start(run)
+    run = validate(composed(*TINY, "estimator=unbiased", "sampling.max_new_tokens=100000000"))
     with pytest.raises(PairError, match="do not fit the student"):  # the sampled estimators need no logits
-        start(run, train=True)
+        start(run)

@@ -10,7 +10,7 @@ from opdx.benchmarks.toolalpaca import openapi_function, parse_action_input
 
 # ToolAlpaca's release format (github.com/tangqiaoyu/ToolAlpaca data/*.json), small invented APIs:
 # eval_simulated / eval_real with Instructions + Golden_Answers, train_data with Instances.
-FIXTURE = Path(__file__).parent / "fixtures" / "toolalpaca"
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "toolalpaca"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from opdx.benchmarks.data import BenchmarkDataError
 from opdx.benchmarks.math import PROMPT_SUFFIX, MathBenchmark, gold_answer, grade, last_boxed
 from opdx.config import ConfigError, load_option
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GSM8K_SAMPLE = REPO / "tests" / "fixtures" / "gsm8k_sample.jsonl"
 
 # Problems written for these tests, in each dataset's real columns.

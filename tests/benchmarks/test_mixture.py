@@ -155,26 +155,26 @@ SMALL = (
 
 
 def test_each_distinct_teacher_is_loaded_once_and_checked_against_the_students_tokenizer(tmp_path):
-    two = start(validate(composed("benchmark=mixture", *SMALL, "eval.problems=20")), train=False)
+    two = start(validate(composed("benchmark=mixture", *SMALL, "eval.problems=20")))
     assert two.teacher.distinct == [two.teachers["arith"], two.teachers["products"]]  # a RoutedTeacher over both
     assert two.teachers["products"].model.config.num_hidden_layers == 4
     same = f"benchmark.components.products.teacher_model={asset_path('tiny/teacher')}"
-    one = start(validate(composed("benchmark=mixture", *SMALL, same, "eval.problems=20")), train=False)
+    one = start(validate(composed("benchmark=mixture", *SMALL, same, "eval.problems=20")))
     assert one.teacher is one.teachers["arith"] is one.teachers["products"]  # one shared teacher, no routing
     tokenizer = build_char_tokenizer("0123456789+-*=;")  # fewer characters: other ids
     build_tiny_llama(TinyLMSpec(32, 1, 2, 64, 0, 0.0), tokenizer, seed=0).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     other = f"benchmark.components.products.teacher_model={tmp_path}"
     with pytest.raises(PairError, match=f"{tmp_path}: teacher and student tokenizers differ"):
-        start(validate(composed("benchmark=mixture", *SMALL, other, "eval.problems=20")), train=False)
+        start(validate(composed("benchmark=mixture", *SMALL, other, "eval.problems=20")))
 
 
 def test_long_prompts_are_left_out_of_each_component_by_its_own_models(capsys):
     """56 new tokens leave 8 positions of the 64: every products prompt (<bos> + 6 characters)
     fits, arith prompts of 3 terms do not; the components keep their problems' sources."""
-    overrides = ("trainer.max_new_tokens=56", "trainer.drop_long_prompts=true", "eval.problems=100")
+    overrides = ("sampling.max_new_tokens=56", "runtime.drop_long_prompts=true", "eval.problems=100")
     run = validate(composed("benchmark=mixture", *SMALL, *overrides))
-    start(run, train=True)
+    start(run)
     arith, products = run.benchmark.components
     assert 0 < len(arith.eval) < 100 and isinstance(arith.benchmark, Subset)
     assert not isinstance(products.benchmark, Subset) and len(products.eval) == 1000  # nothing left out: as built
@@ -185,7 +185,7 @@ def test_long_prompts_are_left_out_of_each_component_by_its_own_models(capsys):
 @pytest.mark.slow
 def test_a_mixture_run_logs_each_component_and_resume_refuses_another_teacher(opdx_cli, tmp_path):
     opdx_cli(
-        "train", "benchmark=mixture", *SMALL, *FAST_TRAIN, "trainer.max_new_tokens=32", f"hydra.run.dir={tmp_path}"
+        "train", "benchmark=mixture", *SMALL, *FAST_TRAIN, "sampling.max_new_tokens=32", f"hydra.run.dir={tmp_path}"
     )
     records = read_metrics(tmp_path)
     first, trained = records[0], [r for r in records if "train/loss" in r]
