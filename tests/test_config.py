@@ -47,7 +47,8 @@ def test_every_pair_built_here_has_a_model_file_and_every_model_file_names_itsel
     assert all(load_option("model", stem)["name"] == stem for stem in stems("model"))
 
 
-# rollout=vllm needs vLLM and a student it can load (tests/backends/test_vllm.py), teacher=server a server (tests/backends/test_server.py)
+# rollout=vllm needs vLLM and a student it can load (tests/backends/test_vllm.py),
+# teacher=server a server (tests/backends/test_server.py)
 OWN_TESTS = {"rollout=vllm", "teacher=server"}
 
 
