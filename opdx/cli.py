@@ -40,35 +40,40 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def check_resumable(argv: list[str]) -> None:
-    """With ``trainer.resume=DIR`` on the command line: SystemExit unless DIR holds a run to
-    resume (checkpoints and the run's ``.hydra/``), before Hydra makes or writes anything."""
+def resume_dir(argv: list[str]) -> Path | None:
+    """The run directory of ``trainer.resume=DIR`` on the command line, if any."""
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("trainer.resume=")]
+    return Path(resume[-1]) if resume and resume[-1] not in ("", "null") else None
+
+
+def resume(run_dir: Path, argv: list[str]) -> int:
+    """``opdx train trainer.resume=DIR [overrides]``: the run in DIR continued, composed with
+    Hydra's compose API from the overrides it was started (or last resumed) with, then these. A
+    resumed run is not a new Hydra job: it keeps its directory, and rank 0 rewrites its
+    ``.hydra/config.yaml`` and ``overrides.yaml`` once the resume is accepted.
+
+    SystemExit when DIR holds no run to resume, for a Hydra flag (a resumed run takes config
+    overrides only), and when the overrides change what the run is (``opdx.config.resume_conflicts``,
+    naming each difference), before anything is written; a changed ``trainer.steps`` under a
+    decaying LR schedule is allowed with a warning."""
+    from hydra import compose, initialize_config_dir
+
     from opdx.checkpoint import has_checkpoint  # torch: only when resuming
 
-    resume = [a.split("=", 1)[1] for a in argv if a.startswith("trainer.resume=")]
-    if not resume or resume[-1] in ("", "null"):
-        return
-    run_dir = Path(resume[-1])
-    if not has_checkpoint(run_dir) or not (run_dir / ".hydra" / "overrides.yaml").exists():
+    saved_overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not has_checkpoint(run_dir) or not saved_overrides.exists():
         raise SystemExit(
             f"opdx train: trainer.resume={run_dir} has no checkpoints/ and .hydra/overrides.yaml to resume"
         )
-
-
-def resumed_config(run_dir: Path, overrides: list[str], main: bool) -> DictConfig:
-    """The config a resumed run continues with: the overrides it was started (or last resumed) with,
-    then this command's ``overrides``, composed with Hydra's compose API.
-
-    Refused (SystemExit naming the differences) when they change what the run is
-    (``opdx.config.resume_conflicts``); a changed ``trainer.steps`` under a decaying LR schedule is
-    allowed with a warning. Once accepted, rank 0 (``main``) writes the run's ``.hydra/config.yaml``
-    and ``overrides.yaml`` (Hydra writes none for a resumed run: ``hydra_subdir``)."""
-    import hydra
-
-    saved_overrides = run_dir / ".hydra" / "overrides.yaml"
+    flags = [a for a in argv if a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    if flags:
+        raise SystemExit(f"opdx train: trainer.resume={run_dir} takes config overrides only, not {' '.join(flags)}")
+    register_schema()
+    register_resolvers()
     original = [o for o in OmegaConf.load(saved_overrides) if not o.startswith("trainer.resume=")]
-    merged = [*original, *overrides]
-    config = hydra.compose(config_name="config", overrides=merged)
+    merged = [*original, *argv]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose(config_name="config", overrides=merged)
     new = OmegaConf.to_container(config, resolve=True)
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
     conflicts = resume_conflicts(saved, new)
@@ -83,10 +88,11 @@ def resumed_config(run_dir: Path, overrides: list[str], main: bool) -> DictConfi
             f"trainer.steps {steps[0]} -> {steps[1]}: the {new['trainer']['schedule']} LR schedule now decays to 0 at "
             f"step {steps[1]}, so from the resumed step on the LR differs from the original run's"
         )
-    if main:
+    if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(saved_overrides, OmegaConf.to_yaml(merged))
         atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(config))
-    return config
+    train_job(config, run_dir)
+    return 0
 
 
 def run_hydra(task: Callable[[DictConfig], float | None], argv: list[str], prog: str, config_name: str) -> None:
@@ -114,30 +120,35 @@ def run_errors() -> tuple[type[Exception], ...]:
 
 
 def train_task(cfg: DictConfig) -> float | None:
+    """The Hydra task of ``opdx train``: one run into Hydra's output directory (a sweep's runs share
+    a wandb group named after the sweep)."""
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_cfg = HydraConfig.get()
+    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
+    return train_job(cfg, Path(hydra_cfg.runtime.output_dir), group)
+
+
+def train_job(cfg: DictConfig, run_dir: Path, group: str | None = None) -> float:
+    """Validate ``cfg`` and train into ``run_dir``; a config or start-up error exits in one line."""
     from opdx.run import validate
     from opdx.trainer import NonFiniteError, train
 
-    hydra_cfg = HydraConfig.get()
-    if cfg.trainer.resume:
-        main = int(os.environ.get("RANK", "0")) == 0
-        cfg = resumed_config(Path(cfg.trainer.resume), list(hydra_cfg.overrides.task), main)
     try:
         run = validate(cfg)
     except ConfigError as error:
         sys.exit(f"opdx train: invalid config: {error}")
-    if run.config.logger.group is None and hydra_cfg.mode.name == "MULTIRUN":
-        run.config.logger.group = Path(hydra_cfg.sweep.dir).name  # runs of one sweep share a wandb group
+    if run.config.logger.group is None:
+        run.config.logger.group = group
     try:
-        summary = train(run, Path(hydra_cfg.runtime.output_dir))
+        summary = train(run, run_dir)
     except (*run_errors(), NonFiniteError) as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 
 
-# what `opdx eval` takes of a trained run's overrides (eval.run=DIR): its setup, not its training or runtime
-EVAL_KEYS = ("model", "benchmark", "rollout", "teacher", "sampling", "seed")
+# what `opdx eval` takes of a trained run's overrides (eval.run=DIR): all but its training
+EVAL_KEYS = ("model", "benchmark", "rollout", "teacher", "sampling", "runtime", "eval", "seed")
 
 
 def eval_run_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -156,7 +167,7 @@ def eval_run_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
         prefix = override[: len(override) - len(override.lstrip("+~"))]
         key, _, value = override[len(prefix) :].partition("=")
         key = RENAMED.get(key, key)
-        if key.split(".")[0] in EVAL_KEYS and not f"{key}=".startswith(groups):
+        if key.split(".")[0] in EVAL_KEYS and key != "eval.run" and not f"{key}=".startswith(groups):
             original.append(f"{prefix}{key}={value}")
     return [*original, *overrides]
 
@@ -211,7 +222,7 @@ def prepare(argv: list[str]) -> int:
 def under_torchrun() -> None:
     """One rank of a torchrun launch: every rank takes rank 0's start time (so one run directory,
     ``${start_time:...}``); the other ranks print nothing to stdout (rank 0 reports; errors still
-    reach stderr) and write no Hydra files or job log (``hydra_subdir``, ``rank_zero_file``)."""
+    reach stderr) and write no Hydra files or job log (``rank_zero_subdir``, ``rank_zero_file``)."""
     from opdx.dist import broadcast, init  # torch: only under torchrun
 
     ranks = init()
@@ -232,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("train", "eval") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         under_torchrun()
     if command == "train":
-        check_resumable(rest)
+        run_dir = resume_dir(rest)
+        if run_dir is not None:
+            return resume(run_dir, rest)
         run_hydra(train_task, rest, "opdx train", "config")
         return 0
     if command == "eval":

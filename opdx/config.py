@@ -66,17 +66,10 @@ def start_time(pattern: str) -> str:
     return _started().strftime(pattern)
 
 
-def resumed_or(resume: str | None, new: str) -> str:
-    """``hydra.run.dir``: the directory of the run ``trainer.resume`` continues, else ``new``
-    (the ``${resumed_or:...}`` resolver)."""
-    return resume or new
-
-
-def hydra_subdir(resume: str | None) -> str | None:
-    """``hydra.output_subdir``: ``.hydra`` for a new run on rank 0; none for another torchrun rank
-    (rank 0 writes the run's files) or a resumed run, whose ``.hydra/`` opdx rewrites itself once
-    the resume is accepted (``opdx.cli.resumed_config``). The ``${hydra_subdir:...}`` resolver."""
-    return None if resume or int(os.environ.get("RANK", "0")) > 0 else ".hydra"
+def rank_zero_subdir(subdir: str) -> str | None:
+    """``hydra.output_subdir``: ``subdir`` on rank 0, none on the other torchrun ranks (rank 0
+    writes the run's files). The ``${rank_zero_subdir:...}`` resolver."""
+    return subdir if int(os.environ.get("RANK", "0")) == 0 else None
 
 
 def rank_zero_file(path: str) -> str:
@@ -87,8 +80,8 @@ def rank_zero_file(path: str) -> str:
 
 def register_resolvers() -> None:
     resolvers = (
-        ("asset", asset_path), ("cache", cache_path), ("start_time", start_time), ("resumed_or", resumed_or),
-        ("hydra_subdir", hydra_subdir), ("rank_zero_file", rank_zero_file),
+        ("asset", asset_path), ("cache", cache_path), ("start_time", start_time),
+        ("rank_zero_subdir", rank_zero_subdir), ("rank_zero_file", rank_zero_file),
     )  # fmt: skip
     for name, resolver in resolvers:
         if not OmegaConf.has_resolver(name):
@@ -203,13 +196,14 @@ class SamplingConfig:
 @dataclass
 class RuntimeConfig:
     """Where and how the models run, for ``opdx train`` and ``opdx eval`` alike: CPU threads
-    (null: torch's default), the device (``auto``: CUDA when there is one), the positions per
-    chunk of the log-prob head, and whether prompts too long for the models' positions are left
-    out (``drop_long_prompts``) instead of refused."""
+    (null: torch's default), the device (``auto``: CUDA when there is one), the tokens (rows x
+    positions) per chunk of the log-prob head (a chunk's logits are [logprob_chunk, V]), and whether
+    prompts too long for the models' positions are left out (``drop_long_prompts``) instead of
+    refused."""
 
     threads: int | None = None
     device: str = "auto"
-    logprob_chunk: int = 128
+    logprob_chunk: int = 8192
     drop_long_prompts: bool = False
 
     def __post_init__(self) -> None:
@@ -241,6 +235,7 @@ class TrainerConfig:
     checkpoint_every: int = 100
     resume: str | None = None
     gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
+    micro_batch_size: int | None = None  # sequences per forward/backward (teacher, student, update); null: all at once
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
     strategy: str = "none"  # data parallelism under torchrun: ddp (a replica per rank) or fsdp2 (sharded)
     # old names, kept working (each warns once): sampling.* and runtime.* are where these live now
@@ -258,6 +253,10 @@ class TrainerConfig:
         for key in (*positive, "checkpoint_every"):
             check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
         check(self.lr > 0, f"trainer.lr={self.lr!r} is invalid; it must be positive")
+        check(
+            self.micro_batch_size is None or self.micro_batch_size > 0,
+            f"trainer.micro_batch_size={self.micro_batch_size!r} is invalid; use a positive number or null",
+        )
         check(self.schedule in SCHEDULES, f"trainer.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         check(self.strategy in STRATEGIES, f"trainer.strategy={self.strategy!r}; valid: {', '.join(STRATEGIES)}")
 
@@ -375,6 +374,7 @@ RESUME_SAFE = (
     "trainer.eval_every",
     "trainer.checkpoint_every",
     "trainer.gradient_checkpointing",
+    "trainer.micro_batch_size",
     "trainer.max_bad_steps",
     "trainer.strategy",
     "runtime.*",

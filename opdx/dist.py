@@ -12,7 +12,8 @@ default process group from them, with gloo for CPU tensors and NCCL for CUDA one
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -141,3 +142,34 @@ def _sum_hook(state, bucket):  # noqa: ANN001 (DDP checks the annotations, which
     """DDP communication hook: all-reduce a gradient bucket (a ``dist.GradBucket``) with SUM, where
     DDP's default averages; returns the future of the reduced ``Tensor``."""
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda future: future.value()[0])
+
+
+def micro_batches(rows: int, size: int | None) -> list[Tensor]:
+    """This rank's ``rows`` split into micro-batches of at most ``size`` sequences (None: one),
+    consecutive and as even as can be, the same number on every rank (the most any rank needs):
+    each micro-batch is a forward every rank runs (FSDP2 gathers its parameters in it)."""
+    count = -(-rows // size) if size else 1
+    count = int(global_max(torch.tensor(count)).item())
+    if count > rows:
+        raise ValueError(f"{rows} sequences on this rank cannot fill {count} micro-batches (other ranks have more)")
+    return list(torch.arange(rows).tensor_split(count))
+
+
+@contextmanager
+def accumulating(module: nn.Module, last: bool) -> Iterator[None]:
+    """A micro-batch's forward and backward whose gradients are reduced over the ranks only when
+    ``last`` (DDP's ``no_sync``; FSDP2's ``set_requires_gradient_sync``), so a step reduces the
+    summed gradients of its micro-batches once; on one rank nothing changes."""
+    if last or not active():
+        yield
+    elif isinstance(module, DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield

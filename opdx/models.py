@@ -60,6 +60,35 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def generation_stop_ids(path: str) -> list[int]:
+    """The ``eos_token_id`` of a model's ``generation_config.json`` (an id or a list: Qwen3 and
+    Llama-3 instruct models list their end-of-turn and end-of-text ids), as a list; empty when the
+    model has none (transformers' ``GenerationConfig.from_pretrained``)."""
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except (OSError, ValueError):
+        return []
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def stop_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end a response, in every backend's sampling and in every response mask: the
+    tokenizer's EOS (the teacher's, ``load_tokenizer``) and each id of the student's and the
+    teacher's generation configs (``generation_stop_ids``). Where the two models' sets differ the
+    run takes their union, so a response ends where either model's turn ends, and says so. Ids
+    outside the tokenizer are left out."""
+    per_model = {role: generation_stop_ids(path) for role, path in (("student", cfg.student), ("teacher", cfg.teacher))}
+    ids = [tokenizer.eos_token_id, *per_model["student"], *per_model["teacher"]]
+    ids = [i for i in dict.fromkeys(ids) if i is not None and 0 <= i < len(tokenizer)]
+    if set(per_model["student"]) != set(per_model["teacher"]) and per_model["student"] and per_model["teacher"]:
+        named = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in ids)
+        print(
+            f"responses end at any of {named}: the union of the student's stop ids {per_model['student']} and "
+            f"the teacher's {per_model['teacher']} (generation_config.json)"
+        )
+    return ids
+
+
 def check_teacher_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
     """A further teacher (a mixture component's) against the run's tokenizer (``load_tokenizer``'s):
     the same ids (``check_same_tokenizer``) and the same EOS, where every response ends; PairError

@@ -22,10 +22,12 @@ computes its loss from one ``LossInputs``; ``build_estimator`` is the one constr
 estimator object (never its name) is what the loss layer passes around. The conventions and
 derivations are those of ``docs/opd-math.md``.
 
-Under data parallelism each rank holds a share of the batch; every normaliser (the loss's 1/B,
-``token_mean``'s token count, the batch baseline's mean, whitening's standard deviation) is then
-taken over the global batch through ``reduce`` (a sum over ranks, ``opdx.dist.global_sum``), so
-the sum of the ranks' gradients is exactly the one-process gradient of the whole batch.
+Every normaliser (the loss's 1/B, ``token_mean``'s token count, the batch baseline's mean,
+whitening's standard deviation) is the whole batch's: ``batch_totals`` takes them over every rank
+(``reduce``, a sum over ranks: ``opdx.dist.global_sum``) and every micro-batch before any backward,
+and a loss given those ``BatchTotals`` is one micro-batch's share of the whole batch's loss. So the
+summed gradients of the micro-batches and ranks are exactly the gradient of the whole batch in
+one process. Without totals a loss normalises by its own inputs (one process, one batch).
 """
 
 from __future__ import annotations
@@ -84,6 +86,34 @@ class LossTerms:
     advantages_B_T: Tensor
 
 
+@dataclass(frozen=True)
+class BatchTotals:
+    """The whole batch's normalisers, over every rank and micro-batch, fixed before any backward:
+    ``sequences`` (B), response ``tokens``, and for the batch baseline and whitening the mean and
+    standard deviation (n - 1) of the advantages on response tokens (None without either). Scalars."""
+
+    sequences: Tensor
+    tokens: Tensor
+    advantage_mean: Tensor | None = None
+    advantage_std: Tensor | None = None
+
+
+def batch_totals(mask_B_T: Tensor, advantages_B_T: Tensor | None = None, reduce: Reduce = local) -> BatchTotals:
+    """The normalisers of a batch whose (local, whole) response mask is ``mask_B_T``, summed over
+    ranks by ``reduce``; given ``advantages_B_T`` (for the batch baseline or whitening) also their
+    mean and standard deviation on the response tokens."""
+    mask_B_T = mask_B_T.bool()
+    sequences = reduce(torch.tensor(float(mask_B_T.shape[0]), dtype=torch.float64))
+    tokens = reduce(mask_B_T.sum().to(torch.float64))
+    if advantages_B_T is None:
+        return BatchTotals(sequences, tokens)
+    values = advantages_B_T[mask_B_T]
+    count = reduce(values.new_tensor(float(values.numel())))
+    mean = reduce(values.sum()) / count
+    variance = reduce((values - mean).square().sum()) / (count - 1) if count > 1 else values.new_zeros(())
+    return BatchTotals(sequences, tokens, mean, variance.sqrt())
+
+
 class Estimator(ABC):
     """A gradient estimator bound to its ``EstimatorConfig``."""
 
@@ -102,10 +132,16 @@ class Estimator(ABC):
     def is_exact(divergence: str, gamma: float) -> bool:
         """Whether E[grad L] equals the true gradient for this divergence and discount (``opdx verify``)."""
 
+    @property
+    def needs_advantage_totals(self) -> bool:
+        """Whether the normalisers include the batch's advantage statistics (batch baseline,
+        whitening): then they need every row's advantages, hence the student's log-probs, first."""
+        return self.config.batch_baseline or self.config.whiten
+
     @abstractmethod
-    def loss(self, inputs: LossInputs, divergence: Divergence, reduce: Reduce = local) -> LossTerms:
-        """The loss of a batch for ``divergence``; ``reduce`` sums a tensor over the ranks that share
-        the batch, so every normaliser is the global batch's."""
+    def loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None = None) -> LossTerms:
+        """The loss of ``inputs`` for ``divergence``, normalised by the whole batch's ``totals``
+        (``batch_totals``; None: the inputs' own)."""
 
 
 class SampledEstimator(Estimator):
@@ -118,18 +154,23 @@ class SampledEstimator(Estimator):
     def own_advantage(divergence: Divergence, log_u: Tensor) -> Tensor:
         """The advantage of a token's own term, before the discounted future rewards."""
 
-    def loss(self, inputs: LossInputs, divergence: Divergence, reduce: Reduce = local) -> LossTerms:
+    def loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None = None) -> LossTerms:
         """The OPD / OPD+ surrogate with this config's switches and, for the metrics, the advantages
         A_B_T after baseline / whitening and log u_B_T."""
         logp_student_B_T, mask_B_T = inputs.student_scores, inputs.mask_B_T
         advantages_B_T, log_u_B_T = token_advantages(
             logp_student_B_T, inputs.teacher_scores, mask_B_T, divergence, self
         )
-        advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, self.config, reduce)
+        totals = totals or batch_totals(mask_B_T, advantages_B_T if self.needs_advantage_totals else None)
+        advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, self.config, totals)
         loss = policy_gradient_loss(
-            logp_student_B_T, advantages_B_T, mask_B_T, self.config, inputs.logp_sampling_B_T, reduce
+            logp_student_B_T, advantages_B_T, mask_B_T, self.config, totals, inputs.logp_sampling_B_T
         )
         return LossTerms(loss, logp_student_B_T.detach(), log_u_B_T, advantages_B_T)
+
+    def advantages(self, inputs: LossInputs, divergence: Divergence) -> Tensor:
+        """The advantages A_B_T before baseline and whitening (what ``batch_totals`` needs of them)."""
+        return token_advantages(inputs.student_scores, inputs.teacher_scores, inputs.mask_B_T, divergence, self)[0]
 
 
 class StopGradient(SampledEstimator):
@@ -180,7 +221,7 @@ class Analytic(Estimator):
     def is_exact(divergence: str, gamma: float) -> bool:
         return gamma == 0  # the per-state gradient; it ignores the effect on future states
 
-    def loss(self, inputs: LossInputs, divergence: Divergence, reduce: Reduce = local) -> LossTerms:
+    def loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None = None) -> LossTerms:
         logits_student_B_T_V, logits_teacher_B_T_V = inputs.student_scores, inputs.teacher_scores
         if inputs.tokens_B_T is None:
             raise ValueError("estimator=analytic needs the sampled tokens (LossInputs.tokens_B_T) for its metrics")
@@ -193,7 +234,7 @@ class Analytic(Estimator):
             logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence, Unbiased(EstimatorConfig(Unbiased.name))
         )
         loss = analytic_loss(
-            logits_student_B_T_V, logits_teacher_B_T_V, mask_B_T, divergence, self.config.token_mean, reduce=reduce
+            logits_student_B_T_V, logits_teacher_B_T_V, mask_B_T, divergence, self.config.token_mean, totals=totals
         )
         return LossTerms(loss, logp_student_B_T.cpu(), log_u_B_T.cpu(), advantages_B_T.cpu())
 
@@ -246,19 +287,15 @@ def token_advantages(
 
 
 def normalise_advantages(
-    advantages_B_T: Tensor, mask_B_T: Tensor, config: EstimatorConfig, reduce: Reduce = local
+    advantages_B_T: Tensor, mask_B_T: Tensor, config: EstimatorConfig, totals: BatchTotals
 ) -> Tensor:
-    """Apply the optional batch baseline and whitening over the (global) batch's response tokens."""
+    """Apply the optional batch baseline and whitening with the whole batch's statistics."""
     mask_B_T = mask_B_T.bool()
     if not (config.batch_baseline or config.whiten):
         return advantages_B_T
-    values = advantages_B_T[mask_B_T]
-    count = reduce(values.new_tensor(float(values.numel())))
-    mean = reduce(values.sum()) / count
-    centred_B_T = advantages_B_T - mean
+    centred_B_T = advantages_B_T - totals.advantage_mean
     if config.whiten:
-        variance = reduce((values - mean).square().sum()) / (count - 1) if count > 1 else values.new_zeros(())
-        centred_B_T = centred_B_T / (variance.sqrt() + 1e-8)
+        centred_B_T = centred_B_T / (totals.advantage_std + 1e-8)
     return torch.where(mask_B_T, centred_B_T, 0.0)
 
 
@@ -267,12 +304,12 @@ def policy_gradient_loss(
     advantages_B_T: Tensor,
     mask_B_T: Tensor,
     config: EstimatorConfig,
+    totals: BatchTotals,
     logp_rollout_B_T: Tensor | None = None,
-    reduce: Reduce = local,
 ) -> Tensor:
     """L = -(1/B) sum mask * stopgrad(A) * log p, divided by the number of response tokens
-    instead of B with ``config.token_mean``; B and the token count are the global batch's
-    (``reduce``), the sum this rank's share of it.
+    instead of B with ``config.token_mean``; B and the token count are the whole batch's
+    (``totals``), the sum this micro-batch's share of it.
 
     With ``config.rollout_correction`` and the sampler's log-probs, each token is weighed by the
     importance ratio r = p / p_rollout of the trainer's and the sampler's distributions: ``tis``
@@ -295,8 +332,12 @@ def policy_gradient_loss(
             clipped_B_T = ratio_B_T.clamp(1 - config.ppo_clip, 1 + config.ppo_clip)
             objective_B_T = torch.minimum(ratio_B_T * advantages_B_T, clipped_B_T * advantages_B_T)
     objective_B_T = torch.where(mask_B_T, objective_B_T, 0.0)
-    count = mask_B_T.sum() if config.token_mean else torch.tensor(logp_student_B_T.shape[0])
-    return -objective_B_T.sum() / reduce(count.to(objective_B_T.dtype)).clamp(min=1)
+    return -objective_B_T.sum() / normaliser(totals, config.token_mean, objective_B_T.dtype)
+
+
+def normaliser(totals: BatchTotals, token_mean: bool, dtype: torch.dtype) -> Tensor:
+    """The loss's divisor: the whole batch's response tokens with ``token_mean``, else B; at least 1."""
+    return (totals.tokens if token_mean else totals.sequences).to(dtype).clamp(min=1)
 
 
 def opd_loss(
@@ -345,16 +386,16 @@ def analytic_loss(
     divergence: Divergence,
     token_mean: bool = False,
     chunk_size: int = 1024,
-    reduce: Reduce = local,
+    totals: BatchTotals | None = None,
 ) -> Tensor:
     """(1/B) sum_b sum_n mask_bn D_f(q || p)(s_bn), exact over the vocabulary (GKD-style); B (or
-    the token count with ``token_mean``) is the global batch's (``reduce``).
+    the token count with ``token_mean``) is the whole batch's (``totals``; None: these rows').
 
     Its gradient is the exact per-state gradient at the visited states (the gamma = 0 ground
     truth). The teacher logits are treated as constant.
     """
     mask_B_T = mask_B_T.bool()
+    totals = totals or batch_totals(mask_B_T)
     per_state_B_T = divergence.full(logits_student_B_T_V, logits_teacher_B_T_V.detach(), chunk_size)
     per_state_B_T = torch.where(mask_B_T, per_state_B_T, 0.0)
-    count = mask_B_T.sum() if token_mean else torch.tensor(mask_B_T.shape[0])
-    return per_state_B_T.sum() / reduce(count.to(per_state_B_T.dtype)).clamp(min=1)
+    return per_state_B_T.sum() / normaliser(totals, token_mean, per_state_B_T.dtype)

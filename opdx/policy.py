@@ -5,7 +5,7 @@ Every backend's run trains through it: the trainer wraps *it* in ``DistributedDa
 FSDP2 (``opdx.dist.wrap``), so the wrapper's hooks are on the path of the loss; the Hugging Face
 backend (``opdx.backends.hf``) scores a teacher with the same module under ``torch.no_grad`` and
 generates through it. Log-probs for u come from a float32 (or wider) log-softmax of the head's
-logits on both sides (``upcast``).
+logits on both sides (``head_logits``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ class TokenScores(nn.Module):
     ``opdx.compat.vocab_logits``) and warped by ``params`` (the distribution sampled from; the
     teacher uses the plain one).
 
-    Log-probs are made ``chunk_size`` positions at a time; with grad enabled each chunk is
-    recomputed in backward (activation checkpointing), so no full [B, T, V] tensor is kept.
+    Log-probs are made ``chunk_size`` tokens (rows x positions, flattened) at a time, so a chunk
+    of logits is at most [chunk_size, V] whatever the batch; with grad enabled each chunk is
+    recomputed in backward (activation checkpointing), so no full [B, T, V] tensor is kept. The
+    head's logits are computed in float32 from a bfloat16 or float16 model (``head_logits``).
     """
 
-    def __init__(self, model: PreTrainedModel, chunk_size: int = 128, vocab_size: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, chunk_size: int = 8192, vocab_size: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
@@ -46,18 +48,19 @@ class TokenScores(nn.Module):
         hidden_B_T_D = self._hidden_states(rollout)
         lm_head = self.model.get_output_embeddings()
         if logits:
-            logits_B_T_V = upcast(vocab_logits(lm_head(hidden_B_T_D), self.vocab_size))
+            logits_B_T_V = vocab_logits(head_logits(lm_head, hidden_B_T_D), self.vocab_size)
             return params.warp(logits_B_T_V.flatten(0, 1)).view_as(logits_B_T_V)
         tokens_B_T = rollout.response_tokens_B_T.to(hidden_B_T_D.device)
+        hidden_S_D, tokens_S = hidden_B_T_D.flatten(0, 1), tokens_B_T.flatten()
         chunks = []
-        for start in range(0, tokens_B_T.shape[1], self.chunk_size):
+        for start in range(0, len(tokens_S), self.chunk_size):
             end = start + self.chunk_size
-            args = (lm_head, params, self.vocab_size, hidden_B_T_D[:, start:end], tokens_B_T[:, start:end])
+            args = (lm_head, params, self.vocab_size, hidden_S_D[start:end], tokens_S[start:end])
             if torch.is_grad_enabled():
                 chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
             else:
                 chunks.append(_chunk_logprobs(*args))
-        return torch.cat(chunks, dim=1).cpu()
+        return torch.cat(chunks).view_as(tokens_B_T).cpu()
 
     def generate(self, **kwargs: object) -> Tensor:
         """The model's ``generate``, through this module: under FSDP2 it is registered as a forward
@@ -156,9 +159,20 @@ def upcast(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def head_logits(lm_head: nn.Module, hidden: Tensor) -> Tensor:
+    """The output head's logits [..., rows] in float32 at least. A float32 or float64 head runs as
+    it is; a bfloat16 or float16 one is computed in float32 from upcast operands, not rounded to its
+    own dtype first (a bfloat16 logit near 16 has a step of 0.125 nat), so u = q/p compares two
+    float32 heads (ScaleRL's fp32 head; vLLM's ``head_dtype`` override does the same on an engine)."""
+    weight = lm_head.weight
+    if weight.dtype in (torch.float32, torch.float64):
+        return lm_head(hidden)
+    bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias.float()
+    return torch.nn.functional.linear(hidden.float(), weight.float(), bias)
+
+
 def _chunk_logprobs(
-    lm_head: nn.Module, params: SamplingParams, vocab_size: int, hidden_B_C_D: Tensor, tokens_B_C: Tensor
+    lm_head: nn.Module, params: SamplingParams, vocab_size: int, hidden_C_D: Tensor, tokens_C: Tensor
 ) -> Tensor:
-    logits_B_C_V = upcast(vocab_logits(lm_head(hidden_B_C_D), vocab_size))
-    logits_B_C_V = params.warp(logits_B_C_V.flatten(0, 1)).view_as(logits_B_C_V)
-    return gather_logprobs(logits_B_C_V, tokens_B_C)
+    logits_C_V = params.warp(vocab_logits(head_logits(lm_head, hidden_C_D), vocab_size))
+    return gather_logprobs(logits_C_V, tokens_C)

@@ -142,12 +142,14 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Te
     return tokens, mask
 
 
-def response_mask(response_tokens_B_T: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
-    """Mask of tokens up to and including the first EOS, and whether an EOS was emitted."""
-    is_eos_B_T = response_tokens_B_T == eos_token_id
-    finished_B = is_eos_B_T.any(-1)
-    eos_before_B_T = (is_eos_B_T.long().cumsum(-1) - is_eos_B_T.long()) > 0
-    return ~eos_before_B_T, finished_B
+def response_mask(response_tokens_B_T: Tensor, stop_ids: int | Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mask of tokens up to and including the first stop id (any of ``stop_ids``: an EOS, or each
+    end-of-turn id a model's generation config lists), and whether a stop id was emitted."""
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=response_tokens_B_T.dtype)
+    is_stop_B_T = torch.isin(response_tokens_B_T, stops)
+    finished_B = is_stop_B_T.any(-1)
+    stop_before_B_T = (is_stop_B_T.long().cumsum(-1) - is_stop_B_T.long()) > 0
+    return ~stop_before_B_T, finished_B
 
 
 def gather_logprobs(logits_B_T_V: Tensor, tokens_B_T: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from opdx.config import ConfigError, EvalRunConfig, ModelConfig, RunConfig, Setu
 from opdx.dist import Ranks, init
 from opdx.divergences import Divergence, build_divergence
 from opdx.metrics import LOGGERS
-from opdx.models import check_teacher_tokenizer, load_model, load_tokenizer, resolve_device
+from opdx.models import check_teacher_tokenizer, load_model, load_tokenizer, resolve_device, stop_ids
 from opdx.objective import Estimator, build_estimator
 from opdx.pairs import ensure_built
 from opdx.rollout import SamplingParams
@@ -136,10 +136,13 @@ def build_backend(node: Mapping[str, Any], **runtime: Any) -> Any:
     return factory(**options, **{name: value for name, value in runtime.items() if name in takes})
 
 
-def build_teachers(setup: Setup, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, Teacher]:
-    """Each component's teacher backend by component name; each distinct (model, dtype, backend
-    node) is built once and shared by the components that name it."""
-    runtime = {"tokenizer": tokenizer, "device": device, "logprob_chunk": setup.config.runtime.logprob_chunk}
+def build_teachers(
+    setup: Setup, tokenizer: PreTrainedTokenizerBase, device: torch.device, stops: list[int]
+) -> dict[str, Teacher]:
+    """Each component's teacher backend by component name, its answers ending at ``stops``; each
+    distinct (model, dtype, backend node) is built once and shared by the components that name it."""
+    logprob_chunk = setup.config.runtime.logprob_chunk
+    runtime = {"tokenizer": tokenizer, "device": device, "logprob_chunk": logprob_chunk, "stop_ids": stops}
     components = setup.benchmark.components
     groups: dict[str, tuple[ModelConfig, dict[str, Any], list[str]]] = {}  # one per (model, dtype, backend node)
     for component, (pair, node) in zip(components, teacher_nodes(setup.config, setup.benchmark).values(), strict=True):
@@ -187,6 +190,12 @@ def start(setup: Setup) -> Parts:
         f"torchrun started {ranks.world} processes but trainer.strategy=none: give trainer.strategy=ddp "
         "(a replica of the student per rank) or fsdp2 (the student sharded over the ranks)",
     )
+    check(
+        ranks.world == 1 or not train or setup.config.trainer.micro_batch_size is None
+        or setup.config.trainer.prompts_per_step % ranks.world == 0,
+        f"trainer.micro_batch_size under torchrun needs the same number of sequences on every rank: give "
+        f"trainer.prompts_per_step a multiple of the {ranks.world} ranks",
+    )  # fmt: skip
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     device = resolve_device(runtime.device, ranks.local_rank)
@@ -201,8 +210,9 @@ def start(setup: Setup) -> Parts:
     ensure_built(config.model)
     tokenizer = load_tokenizer(config.model)
     student = load_model(config.model.student, config.model.dtype, device, tokenizer, trainable=True)
-    rollout = build_backend(config.rollout, model=student, tokenizer=tokenizer)
-    teachers = build_teachers(setup, tokenizer, device)
+    stops = stop_ids(config.model, tokenizer)
+    rollout = build_backend(config.rollout, model=student, tokenizer=tokenizer, stop_ids=stops)
+    teachers = build_teachers(setup, tokenizer, device, stops)
     torch.manual_seed(config.seed)  # an engine backend may have reseeded the process (vLLM seeds its own)
     parts = Parts(student, tokenizer, rollout, one_teacher(teachers), teachers, device, ranks)
     if train and setup.estimator.needs_teacher_logits:
@@ -211,12 +221,17 @@ def start(setup: Setup) -> Parts:
     return parts
 
 
+LOGITS_COPIES = 8  # [B, T, V] float32 tensors an analytic step holds at its peak
+
+
 def check_logits_memory(run: Run, parts: Parts) -> None:
     """Refuse (ConfigError) an analytic run whose [B, T, V] logits would not fit in free memory."""
     t, new_tokens = run.config.trainer, run.config.sampling.max_new_tokens
     batch, vocab = t.prompts_per_step * t.samples_per_prompt, len(parts.tokenizer)
     one = 4 * batch * new_tokens * vocab  # one float32 [B, T, V] tensor
-    need = 4 * one  # the teacher's logits, the student's, their log-softmax, its gradient
+    # held until backward: both logits, each one's log-softmax (metrics and loss), the student's
+    # probabilities, f(log u) and the logits' gradient: about 7 tensors, 8 with forward_kl's u
+    need = LOGITS_COPIES * one
     if parts.device.type == "cuda":
         free = torch.cuda.mem_get_info(parts.device)[0]
     else:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -32,13 +32,14 @@ from opdx.backends import Sampler, Scorer
 from opdx.benchmarks import Benchmark, Problem
 from opdx.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint, usable_checkpoint
 from opdx.config import TrainerConfig
-from opdx.dist import Ranks, barrier, broadcast, global_sum, wrap
+from opdx.dist import Ranks, accumulating, barrier, broadcast, global_sum, micro_batches, wrap
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
 from opdx.metrics import LOGGERS, SilentLogger, timed
 from opdx.models import checkpoint_activations
-from opdx.objective import LossInputs
+from opdx.objective import LossInputs, LossTerms, batch_totals
 from opdx.policy import TokenScores
+from opdx.rollout import Rollout
 from opdx.run import Parts, Run, start
 from opdx.seeding import generator, isolated, seed_global
 from opdx.step_metrics import component_metrics, eval_metrics, nonfinite_parts, rollout_metrics, sequence_metrics
@@ -107,7 +108,7 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     is not finite on any rank (log-probs on response tokens, advantages, loss, gradient norm)
     changes nothing (no parameter, optimizer or schedule update): its metrics say ``train/skipped``
     1 and which part was not finite (``nonfinite/*``, the count of tokens)."""
-    run, t, estimator, ranks = learner.run, learner.run.config.trainer, learner.run.estimator, learner.ranks
+    run, t, ranks = learner.run, learner.run.config.trainer, learner.ranks
     problems = ranks.share(prompts_for_step(run.benchmark, run.config.seed, step, t.prompts_per_step))
     seed_global(run.config.seed, "rollout", step, *([ranks.rank] if ranks.world > 1 else []))
     metrics: dict[str, float] = {}
@@ -115,22 +116,9 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     with timed(metrics, "rollout"):
         new_tokens = run.config.sampling.max_new_tokens
         rollout = learner.rollout.sample(problems, t.samples_per_prompt, new_tokens, run.sampling)
-    with timed(metrics, "teacher"), torch.no_grad():
-        if estimator.needs_teacher_logits:
-            teacher_scores = learner.teacher.logits(rollout)
-        else:
-            teacher_scores = learner.teacher.logprobs(rollout)
+    terms, bad = accumulate_gradients(learner.policy, learner.teacher, run, rollout, metrics)
     with timed(metrics, "update"):
-        student_scores = learner.policy(rollout, run.sampling, logits=estimator.needs_teacher_logits)
-        inputs = LossInputs(
-            student_scores, teacher_scores, rollout.response_mask_B_T, rollout.response_tokens_B_T,
-            rollout.logp_sampling_B_T,
-        )  # fmt: skip
-        terms = estimator.loss(inputs, run.divergence, reduce=global_sum)
-        learner.optimizer.zero_grad(set_to_none=True)
-        bad = nonfinite_parts(terms, rollout.response_mask_B_T)
         if not bad:
-            terms.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(), t.grad_clip)
             grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # the global norm
             if not torch.isfinite(grad_norm):
@@ -155,6 +143,57 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     step_time = metrics["time/rollout"] + metrics["time/teacher"] + metrics["time/update"]
     metrics["perf/tokens_per_s"] = global_sum(rollout.response_mask_B_T.sum()).item() / step_time
     return metrics
+
+
+def accumulate_gradients(
+    policy: nn.Module, teacher: Scorer, run: Run, rollout: Rollout, metrics: dict[str, float]
+) -> tuple[LossTerms, dict[str, int]]:
+    """The teacher's scores, the student's with-grad scores, the loss and its backward, one
+    micro-batch of ``trainer.micro_batch_size`` sequences at a time, gradients summed in ``policy``
+    (zeroed first). The normalisers are the whole batch's over every rank and micro-batch
+    (``batch_totals``), so the summed gradient equals the whole batch's in one forward; the batch
+    baseline and whitening take a no-grad pass over the batch for its advantages first. Returns the
+    batch's terms (the loss summed, the rest in row order) and what was not finite (nothing was
+    applied then: the gradients are partial)."""
+    estimator, logits = run.estimator, run.estimator.needs_teacher_logits
+    rows = micro_batches(rollout.response_tokens_B_T.shape[0], run.config.trainer.micro_batch_size)
+    parts = [rollout] if len(rows) == 1 else [rollout.select(part.tolist()) for part in rows]
+
+    def teacher_scores(part: Rollout) -> Tensor:
+        with timed(metrics, "teacher"), torch.no_grad():
+            return teacher.logits(part) if logits else teacher.logprobs(part)
+
+    def inputs(part: Rollout, student: Tensor, scores: Tensor) -> LossInputs:
+        return LossInputs(student, scores, part.response_mask_B_T, part.response_tokens_B_T, part.logp_sampling_B_T)
+
+    scores = [teacher_scores(part) for part in parts] if not logits else [None] * len(parts)
+    advantages_B_T = None
+    if estimator.needs_advantage_totals:  # a sampled estimator: log-probs only
+        with timed(metrics, "update"), torch.no_grad():
+            advantages_B_T = torch.cat([
+                estimator.advantages(inputs(part, policy(part, run.sampling), score), run.divergence)
+                for part, score in zip(parts, scores, strict=True)
+            ])  # fmt: skip
+    totals = batch_totals(rollout.response_mask_B_T, advantages_B_T, global_sum)
+    each: list[LossTerms] = []
+    bad: dict[str, int] = {}
+    policy.zero_grad(set_to_none=True)
+    for i, (part, score) in enumerate(zip(parts, scores, strict=True)):
+        score = teacher_scores(part) if score is None else score  # logits: one micro-batch's at a time
+        with timed(metrics, "update"), accumulating(policy, last=i == len(parts) - 1):
+            student = policy(part, run.sampling, logits=logits)
+            terms = estimator.loss(inputs(part, student, score), run.divergence, totals)
+            bad = nonfinite_parts(terms, part.response_mask_B_T)
+            if bad:
+                break
+            terms.loss.backward()
+        each.append(terms)
+    loss = torch.stack([terms.loss.detach() for terms in each]).sum() if each else torch.tensor(torch.nan)
+    joined = [torch.cat([getattr(terms, key) for terms in each]) if each else None for key in TERMS]
+    return LossTerms(loss, *joined), bad
+
+
+TERMS = ("logp_student_B_T", "log_u_B_T", "advantages_B_T")  # the [B, T] fields of LossTerms
 
 
 def train(run: Run, run_dir: Path) -> dict[str, Any]:

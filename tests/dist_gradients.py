@@ -4,8 +4,9 @@
 
 For fixed rollouts of 12 sequences (12 distinct prompts; 4 prompts x 3 samples) and each estimator
 setting, the gradient that the ranks compute from their shares (rank r: sequences r, r + 2, ...)
-with the trainer's global normalisers and the strategy's reduction must equal the one-process
-gradient of the whole batch, in float64. Prints the largest difference of each rollout; exits 1
+through the trainer's ``accumulate_gradients`` (the whole batch's normalisers, micro-batches of 2
+or 4 sequences, the strategy's reduction once per step) must equal the one-process gradient of the
+whole batch in one forward, in float64. Prints the largest difference of each rollout; exits 1
 when it exceeds 1e-10 (distinct prompts) or 1e-6 of the gradient's scale (groups).
 """
 
@@ -13,23 +14,29 @@ import sys
 from dataclasses import replace
 
 import torch
+from hydra import compose, initialize_config_dir
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdx.backends.hf import HFModel
-from opdx.config import EstimatorConfig, asset_path
-from opdx.dist import Ranks, global_max, global_sum, init, wrap
-from opdx.divergences import get_divergence
-from opdx.objective import LossInputs, build_estimator
+from opdx.config import CONF_DIR, asset_path, register_resolvers, register_schema
+from opdx.dist import Ranks, global_max, init, wrap
 from opdx.policy import TokenScores
 from opdx.rollout import Rollout
+from opdx.run import Run, validate
+from opdx.trainer import accumulate_gradients
 
-SETTINGS = [
-    EstimatorConfig(name="unbiased", token_mean=True, batch_baseline=True),
-    EstimatorConfig(name="stopgrad", whiten=True, gamma=1.0),
-    EstimatorConfig(name="unbiased"),
-    EstimatorConfig(name="analytic", token_mean=True),
+SETTINGS = [  # estimator overrides, and the micro-batch size of each rank's share
+    (["estimator=unbiased", "estimator.token_mean=true", "estimator.batch_baseline=true"], 2),
+    (["estimator=stopgrad", "estimator.whiten=true", "estimator.gamma=1"], 4),
+    (["estimator=unbiased"], None),
+    (["estimator=analytic", "estimator.token_mean=true"], 2),
 ]
+
+
+def composed_run(overrides: list[str]) -> Run:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return validate(compose(config_name="config", overrides=["divergence=forward_kl", *overrides]))
 
 
 def student() -> AutoModelForCausalLM:
@@ -38,6 +45,8 @@ def student() -> AutoModelForCausalLM:
 
 def main() -> int:
     strategy = sys.argv[1]
+    register_schema()
+    register_resolvers()
     torch.set_num_threads(1)
     ranks = init()
     tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny/student"))
@@ -70,25 +79,15 @@ def largest_difference(strategy: str, ranks: Ranks, teacher: HFModel, rollout: R
            "response_tokens_B_T", "response_mask_B_T", "logp_sampling_B_T", "finished_B")},
         problems=[rollout.problems[i] for i in rows],
     )  # fmt: skip
-    div, worst, scale = get_divergence("forward_kl"), 0.0, 0.0
-    for config in SETTINGS:
-        estimator = build_estimator(config)
-        logits = estimator.needs_teacher_logits
-        teacher_scores = teacher.logits(rollout) if logits else teacher.logprobs(rollout)
+    worst, scale = 0.0, 0.0
+    for overrides, micro_batch_size in SETTINGS:
         whole = TokenScores(student())
-        inputs = LossInputs(
-            whole(rollout, logits=logits), teacher_scores, rollout.response_mask_B_T, rollout.response_tokens_B_T
-        )
-        loss = estimator.loss(inputs, div).loss
-        loss.backward()
+        accumulate_gradients(whole, teacher, composed_run(overrides), rollout, {})
         expected = {name: p.grad for name, p in whole.named_parameters()}
         model = student()
         policy = wrap(TokenScores(model), strategy, model.model.layers, torch.device("cpu"), ("generate",))
-        inputs = LossInputs(
-            policy(share, logits=logits), teacher_scores[rows], share.response_mask_B_T, share.response_tokens_B_T
-        )
-        loss = estimator.loss(inputs, div, reduce=global_sum).loss
-        loss.backward()
+        run = composed_run([*overrides, f"trainer.micro_batch_size={micro_batch_size or 'null'}"])
+        accumulate_gradients(policy, teacher, run, share, {})
         for name, p in policy.named_parameters():
             grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             reference = expected[name.removeprefix("module.")]

@@ -149,7 +149,7 @@ def test_a_real_model_brings_its_trainer_and_eval_sizes_and_the_command_line_win
     assert validate(composed("model=qwen3_8b_to_1p7b_base")).config.model.dtype == "bfloat16"
 
 
-def test_eval_run_reapplies_the_run_setup_but_not_its_training_nor_a_switched_group(tmp_path):
+def test_eval_run_reapplies_the_run_settings_but_not_its_training_nor_a_switched_group(tmp_path):
     from opdx.cli import eval_run_overrides
 
     (tmp_path / ".hydra").mkdir()
@@ -157,10 +157,10 @@ def test_eval_run_reapplies_the_run_setup_but_not_its_training_nor_a_switched_gr
     saved += ["runtime.threads=1", "eval.run=old", "trainer.resume=old"]
     (tmp_path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in saved))
     args = eval_run_overrides(tmp_path, [f"eval.run={tmp_path}", "eval.n=2"])
-    setup = ["benchmark=gsm8k", "benchmark.path=x.jsonl", "sampling.temperature=0.5", "seed=3"]  # an old name renamed
-    assert args == [*setup, f"eval.run={tmp_path}", "eval.n=2"]
+    kept = ["sampling.temperature=0.5", "seed=3", "runtime.threads=1"]  # an old name under its new one
+    assert args == ["benchmark=gsm8k", "benchmark.path=x.jsonl", *kept, f"eval.run={tmp_path}", "eval.n=2"]
     switched = eval_run_overrides(tmp_path, [f"eval.run={tmp_path}", "benchmark=math500"])
-    assert switched == ["sampling.temperature=0.5", "seed=3", f"eval.run={tmp_path}", "benchmark=math500"]
+    assert switched == [*kept, f"eval.run={tmp_path}", "benchmark=math500"]
     with pytest.raises(SystemExit, match="is not a run directory"):
         eval_run_overrides(tmp_path / "nothing", [])
 

@@ -99,3 +99,21 @@ def test_an_instruct_teacher_and_a_base_student_differ_only_in_eos(tmp_path):
     cfg = ModelConfig(name="tiny", teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"))
     tokenizer = load_tokenizer(cfg)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 24 and tokenizer.pad_token_id == 0
+
+
+def test_the_pair_stop_ids_are_every_id_of_both_generation_configs(tmp_path, capsys):
+    """An instruct teacher lists end-of-turn and end-of-text, a base student end-of-text alone: a
+    response ends at either, and the run says so. Ids beyond the tokenizer are left out."""
+    from transformers import GenerationConfig
+
+    from opdx.models import stop_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny/student"))  # <eos> is id 2
+    GenerationConfig(eos_token_id=[2]).save_pretrained(tmp_path / "student")
+    GenerationConfig(eos_token_id=[5, 2, 999]).save_pretrained(tmp_path / "teacher")
+    cfg = ModelConfig(name="x", teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"))
+    assert stop_ids(cfg, tokenizer) == [2, 5]
+    assert "responses end at any of" in capsys.readouterr().out
+    same = ModelConfig(name="tiny", teacher=asset_path("tiny/teacher"), student=asset_path("tiny/student"))
+    assert stop_ids(same, tokenizer) == [2]
+    assert capsys.readouterr().out == ""

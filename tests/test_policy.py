@@ -154,3 +154,21 @@ def test_a_ddp_wrapped_student_forward_goes_through_the_wrapper(student, tmp_pat
         assert reduced == []
     finally:
         dist.destroy_process_group()
+
+
+def test_a_bfloat16_head_gives_float32_logits_not_rounded_ones():
+    """u = q/p compares two heads' log-probs: a bfloat16 head's own logits carry its rounding (a
+    step of 0.125 near 16), the float32 computation from the same bfloat16 operands does not."""
+    from opdx.policy import head_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1000, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.mul_(40)  # logits of order 10, as a trained model's
+    hidden = torch.randn(8, 64).to(torch.bfloat16)
+    exact = hidden.double() @ head.weight.double().T
+    ours = head_logits(head, hidden)
+    assert ours.dtype == torch.float32
+    assert (ours.double() - exact).abs().max() < 1e-4 < (head(hidden).double() - exact).abs().max()
+    float_head = torch.nn.Linear(64, 10).double()
+    assert torch.equal(head_logits(float_head, hidden.double()), float_head(hidden.double()))  # as it is

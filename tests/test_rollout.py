@@ -5,7 +5,16 @@ from opdx.rollout import Rollout, gather_logprobs, pad, response_mask
 
 def test_response_mask_includes_first_eos_only():
     tokens = torch.tensor([[5, 6, 2, 0, 0], [5, 5, 5, 5, 5], [2, 7, 2, 0, 0]])
-    mask, finished = response_mask(tokens, eos_token_id=2)
+    mask, finished = response_mask(tokens, 2)
+    assert mask.int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert finished.tolist() == [True, False, True]
+
+
+def test_any_stop_id_ends_a_response():
+    """A chat model's generation config lists several stop ids (end of turn, end of text): the
+    first of any of them ends the response and its mask."""
+    tokens = torch.tensor([[5, 6, 9, 2, 0], [5, 5, 5, 5, 5], [9, 7, 2, 0, 0]])
+    mask, finished = response_mask(tokens, [2, 9])
     assert mask.int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert finished.tolist() == [True, False, True]
 

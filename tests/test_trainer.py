@@ -266,3 +266,68 @@ def test_resume_refuses_overrides_that_change_the_run_and_keeps_its_files(opdx_c
     assert [path.read_text() for path in hydra_files] == saved
     allowed = opdx_cli("train", f"trainer.resume={tmp_path}", "trainer.steps=3", "eval.n=0", "logger=jsonl")
     assert "resuming" in allowed.stdout and read_metrics(tmp_path)[-1]["step"] == 3
+
+
+MICRO_SETTINGS = [
+    ["estimator=unbiased"],
+    ["estimator=stopgrad", "estimator.gamma=1"],
+    ["estimator=unbiased", "estimator.token_mean=true"],
+    ["estimator=unbiased", "estimator.batch_baseline=true"],
+    ["estimator=stopgrad", "estimator.whiten=true", "estimator.log_ratio_clip=2"],
+    ["estimator=unbiased", "estimator.rollout_correction=tis"],
+    ["estimator=unbiased", "estimator.rollout_correction=ppo"],
+    ["estimator=analytic"],
+    ["estimator=analytic", "estimator.token_mean=true"],
+]
+
+
+@pytest.fixture(scope="module")
+def float64_pair():
+    """The tiny pair in float64 and a rollout of 9 distinct prompts whose sampler log-probs are
+    moved off the trainer's (so the importance ratios of tis / ppo are not 1)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opdx.backends.hf import HFModel
+    from opdx.config import asset_path
+
+    tokenizer = AutoTokenizer.from_pretrained(asset_path("tiny/student"))
+    teacher = HFModel(AutoModelForCausalLM.from_pretrained(asset_path("tiny/teacher"), dtype=torch.float64), tokenizer)
+    student = AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"), dtype=torch.float64)
+    torch.manual_seed(0)
+    prompts = ["12+7=", "3-45+6=", "9=", "77-8=", "5*6=", "1+1=", "40-2=", "8+8+8=", "7="]
+    rollout = HFModel(student, tokenizer).sample(prompts, 1, 10)
+    rollout.logp_sampling_B_T = rollout.logp_sampling_B_T + 0.3 * torch.randn(rollout.logp_sampling_B_T.shape)
+    return teacher, rollout
+
+
+@pytest.mark.parametrize("overrides", MICRO_SETTINGS, ids=lambda o: " ".join(o))
+def test_micro_batches_give_the_gradient_of_the_whole_batch(overrides, float64_pair):
+    """Micro-batches of 2 sequences (5 of them for 9 rows) against one forward of the whole batch:
+    every normaliser is the whole batch's, so the summed gradient is equal to float64 round-off,
+    and so are the loss and the advantages the metrics read."""
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoModelForCausalLM
+
+    from opdx.config import CONF_DIR, asset_path, register_resolvers, register_schema
+    from opdx.policy import TokenScores
+    from opdx.run import validate
+    from opdx.trainer import accumulate_gradients
+
+    register_schema()
+    register_resolvers()
+    teacher, rollout = float64_pair
+    results = []
+    for micro in ("null", "2"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["divergence=js", f"trainer.micro_batch_size={micro}", *overrides])
+        policy = TokenScores(AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"), dtype=torch.float64))
+        metrics: dict[str, float] = {}
+        terms, bad = accumulate_gradients(policy, teacher, validate(cfg), rollout, metrics)
+        assert not bad and metrics["time/teacher"] > 0 and metrics["time/update"] > 0
+        results.append((terms, {name: p.grad for name, p in policy.named_parameters()}))
+    (whole, grads_whole), (micro, grads_micro) = results
+    scale = max(g.abs().max().item() for g in grads_whole.values())
+    worst = max((grads_micro[name] - g).abs().max().item() for name, g in grads_whole.items())
+    assert scale > 1e-3 and worst <= 1e-12 * scale, f"{worst:.2e} at scale {scale:.2e}"
+    torch.testing.assert_close(micro.loss, whole.loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(micro.advantages_B_T, whole.advantages_B_T, rtol=1e-12, atol=1e-12)

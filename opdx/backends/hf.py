@@ -26,6 +26,7 @@ from transformers import (
 
 from opdx.backends import teacher_prompt_tokenizer
 from opdx.benchmarks import Problem
+from opdx.compat import PairError
 from opdx.config import ModelConfig, check
 from opdx.models import load_model
 from opdx.policy import TokenScores, cache_argument, shared_prompt_cache, upcast
@@ -80,6 +81,25 @@ class PaddingRowsOff(LogitsProcessor):
         return scores.index_fill(-1, torch.arange(self.vocab_size, scores.shape[-1], device=scores.device), -torch.inf)
 
 
+class FiniteLogits(LogitsProcessor):
+    """Raises PairError naming the model when its raw next-token scores hold a NaN or +inf (a
+    float16 model that overflows, broken weights): sampling from them would fail inside ``generate``
+    with "probability tensor contains either inf, nan or element < 0". Runs first; scores pass."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            rows = int((torch.isnan(scores) | torch.isposinf(scores)).any(-1).sum())
+            raise PairError(
+                f"{self.name} gives non-finite next-token scores (NaN or +inf) in {rows} of {len(scores)} sequences "
+                "while sampling: its weights or dtype do not work (a float16 model that overflows: try bfloat16 or "
+                "float32 through model.dtype / model.teacher_dtype)"
+            )
+        return scores
+
+
 CACHES = ("dynamic", "static")
 
 
@@ -89,8 +109,9 @@ class HFModel:
     As the ``rollout=hf`` backend it samples from the training student itself, so a weight update
     has nothing to copy; as ``teacher=hf`` (``load_teacher``) it holds the frozen teacher.
     ``prompt_tokenizer`` renders its prompts when its chat template is not the one of ``tokenizer``
-    (the pair's shared tokenizer, whose ids and EOS the responses use); ``context`` is the number
-    of positions the model has. ``cache`` is the KV cache ``generate`` decodes with: ``dynamic``
+    (the pair's shared tokenizer, whose ids the responses use); ``stop_ids`` end a response (the
+    pair's, ``opdx.models.stop_ids``; default the tokenizer's EOS); ``context`` is the number of
+    positions the model has. ``cache`` is the KV cache ``generate`` decodes with: ``dynamic``
     (grows per token; rows that share a prompt share its prefill) or ``static`` (preallocated to
     prompt + max new tokens, which transformers compiles on GPUs: its first call compiles).
     """
@@ -101,12 +122,14 @@ class HFModel:
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        logprob_chunk: int = 128,
+        logprob_chunk: int = 8192,
         prompt_tokenizer: PreTrainedTokenizerBase | None = None,
         cache: str = "dynamic",
+        stop_ids: Sequence[int] | None = None,
     ) -> None:
         check(cache in CACHES, f"rollout.cache={cache!r} is invalid; valid: {', '.join(CACHES)}")
         self.cache = cache
+        self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_tokenizer = prompt_tokenizer or tokenizer
@@ -142,13 +165,14 @@ class HFModel:
             do_sample=not greedy,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids,
             bos_token_id=tokenizer.bos_token_id,
             cache_implementation=None if self.cache == "dynamic" else self.cache,
             **built_in_warpers_off,
         )
         padding_rows = model.get_output_embeddings().weight.shape[0] > len(tokenizer)
-        processors = LogitsProcessorList([PaddingRowsOff(len(tokenizer))] if padding_rows else [])
+        processors = LogitsProcessorList([FiniteLogits(model.name_or_path)])
+        processors += [PaddingRowsOff(len(tokenizer))] if padding_rows else []
         processors += ([] if greedy else list(params.warpers())) + [recorder]
         if on_step is not None:
             processors.append(DecodingProgress(on_step))
@@ -169,7 +193,7 @@ class HFModel:
         model.train(was_training)
         response_tokens_B_T = sequences_B_N[:, prompt_tokens_B_L.shape[1] :].cpu()
         logp_sampling_B_T = recorder.finish(sequences_B_N[:, -1]).cpu()
-        mask_B_T, finished_B = response_mask(response_tokens_B_T, tokenizer.eos_token_id)
+        mask_B_T, finished_B = response_mask(response_tokens_B_T, self.stop_ids)
         return Rollout(
             prompt_tokens_B_L, prompt_mask_B_L, response_tokens_B_T, mask_B_T, logp_sampling_B_T, finished_B, problems_B
         )
@@ -203,11 +227,12 @@ def load_teacher(
     pair: ModelConfig,
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
-    logprob_chunk: int = 128,
+    logprob_chunk: int = 8192,
     prompt_template: str = "own",
+    stop_ids: Sequence[int] | None = None,
 ) -> HFModel:
     """``teacher=hf``: the frozen teacher ``pair.teacher`` in ``pair.teacher_dtype``, in this process,
-    its prompts rendered as ``teacher_prompt_tokenizer`` says."""
+    its prompts rendered as ``teacher_prompt_tokenizer`` says, its answers ending at ``stop_ids``."""
     prompt_tokenizer = teacher_prompt_tokenizer(pair, tokenizer, prompt_template)
     teacher = load_model(pair.teacher, pair.teacher_dtype, device, tokenizer, trainable=False)
-    return HFModel(teacher, tokenizer, logprob_chunk, prompt_tokenizer=prompt_tokenizer)
+    return HFModel(teacher, tokenizer, logprob_chunk, prompt_tokenizer=prompt_tokenizer, stop_ids=stop_ids)

@@ -64,9 +64,10 @@ class RoutedTeacher:
             (rows, score(teacher, rollout.select(rows))) for teacher, rows in self._rows_by_teacher(rollout.problems)
         ]
         shape, dtype = scored[0][1].shape[1:], functools.reduce(torch.promote_types, (s.dtype for _, s in scored))
-        merged = torch.empty((len(rollout.response_tokens_B_T), *shape), dtype=dtype)
+        device = scored[0][1].device  # logits stay on the teachers' device (CUDA), log-probs come to the CPU
+        merged = torch.empty((len(rollout.response_tokens_B_T), *shape), dtype=dtype, device=device)
         for rows, scores in scored:
-            merged[torch.tensor(rows)] = scores.to(dtype)
+            merged[torch.tensor(rows, device=device)] = scores.to(device, dtype)
         return merged
 
     def logprobs(self, rollout: Rollout) -> Tensor:

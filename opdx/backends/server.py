@@ -69,9 +69,11 @@ class ServedTeacher:
         rows_per_request: int = 64,
         concurrency: int = 8,
         prompt_template: str = "own",
+        stop_ids: Sequence[int] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.tokenizer = tokenizer
+        self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
         self.prompt_tokenizer = teacher_prompt_tokenizer(pair, tokenizer, prompt_template)
         self.timeout, self.rows_per_request, self.concurrency = timeout, rows_per_request, concurrency
         self.session = requests.Session()
@@ -208,7 +210,7 @@ class ServedTeacher:
         on_step: Callable[[], object] | None = None,
     ) -> Rollout:
         """The teacher's own answers (its eval): ``samples_per_prompt`` per problem, B = P * G,
-        each to the pair's EOS or ``max_new_tokens``, sampled by the server with a seed per prompt
+        each to a stop id of the pair or ``max_new_tokens``, sampled by the server with a seed per prompt
         drawn from torch's global generator. ``on_step`` is not called."""
         prompts_P = self.prompt_ids(problems)
         seeds_P = request_seeds(len(prompts_P))
@@ -217,7 +219,7 @@ class ServedTeacher:
         }  # fmt: skip
         bodies = [
             {"model": self.model, "prompt": [ids], "n": samples_per_prompt, "max_tokens": max_new_tokens,
-             "seed": seed, "ignore_eos": True, "stop_token_ids": [self.tokenizer.eos_token_id],
+             "seed": seed, "ignore_eos": True, "stop_token_ids": self.stop_ids,
              "return_token_ids": True, **NEUTRAL_SAMPLING, **sampling}
             for ids, seed in zip(prompts_P, seeds_P, strict=True)
         ]  # fmt: skip

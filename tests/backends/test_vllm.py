@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (README's test command
 from opdx.backends import Sampler  # noqa: E402
 from opdx.backends.vllm import VLLMSampler  # noqa: E402
 from opdx.benchmarks import get_benchmark  # noqa: E402
-from opdx.config import ConfigError  # noqa: E402
+from opdx.config import ConfigError, asset_path  # noqa: E402
 from opdx.policy import TokenScores  # noqa: E402
 from opdx.rollout import PLAIN_SAMPLING, SamplingParams  # noqa: E402
 from opdx.run import start, validate  # noqa: E402
@@ -196,3 +196,34 @@ def test_an_untied_bfloat16_engine_takes_float32_weights_cast_embedding_and_head
         assert torch.equal(after["model.embed_tokens.weight"][:vocab], update.model.embed_tokens.weight.bfloat16())
         assert torch.equal(after["lm_head.weight"][:vocab], update.lm_head.weight.bfloat16())
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+
+def test_padding_rows_are_biased_off_without_an_allow_list():
+    """Qwen3's 151,936 rows over 151,669 ids: 267 -inf biases, no allowed_token_ids (vLLM's GPU
+    runner takes at most 1,024 of either); a pair without padding rows sends no restriction."""
+    import vllm
+
+    from opdx.backends.vllm import padding_rows_off, request
+
+    bias = padding_rows_off(151_936, 151_669)
+    assert len(bias) == 267 and min(bias) == 151_669 and set(bias.values()) == {float("-inf")}
+    params = request(vllm, 4, 16, SamplingParams(temperature=0.7), False, [151_645, 151_643], bias, seed=3)
+    assert params.allowed_token_ids is None and len(params.logit_bias) == 267
+    assert params.stop_token_ids == [151_645, 151_643] and params.ignore_eos and params.n == 4
+    assert padding_rows_off(24, 24) is None
+    with pytest.raises(ConfigError, match="at most 1024 entries"):
+        padding_rows_off(152_064 + 2_000, 151_665)
+
+
+def test_engine_args_that_cannot_work_are_refused_by_name():
+    from transformers import AutoModelForCausalLM
+
+    from opdx.backends.vllm import check_engine_args
+
+    model = AutoModelForCausalLM.from_pretrained(asset_path("tiny/teacher"))
+    ours = {"seed": 0, "max_model_len": 64}
+    with pytest.raises(ConfigError, match="repeats max_model_len, seed"):
+        check_engine_args({"seed": 1, "max_model_len": 32}, ours, model)
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 is not supported"):
+        check_engine_args({"tensor_parallel_size": 2}, ours, model)
+    check_engine_args({"block_size": 32}, ours, model)
