@@ -31,6 +31,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SCHEDULES = ("constant", "cosine", "linear")
 STRATEGIES = ("none", "ddp", "fsdp2")
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 Schema = TypeVar("Schema")
 
 
@@ -115,7 +116,9 @@ def typed(schema: type[Schema], values: Mapping[str, Any], key: str) -> Schema:
 
 @dataclass
 class ModelConfig:
-    """Teacher and student: hub ids or local directories, loaded with ``from_pretrained``."""
+    """Teacher and student: hub ids or local directories, loaded with ``from_pretrained``.
+    ``dtype`` is the student's compute dtype (its forward passes, its samples, a vLLM engine's
+    copy); ``trainer.precision`` says in which dtype training keeps its weights."""
 
     name: str = MISSING
     teacher: str = MISSING
@@ -236,6 +239,7 @@ class TrainerConfig:
     resume: str | None = None
     gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
     micro_batch_size: int | None = None  # sequences per forward/backward (teacher, student, update); null: all at once
+    precision: str | None = None  # fp32 | bf16-mixed | bf16 (resolve_precision); null: by model.dtype
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
     strategy: str = "none"  # data parallelism under torchrun: ddp (a replica per rank) or fsdp2 (sharded)
     # old names, kept working (each warns once): sampling.* and runtime.* are where these live now
@@ -259,6 +263,29 @@ class TrainerConfig:
         )
         check(self.schedule in SCHEDULES, f"trainer.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         check(self.strategy in STRATEGIES, f"trainer.strategy={self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        check(
+            self.precision is None or self.precision in PRECISIONS,
+            f"trainer.precision={self.precision!r} is invalid; valid: {', '.join(PRECISIONS)} or null",
+        )
+
+
+def resolve_precision(precision: str | None, dtype: str) -> str:
+    """The training precision of a student computing in ``dtype`` (``model.dtype``): ``fp32``
+    trains in the student's own float32 (or float64) weights; ``bf16-mixed`` keeps float32 master
+    weights and AdamW state and computes in bfloat16 (autocast); ``bf16`` keeps everything in
+    bfloat16, where an update smaller than half a weight's step is lost (at lr 1e-6 most are,
+    and norm weights near 1 never move). Null: ``bf16-mixed`` for a bfloat16 student, ``fp32``
+    for a float32 or float64 one. ConfigError for a combination that contradicts ``dtype`` and for
+    a float16 student (training it needs loss scaling, which opdx does not do)."""
+    check(dtype != "float16", "model.dtype=float16 cannot be trained (it needs loss scaling): use bfloat16 or float32")
+    full = dtype in ("float32", "float64")
+    resolved = precision or ("fp32" if full else "bf16-mixed")
+    check(
+        (resolved == "fp32") == full,
+        f"trainer.precision={resolved} with model.dtype={dtype}: fp32 goes with a float32 or float64 student, "
+        "bf16-mixed and bf16 with a bfloat16 one",
+    )
+    return resolved
 
 
 # Settings that moved: old key -> new key. The old names still compose (the fields above) and

@@ -36,15 +36,35 @@ class TokenScores(nn.Module):
     of logits is at most [chunk_size, V] whatever the batch; with grad enabled each chunk is
     recomputed in backward (activation checkpointing), so no full [B, T, V] tensor is kept. The
     head's logits are computed in float32 from a bfloat16 or float16 model (``head_logits``).
+
+    ``compute_dtype`` (``trainer.precision=bf16-mixed``): float32 weights that compute in bfloat16,
+    through ``torch.autocast`` around the forward and ``generate``; the head stays float32.
     """
 
-    def __init__(self, model: PreTrainedModel, chunk_size: int = 8192, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        chunk_size: int = 8192,
+        vocab_size: int | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
+        self.compute_dtype = compute_dtype
+
+    def autocast(self) -> torch.autocast:
+        """Autocast to ``compute_dtype`` where it is lower than the weights' dtype, else off."""
+        weights = self.model.get_output_embeddings().weight.dtype
+        on = self.compute_dtype is not None and self.compute_dtype != weights
+        return torch.autocast(self.model.device.type, dtype=self.compute_dtype or weights, enabled=on)
 
     def forward(self, rollout: Rollout, params: SamplingParams = PLAIN_SAMPLING, logits: bool = False) -> Tensor:
+        with self.autocast():
+            return self._scores(rollout, params, logits)
+
+    def _scores(self, rollout: Rollout, params: SamplingParams, logits: bool) -> Tensor:
         hidden_B_T_D = self._hidden_states(rollout)
         lm_head = self.model.get_output_embeddings()
         if logits:
@@ -65,7 +85,8 @@ class TokenScores(nn.Module):
     def generate(self, **kwargs: object) -> Tensor:
         """The model's ``generate``, through this module: under FSDP2 it is registered as a forward
         method of the sharded root (``register_fsdp_forward_method``), so its parameters are gathered."""
-        return self.model.generate(**kwargs)
+        with self.autocast():
+            return self.model.generate(**kwargs)
 
     def _hidden_states(self, rollout: Rollout) -> Tensor:
         """Final hidden states at the positions that predict each response token, [B, T, D].
@@ -165,10 +186,12 @@ def head_logits(lm_head: nn.Module, hidden: Tensor) -> Tensor:
     own dtype first (a bfloat16 logit near 16 has a step of 0.125 nat), so u = q/p compares two
     float32 heads (ScaleRL's fp32 head; vLLM's ``head_dtype`` override does the same on an engine)."""
     weight = lm_head.weight
-    if weight.dtype in (torch.float32, torch.float64):
+    if weight.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(hidden.device.type):
         return lm_head(hidden)
-    bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias.float()
-    return torch.nn.functional.linear(hidden.float(), weight.float(), bias)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias.to(dtype)
+    with torch.autocast(hidden.device.type, enabled=False):  # float32 master weights under bf16-mixed too
+        return torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), bias)
 
 
 def _chunk_logprobs(

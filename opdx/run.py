@@ -27,7 +27,17 @@ from opdx.backends import Sampler, Teacher
 from opdx.backends.routing import RoutedTeacher
 from opdx.benchmarks import Benchmark, Problem, Subset, build_benchmark
 from opdx.compat import PairError
-from opdx.config import ConfigError, EvalRunConfig, ModelConfig, RunConfig, SetupConfig, check, typed, upgrade
+from opdx.config import (
+    ConfigError,
+    EvalRunConfig,
+    ModelConfig,
+    RunConfig,
+    SetupConfig,
+    check,
+    resolve_precision,
+    typed,
+    upgrade,
+)
 from opdx.dist import Ranks, init
 from opdx.divergences import Divergence, build_divergence
 from opdx.metrics import LOGGERS
@@ -60,6 +70,7 @@ def validate(cfg: DictConfig) -> Run:
     """The composed ``opdx train`` config as typed objects, every name checked against its
     registry; raises ConfigError with the bad value and the valid choices."""
     config = typed(RunConfig, upgrade(plain_config(cfg)), "config")
+    config.trainer.precision = resolve_precision(config.trainer.precision, config.model.dtype)
     check(
         config.logger.name in LOGGERS,
         f"logger={config.logger.name!r} is unknown; valid loggers: {', '.join(LOGGERS)}",
@@ -209,9 +220,11 @@ def start(setup: Setup) -> Parts:
         print(f"{component.name}: {', '.join([*counts, f'{len(component.eval)} eval problems'])}{weight}")
     ensure_built(config.model)
     tokenizer = load_tokenizer(config.model)
-    student = load_model(config.model.student, config.model.dtype, device, tokenizer, trainable=True)
+    student = load_model(config.model.student, weights_dtype(setup), device, tokenizer, trainable=True)
     stops = stop_ids(config.model, tokenizer)
-    rollout = build_backend(config.rollout, model=student, tokenizer=tokenizer, stop_ids=stops)
+    rollout = build_backend(
+        config.rollout, model=student, tokenizer=tokenizer, stop_ids=stops, compute_dtype=config.model.dtype
+    )
     teachers = build_teachers(setup, tokenizer, device, stops)
     torch.manual_seed(config.seed)  # an engine backend may have reseeded the process (vLLM seeds its own)
     parts = Parts(student, tokenizer, rollout, one_teacher(teachers), teachers, device, ranks)
@@ -222,6 +235,13 @@ def start(setup: Setup) -> Parts:
 
 
 LOGITS_COPIES = 8  # [B, T, V] float32 tensors an analytic step holds at its peak
+
+
+def weights_dtype(setup: Setup) -> str:
+    """The dtype the student's weights load in: float32 master weights under
+    ``trainer.precision=bf16-mixed``, else its compute dtype ``model.dtype``."""
+    mixed = isinstance(setup, Run) and setup.config.trainer.precision == "bf16-mixed"
+    return "float32" if mixed else setup.config.model.dtype
 
 
 def check_logits_memory(run: Run, parts: Parts) -> None:

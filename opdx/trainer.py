@@ -75,7 +75,8 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     t = run.config.trainer
     if t.gradient_checkpointing:
         checkpoint_activations(parts.student, on=True)
-    policy = TokenScores(parts.student, run.config.runtime.logprob_chunk, len(parts.tokenizer))
+    compute_dtype = getattr(torch, run.config.model.dtype)  # bf16 compute over float32 weights when bf16-mixed
+    policy = TokenScores(parts.student, run.config.runtime.logprob_chunk, len(parts.tokenizer), compute_dtype)
     layers = getattr(parts.student.get_decoder(), "layers", [])
     policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",))
     parts.rollout.update_weights(policy)

@@ -211,3 +211,16 @@ def test_resume_conflicts_name_what_changes_a_run_and_allow_the_rest():
     assert "estimator.name: unbiased -> stopgrad" in conflicts and "benchmark.max_terms: 3 -> 4" in conflicts
     assert "seed: 0 -> 1" in conflicts and "model.name: tiny -> smollm2_135m" in conflicts
     assert not any(c.startswith(("eval.", "logger.")) for c in conflicts)
+
+
+def test_the_training_precision_follows_the_students_dtype_or_is_refused():
+    from opdx.config import resolve_precision
+
+    assert resolve_precision(None, "float32") == "fp32" and resolve_precision(None, "bfloat16") == "bf16-mixed"
+    assert resolve_precision("bf16", "bfloat16") == "bf16" and resolve_precision(None, "float64") == "fp32"
+    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed with model.dtype=float32"):
+        resolve_precision("bf16-mixed", "float32")
+    with pytest.raises(ConfigError, match="loss scaling"):
+        resolve_precision(None, "float16")
+    assert validate(composed("model=qwen3_1p7b_to_0p6b_base")).config.trainer.precision == "bf16-mixed"
+    assert validate(composed()).config.trainer.precision == "fp32"

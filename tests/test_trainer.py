@@ -331,3 +331,39 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(overrides, float64_p
     assert scale > 1e-3 and worst <= 1e-12 * scale, f"{worst:.2e} at scale {scale:.2e}"
     torch.testing.assert_close(micro.loss, whole.loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(micro.advantages_B_T, whole.advantages_B_T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_at_lr_1e_6_mixed_precision_moves_every_weight_and_pure_bf16_loses_most_updates(precision):
+    """One AdamW step at lr 1e-6 on a bfloat16-computing student: with float32 master weights
+    (bf16-mixed) every parameter tensor moves, norm weights included, and the optimizer state is
+    float32; in pure bfloat16 an update below half a weight's step rounds away, so most elements and
+    every norm weight (1.0, step 2^-7) stay put."""
+    from hydra import compose, initialize_config_dir
+
+    from opdx.config import CONF_DIR, register_resolvers, register_schema
+    from opdx.run import start, validate
+    from opdx.trainer import build_learner, train_step
+
+    register_schema()
+    register_resolvers()
+    overrides = ["model.dtype=bfloat16", f"trainer.precision={precision}", "trainer.lr=1e-6", "runtime.threads=1"]
+    overrides += ["trainer.prompts_per_step=4", "trainer.samples_per_prompt=2", "eval.problems=8"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        run = validate(compose("config", overrides=overrides))
+    learner = build_learner(run, start(run))
+    before = {name: p.detach().clone() for name, p in learner.policy.named_parameters()}
+    metrics = train_step(learner, 0)
+    assert not metrics["train/skipped"]
+    moved = {name: (p.detach() != before[name]).float().mean().item() for name, p in learner.policy.named_parameters()}
+    norms = [name for name in moved if "norm" in name]
+    assert norms
+    if precision == "bf16-mixed":
+        assert all(p.dtype == torch.float32 for p in learner.policy.parameters())
+        assert all(s.dtype == torch.float32 for st in learner.optimizer.state.values() for s in st.values() if s.ndim)
+        assert min(moved.values()) > 0.9  # every tensor, nearly every element
+    else:
+        assert all(p.dtype == torch.bfloat16 for p in learner.policy.parameters())
+        assert max(moved[name] for name in norms) == 0.0
+        changed = sum(moved[n] * before[n].numel() for n in moved) / sum(t.numel() for t in before.values())
+        assert changed < 0.2

@@ -193,7 +193,9 @@ def request(
 
 class VLLMSampler:
     """``rollout=vllm``: a colocated ``vllm.LLM`` engine of the student (``model``'s directory, in
-    its dtype), sampling B = P * G responses per call with the processed log-prob of each token.
+    ``compute_dtype``, ``model.dtype``: bfloat16 over float32 master weights under
+    ``trainer.precision=bf16-mixed``; default the module's dtype), sampling B = P * G responses per
+    call with the processed log-prob of each token.
 
     Options (conf/rollout/vllm.yaml): ``gpu_memory_utilization`` (the share of GPU memory for the
     engine's weights and KV cache; the trainer uses the rest), ``kv_cache_memory_bytes`` (the KV
@@ -222,6 +224,7 @@ class VLLMSampler:
         enforce_eager: bool | None = None,
         engine_args: dict[str, Any] | None = None,
         stop_ids: Sequence[int] | None = None,
+        compute_dtype: str | None = None,
     ) -> None:
         self.vllm = import_vllm()
         check_cpu_head_size(model)
@@ -232,10 +235,10 @@ class VLLMSampler:
             room = CPU_KV_CACHE_SEQUENCES * self.context * kv_bytes_per_token(model)
             kv_cache_memory_bytes = max(CPU_KV_CACHE_BYTES, room)
         self.tokenizer = tokenizer
-        self.dtype = model.dtype
+        self.dtype = getattr(torch, compute_dtype) if compute_dtype else model.dtype  # bf16 over fp32 master weights
         ours = {
             "model": model.name_or_path,
-            "dtype": str(model.dtype).removeprefix("torch."),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "max_model_len": self.context,
             "gpu_memory_utilization": gpu_memory_utilization,
             "kv_cache_memory_bytes": kv_cache_memory_bytes,
@@ -246,7 +249,7 @@ class VLLMSampler:
             "seed": 0,
             **ranks_of_engines(),
         }
-        if model.dtype in (torch.bfloat16, torch.float16):
+        if self.dtype in (torch.bfloat16, torch.float16):
             # the trainer's head runs in float32 (opdx.policy.head_logits); so does the engine's then
             # (vllm/config/model.py ModelConfig.head_dtype, from hf_overrides)
             ours["hf_overrides"] = {"head_dtype": "float32"}
