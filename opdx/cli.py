@@ -53,9 +53,9 @@ def resume(run_dir: Path, argv: list[str]) -> int:
     ``.hydra/config.yaml`` and ``overrides.yaml`` once the resume is accepted.
 
     SystemExit when DIR holds no run to resume, for a Hydra flag (a resumed run takes config
-    overrides only), and when the overrides change what the run is (``opdx.config.resume_conflicts``,
-    naming each difference), before anything is written; a changed ``trainer.steps`` under a
-    decaying LR schedule is allowed with a warning."""
+    overrides only; ``hydra.*`` settings are ignored with a note), and when the overrides change
+    what the run is (``opdx.config.resume_conflicts``, naming each difference), before anything is
+    written; a changed ``trainer.steps`` under a decaying LR schedule is allowed with a warning."""
     from hydra import compose, initialize_config_dir
 
     from opdx.checkpoint import has_checkpoint  # torch: only when resuming
@@ -65,9 +65,13 @@ def resume(run_dir: Path, argv: list[str]) -> int:
         raise SystemExit(
             f"opdx train: trainer.resume={run_dir} has no checkpoints/ and .hydra/overrides.yaml to resume"
         )
-    flags = [a for a in argv if a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    flags = [a for a in argv if a.startswith("-")]
     if flags:
         raise SystemExit(f"opdx train: trainer.resume={run_dir} takes config overrides only, not {' '.join(flags)}")
+    hydra_settings = [a for a in argv if a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if hydra_settings:
+        print(f"a resumed run continues in {run_dir} with its own Hydra settings; ignored: {' '.join(hydra_settings)}")
+        argv = [a for a in argv if a not in hydra_settings]
     register_schema()
     register_resolvers()
     original = [o for o in OmegaConf.load(saved_overrides) if not o.startswith("trainer.resume=")]

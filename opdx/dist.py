@@ -65,8 +65,9 @@ def init() -> Ranks:
     """The default process group of a torchrun launch (created once), or one rank without torchrun."""
     ranks = launched()
     if ranks.world > 1 and not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", ranks.local_rank) if cuda else None  # NCCL bound to this rank's GPU
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device)
     return ranks
 
 
@@ -173,3 +174,20 @@ def accumulating(module: nn.Module, last: bool) -> Iterator[None]:
             module.set_requires_gradient_sync(True)
     else:
         yield
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """FSDP2 ``module``'s sharded layers kept gathered from their first forward to the end of the
+    block, then resharded: ``generate`` all-gathers each layer once per rollout instead of once per
+    layer and token (pytorch#125394: keep parameters unsharded for generation). The root keeps its
+    own setting. Nothing changes for a module that is not sharded."""
+    layers = [m for m in module.modules() if isinstance(m, FSDPModule) and m is not module]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)  # as wrap's fully_shard left it
+            layer.reshard()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,10 +25,22 @@ METRICS_FILE = "metrics.jsonl"
 
 @contextmanager
 def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
-    """Add the wall time of the block to ``metrics[f"time/{key}"]`` in seconds."""
+    """Add the wall time of the block to ``metrics[f"time/{key}"]`` in seconds; where CUDA is in
+    use, the GPU work queued in the block counts too (synchronised before and after), not in the
+    next block's time."""
+    synchronize()
     start = time.perf_counter()
     yield
+    synchronize()
     metrics[f"time/{key}"] = metrics.get(f"time/{key}", 0.0) + time.perf_counter() - start
+
+
+def synchronize() -> None:
+    """Wait for queued CUDA work when this process has started CUDA; torch is not imported here
+    (``opdx table`` reads metrics without it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -117,6 +117,7 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     with timed(metrics, "rollout"):
         new_tokens = run.config.sampling.max_new_tokens
         rollout = learner.rollout.sample(problems, t.samples_per_prompt, new_tokens, run.sampling)
+    learner.optimizer.zero_grad(set_to_none=True)  # the optimizer's (sharded) parameters: not the module's views
     terms, bad = accumulate_gradients(learner.policy, learner.teacher, run, rollout, metrics)
     with timed(metrics, "update"):
         if not bad:
@@ -150,9 +151,11 @@ def accumulate_gradients(
     policy: nn.Module, teacher: Scorer, run: Run, rollout: Rollout, metrics: dict[str, float]
 ) -> tuple[LossTerms, dict[str, int]]:
     """The teacher's scores, the student's with-grad scores, the loss and its backward, one
-    micro-batch of ``trainer.micro_batch_size`` sequences at a time, gradients summed in ``policy``
-    (zeroed first). The normalisers are the whole batch's over every rank and micro-batch
-    (``batch_totals``), so the summed gradient equals the whole batch's in one forward; the batch
+    micro-batch of ``trainer.micro_batch_size`` sequences at a time, gradients added to ``policy``'s
+    (the caller zeroes them: under FSDP2 through the optimizer, whose parameters are the sharded
+    ones; the module may hold unsharded views between steps). The normalisers are the whole
+    batch's over every rank and micro-batch (``batch_totals``), so the summed gradient equals the
+    whole batch's in one forward; the batch
     baseline and whitening take a no-grad pass over the batch for its advantages first. Returns the
     batch's terms (the loss summed, the rest in row order) and what was not finite (nothing was
     applied then: the gradients are partial)."""
@@ -178,7 +181,6 @@ def accumulate_gradients(
     totals = batch_totals(rollout.response_mask_B_T, advantages_B_T, global_sum)
     each: list[LossTerms] = []
     bad: dict[str, int] = {}
-    policy.zero_grad(set_to_none=True)
     for i, (part, score) in enumerate(zip(parts, scores, strict=True)):
         score = teacher_scores(part) if score is None else score  # logits: one micro-batch's at a time
         with timed(metrics, "update"), accumulating(policy, last=i == len(parts) - 1):

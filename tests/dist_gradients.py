@@ -5,9 +5,10 @@
 For fixed rollouts of 12 sequences (12 distinct prompts; 4 prompts x 3 samples) and each estimator
 setting, the gradient that the ranks compute from their shares (rank r: sequences r, r + 2, ...)
 through the trainer's ``accumulate_gradients`` (the whole batch's normalisers, micro-batches of 2
-or 4 sequences, the strategy's reduction once per step) must equal the one-process gradient of the
-whole batch in one forward, in float64. Prints the largest difference of each rollout; exits 1
-when it exceeds 1e-10 (distinct prompts) or 1e-6 of the gradient's scale (groups).
+or 4 sequences, the strategy's reduction once per step) must equal the gradient of the estimator's
+loss of the whole batch in one forward and one process, in float64. Prints the largest difference
+of each rollout; exits 1 when it exceeds 1e-10 (distinct prompts) or 1e-6 of the gradient's scale
+(groups).
 """
 
 import sys
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opdx.backends.hf import HFModel
 from opdx.config import CONF_DIR, asset_path, register_resolvers, register_schema
 from opdx.dist import Ranks, global_max, init, wrap
+from opdx.objective import LossInputs
 from opdx.policy import TokenScores
 from opdx.rollout import Rollout
 from opdx.run import Run, validate
@@ -81,8 +83,14 @@ def largest_difference(strategy: str, ranks: Ranks, teacher: HFModel, rollout: R
     )  # fmt: skip
     worst, scale = 0.0, 0.0
     for overrides, micro_batch_size in SETTINGS:
+        run = composed_run(overrides)  # the reference: the estimator's loss of the whole batch, in one forward
+        logits = run.estimator.needs_teacher_logits
         whole = TokenScores(student())
-        accumulate_gradients(whole, teacher, composed_run(overrides), rollout, {})
+        scores = teacher.logits(rollout) if logits else teacher.logprobs(rollout)
+        inputs = LossInputs(
+            whole(rollout, logits=logits), scores, rollout.response_mask_B_T, rollout.response_tokens_B_T
+        )
+        run.estimator.loss(inputs, run.divergence).loss.backward()
         expected = {name: p.grad for name, p in whole.named_parameters()}
         model = student()
         policy = wrap(TokenScores(model), strategy, model.model.layers, torch.device("cpu"), ("generate",))

@@ -28,6 +28,7 @@ from opdx.backends import teacher_prompt_tokenizer
 from opdx.benchmarks import Problem
 from opdx.compat import PairError
 from opdx.config import ModelConfig, check
+from opdx.dist import gathered
 from opdx.models import load_model
 from opdx.policy import TokenScores, cache_argument, shared_prompt_cache, upcast
 from opdx.prompts import encode_prompts
@@ -182,14 +183,15 @@ class HFModel:
         prompt_tokens, prompt_mask = prompt_tokens_B_L.to(model.device), prompt_mask_B_L.to(model.device)
         shares = not sharded and self.cache == "dynamic"
         cache = shared_prompt_cache(model, prompt_tokens, prompt_mask) if shares else None
-        sequences_B_N = self.generator.generate(
-            input_ids=prompt_tokens,
-            attention_mask=prompt_mask,
-            generation_config=config,
-            **cache_argument(model, cache),
-            logits_processor=processors,
-            synced_gpus=sharded,  # every rank runs every decode step
-        )
+        with gathered(self.generator):  # FSDP2: each layer gathered once, not per token
+            sequences_B_N = self.generator.generate(
+                input_ids=prompt_tokens,
+                attention_mask=prompt_mask,
+                generation_config=config,
+                **cache_argument(model, cache),
+                logits_processor=processors,
+                synced_gpus=sharded,  # every rank runs every decode step
+            )
         model.train(was_training)
         response_tokens_B_T = sequences_B_N[:, prompt_tokens_B_L.shape[1] :].cpu()
         logp_sampling_B_T = recorder.finish(sequences_B_N[:, -1]).cpu()
