@@ -301,12 +301,14 @@ RENAMED = {
     "trainer.drop_long_prompts": "runtime.drop_long_prompts",
 }
 _warned: set[str] = set()
+NEW_NODES = {"sampling": SamplingConfig, "runtime": RuntimeConfig}  # the schemas of RENAMED's new keys
 
 
 def upgrade(config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
     """A copy of a config (a plain nested dict) with every renamed setting under its new key
     (``RENAMED``): an old key's value (not null) replaces the new key's, and the old key is left
-    null. With ``warn`` each old name used says its new name once per process (stderr)."""
+    null; ConfigError when both are set to different values (the new one off its default). With
+    ``warn`` each old name used says its new name once per process (stderr)."""
     upgraded = copy.deepcopy(dict(config))
     for old, new in RENAMED.items():
         old_node, old_key = old.split(".")
@@ -314,6 +316,11 @@ def upgrade(config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
         value = upgraded.get(old_node, {}).get(old_key)
         if value is None:
             continue
+        given, default = upgraded.get(new_node, {}).get(new_key), getattr(NEW_NODES[new_node](), new_key)
+        check(
+            given in (None, default, value),
+            f"{old}={value!r} and {new}={given!r} set one setting twice: {old} is the old name of {new}; keep {new}",
+        )
         if warn and old not in _warned:
             _warned.add(old)
             print(f"opdx: {old} is now {new} (the old name still works)", file=sys.stderr)
@@ -418,13 +425,25 @@ def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     """The settings outside ``RESUME_SAFE`` on which two resolved configs differ, as
     ``"key: saved -> new"`` (another model, divergence, estimator, benchmark, seed, lr, batch, a
     mixture's components or their teachers ...)."""
-    flat_saved, flat_new = _flatten(upgrade(saved, warn=False)), _flatten(upgrade(new, warn=False))
+    flat_saved, flat_new = (_flatten(with_precision(upgrade(c, warn=False))) for c in (saved, new))
     keys = sorted(set(flat_saved) | set(flat_new))
     return [
         f"{key}: {flat_saved.get(key, '<unset>')} -> {flat_new.get(key, '<unset>')}"
         for key in keys
         if flat_saved.get(key) != flat_new.get(key) and not any(fnmatchcase(key, safe) for safe in RESUME_SAFE)
     ]
+
+
+def with_precision(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its training precision resolved (``resolve_precision``), so that null and the
+    value it resolves to compare equal; a run saved before ``trainer.precision`` existed trained a
+    bfloat16 student in pure bf16."""
+    trainer, dtype = config.setdefault("trainer", {}), config.get("model", {}).get("dtype", "float32")
+    if "precision" not in trainer:
+        trainer["precision"] = "bf16" if dtype == "bfloat16" else "fp32"
+    elif trainer["precision"] is None and dtype != "float16":
+        trainer["precision"] = resolve_precision(None, dtype)
+    return config
 
 
 def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

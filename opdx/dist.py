@@ -149,10 +149,10 @@ def micro_batches(rows: int, size: int | None) -> list[Tensor]:
     """This rank's ``rows`` split into micro-batches of at most ``size`` sequences (None: one),
     consecutive and as even as can be, the same number on every rank (the most any rank needs):
     each micro-batch is a forward every rank runs (FSDP2 gathers its parameters in it)."""
-    count = -(-rows // size) if size else 1
-    count = int(global_max(torch.tensor(count)).item())
-    if count > rows:
-        raise ValueError(f"{rows} sequences on this rank cannot fill {count} micro-batches (other ranks have more)")
+    needed = -(-rows // size) if size else 1
+    count, minus_fewest = global_max(torch.tensor([needed, -rows])).tolist()  # one collective for both
+    if count > -minus_fewest:  # decided on every rank alike: none waits in a collective for another
+        raise ValueError(f"a rank with {-minus_fewest} sequences cannot fill the {count} micro-batches another needs")
     return list(torch.arange(rows).tensor_split(count))
 
 
@@ -174,6 +174,21 @@ def accumulating(module: nn.Module, last: bool) -> Iterator[None]:
             module.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def drop_unsynced_gradients(module: nn.Module) -> None:
+    """Forget the gradients FSDP2 accumulated on its unsharded parameters during micro-batches
+    run without gradient sync (``accumulating``), which an optimizer's ``zero_grad`` does not
+    reach: a skipped step must leave none for the next. FSDP2 keeps them on each ``FSDPParam``
+    (``_unsharded_param.grad``, ``unsharded_accumulated_grad``: torch/distributed/fsdp/
+    _fully_shard/_fsdp_param.py); DDP's ``no_sync`` accumulates in ``param.grad`` itself."""
+    for sharded in module.modules():
+        group = sharded._get_fsdp_state()._fsdp_param_group if isinstance(sharded, FSDPModule) else None
+        for param in group.fsdp_params if group else []:
+            unsharded = getattr(param, "_unsharded_param", None)
+            if unsharded is not None:
+                unsharded.grad = None
+            param.unsharded_accumulated_grad = None
 
 
 @contextmanager

@@ -247,7 +247,8 @@ def weights_dtype(setup: Setup) -> str:
 def check_logits_memory(run: Run, parts: Parts) -> None:
     """Refuse (ConfigError) an analytic run whose [B, T, V] logits would not fit in free memory."""
     t, new_tokens = run.config.trainer, run.config.sampling.max_new_tokens
-    batch, vocab = t.prompts_per_step * t.samples_per_prompt, len(parts.tokenizer)
+    rank_rows = -(-t.prompts_per_step // parts.ranks.world) * t.samples_per_prompt  # this rank's share
+    batch, vocab = min(t.micro_batch_size or rank_rows, rank_rows), len(parts.tokenizer)  # one micro-batch
     one = 4 * batch * new_tokens * vocab  # one float32 [B, T, V] tensor
     # held until backward: both logits, each one's log-softmax (metrics and loss), the student's
     # probabilities, f(log u) and the logits' gradient: about 7 tensors, 8 with forward_kl's u
@@ -260,9 +261,9 @@ def check_logits_memory(run: Run, parts: Parts) -> None:
         need <= free,
         f"estimator=analytic keeps full [B, T, V] logits: B={batch} x T={new_tokens} x V={vocab:,} in float32 "
         f"is {one / 2**30:,.1f} GiB each, about {need / 2**30:,.1f} GiB with the student's logits, log-softmax and "
-        f"gradient, and {parts.device.type} has {free / 2**30:,.1f} GiB free. Lower trainer.prompts_per_step, "
-        "trainer.samples_per_prompt or sampling.max_new_tokens, or use estimator=unbiased or stopgrad (they need "
-        "only each sampled token's log-prob)",
+        f"gradient, and {parts.device.type} has {free / 2**30:,.1f} GiB free. Lower trainer.micro_batch_size (B is "
+        "one micro-batch's sequences), trainer.prompts_per_step or sampling.max_new_tokens, or use "
+        "estimator=unbiased or stopgrad (they need only each sampled token's log-prob)",
     )
 
 

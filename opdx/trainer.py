@@ -30,9 +30,18 @@ from transformers import PreTrainedModel, get_scheduler
 
 from opdx.backends import Sampler, Scorer
 from opdx.benchmarks import Benchmark, Problem
-from opdx.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint, usable_checkpoint
+from opdx.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, save_checkpoint, usable_checkpoint
 from opdx.config import TrainerConfig
-from opdx.dist import Ranks, accumulating, barrier, broadcast, global_sum, micro_batches, wrap
+from opdx.dist import (
+    Ranks,
+    accumulating,
+    barrier,
+    broadcast,
+    drop_unsynced_gradients,
+    global_sum,
+    micro_batches,
+    wrap,
+)
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
 from opdx.metrics import LOGGERS, SilentLogger, timed
@@ -155,13 +164,14 @@ def accumulate_gradients(
     (the caller zeroes them: under FSDP2 through the optimizer, whose parameters are the sharded
     ones; the module may hold unsharded views between steps). The normalisers are the whole
     batch's over every rank and micro-batch (``batch_totals``), so the summed gradient equals the
-    whole batch's in one forward; the batch
-    baseline and whitening take a no-grad pass over the batch for its advantages first. Returns the
-    batch's terms (the loss summed, the rest in row order) and what was not finite (nothing was
-    applied then: the gradients are partial)."""
+    whole batch's in one forward; with several micro-batches the batch baseline and whitening take
+    a no-grad pass over the batch for its advantages first. Returns the batch's terms (the loss
+    summed, the rest in row order) and what was not finite (nothing was applied then: the
+    gradients are partial)."""
     estimator, logits = run.estimator, run.estimator.needs_teacher_logits
     rows = micro_batches(rollout.response_tokens_B_T.shape[0], run.config.trainer.micro_batch_size)
     parts = [rollout] if len(rows) == 1 else [rollout.select(part.tolist()) for part in rows]
+    mask = rollout.response_mask_B_T
 
     def teacher_scores(part: Rollout) -> Tensor:
         with timed(metrics, "teacher"), torch.no_grad():
@@ -172,25 +182,32 @@ def accumulate_gradients(
 
     scores = [teacher_scores(part) for part in parts] if not logits else [None] * len(parts)
     advantages_B_T = None
-    if estimator.needs_advantage_totals:  # a sampled estimator: log-probs only
+    prepass = estimator.needs_advantage_totals and len(parts) > 1  # a sampled estimator: log-probs only
+    if prepass:
         with timed(metrics, "update"), torch.no_grad():
             advantages_B_T = torch.cat([
                 estimator.advantages(inputs(part, policy(part, run.sampling), score), run.divergence)
                 for part, score in zip(parts, scores, strict=True)
             ])  # fmt: skip
-    totals = batch_totals(rollout.response_mask_B_T, advantages_B_T, global_sum)
+    later = estimator.needs_advantage_totals and not prepass  # from the one micro-batch's own forward
+    totals = None if later else batch_totals(mask, advantages_B_T, global_sum)
     each: list[LossTerms] = []
     bad: dict[str, int] = {}
     for i, (part, score) in enumerate(zip(parts, scores, strict=True)):
         score = teacher_scores(part) if score is None else score  # logits: one micro-batch's at a time
         with timed(metrics, "update"), accumulating(policy, last=i == len(parts) - 1):
             student = policy(part, run.sampling, logits=logits)
+            if totals is None:  # one micro-batch: the advantages' statistics from this very forward
+                advantages_B_T = estimator.advantages(inputs(part, student, score), run.divergence)
+                totals = batch_totals(mask, advantages_B_T, global_sum)
             terms = estimator.loss(inputs(part, student, score), run.divergence, totals)
             bad = nonfinite_parts(terms, part.response_mask_B_T)
             if bad:
+                drop_unsynced_gradients(policy)  # earlier micro-batches' (FSDP2 keeps them apart)
                 break
             terms.loss.backward()
         each.append(terms)
+        del student, score  # a micro-batch's logits are not kept while the next one's are made
     loss = torch.stack([terms.loss.detach() for terms in each]).sum() if each else torch.tensor(torch.nan)
     joined = [torch.cat([getattr(terms, key) for terms in each]) if each else None for key in TERMS]
     return LossTerms(loss, *joined), bad
@@ -225,7 +242,10 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         extra = load_checkpoint(checkpoint, learner.policy, learner.optimizer)
         learner.rollout.update_weights(learner.policy)  # a sampler holding its own copy takes the loaded weights
         learner.scheduler.load_state_dict(extra["scheduler"])
-        start_step, state = extra["step"], LoopState.from_dict(extra["state"])
+        try:
+            start_step, state = extra["step"], LoopState.from_dict(extra["state"])
+        except ValueError as error:
+            raise CheckpointError(f"{checkpoint}: {error}") from None
         print(f"resuming {run_dir} from step {start_step}")
     else:
         start_step, state = 0, LoopState()

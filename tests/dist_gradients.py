@@ -8,7 +8,8 @@ through the trainer's ``accumulate_gradients`` (the whole batch's normalisers, m
 or 4 sequences, the strategy's reduction once per step) must equal the gradient of the estimator's
 loss of the whole batch in one forward and one process, in float64. Prints the largest difference
 of each rollout; exits 1 when it exceeds 1e-10 (distinct prompts) or 1e-6 of the gradient's scale
-(groups).
+(groups). Then a step skipped at its second micro-batch must leave nothing in the next step's
+gradient.
 """
 
 import sys
@@ -68,7 +69,44 @@ def main() -> int:
         if ranks.main:
             print(f"{strategy}, {name}: largest gradient difference from one process: {worst:.2e} (scale {scale:.1f})")
         failed |= worst > tolerance * (scale if tolerance > 1e-10 else 1.0)
-    return int(failed)
+    leftover = leftover_after_a_skipped_step(strategy, ranks, teacher, rollouts["distinct prompts"][0])
+    if ranks.main:
+        print(f"{strategy}, after a skipped step: largest gradient difference from a fresh step: {leftover:.2e}")
+    return int(failed or leftover > 1e-12)
+
+
+class PoisonedTeacher:
+    """The teacher, with non-finite log-probs from its ``poisoned``-th call on (a fault to inject)."""
+
+    def __init__(self, teacher: HFModel, poisoned: int) -> None:
+        self.teacher, self.calls, self.poisoned = teacher, 0, poisoned
+
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        self.calls += 1
+        scores = self.teacher.logprobs(rollout)
+        return scores * float("nan") if self.calls >= self.poisoned else scores
+
+
+def leftover_after_a_skipped_step(strategy: str, ranks: Ranks, teacher: HFModel, rollout: Rollout) -> float:
+    """A step whose second micro-batch is not finite is skipped after the first micro-batch's
+    backward (without sync); the optimizer's zero_grad then the next step must give the gradient of
+    a fresh step: nothing of the skipped one may remain (FSDP2 keeps unsynced gradients apart)."""
+    rows = list(range(ranks.rank, rollout.response_tokens_B_T.shape[0], ranks.world))
+    share = rollout.select(rows)
+    run = composed_run(["estimator=unbiased", "trainer.micro_batch_size=2"])
+    grads = []
+    for skip_first in (False, True):
+        model = student()
+        policy = wrap(TokenScores(model), strategy, model.model.layers, torch.device("cpu"), ("generate",))
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+        if skip_first:
+            _, bad = accumulate_gradients(policy, PoisonedTeacher(teacher, poisoned=2), run, share, {})
+            assert bad, "the poisoned micro-batch must be found"
+            optimizer.zero_grad(set_to_none=True)
+        accumulate_gradients(policy, teacher, run, share, {})
+        grads.append([p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in policy.parameters()])
+    worst = max((a - b).abs().max().item() for a, b in zip(*grads, strict=True))
+    return global_max(torch.tensor(worst)).item()
 
 
 def largest_difference(strategy: str, ranks: Ranks, teacher: HFModel, rollout: Rollout) -> tuple[float, float]:

@@ -184,6 +184,17 @@ def test_old_names_of_moved_settings_still_work_and_say_their_new_name(capsys, m
         "runtime": {"threads": 1},
     }
     assert all(new.split(".")[0] in ("sampling", "runtime") for new in RENAMED.values())
+    with pytest.raises(ConfigError, match="set one setting twice"):  # the old name would silently win
+        validate(composed("trainer.max_new_tokens=12", "sampling.max_new_tokens=30"))
+
+
+def test_a_resume_compares_the_resolved_precision_and_earlier_runs_trained_pure_bf16():
+    from opdx.config import resume_conflicts
+
+    earlier = {"model": {"dtype": "bfloat16"}, "trainer": {"steps": 1}}  # saved before trainer.precision
+    now = {"model": {"dtype": "bfloat16"}, "trainer": {"steps": 1, "precision": None}}
+    assert resume_conflicts(earlier, now) == ["trainer.precision: bf16 -> bf16-mixed"]
+    assert resume_conflicts(now, {**now, "trainer": {"steps": 1, "precision": "bf16-mixed"}}) == []
 
 
 def test_eval_has_its_own_entry_config_without_the_trainer_settings():

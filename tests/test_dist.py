@@ -28,11 +28,13 @@ def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_give_the_one_process_gradient_of_the_whole_batch(strategy):
     """For fixed rollouts (distinct prompts; groups sharing a prompt's forward): token_mean with the
-    batch baseline, whitening with gamma = 1, the plain loss and the analytic one; float64, so any
-    normaliser taken per rank would show."""
+    batch baseline, whitening with gamma = 1, the plain loss and the analytic one, micro-batched on
+    each rank; float64, so any normaliser taken per rank or micro-batch would show. A step skipped
+    at its second micro-batch leaves nothing in the next."""
     result = torchrun("tests/dist_gradients.py", strategy)
     for rollout in ("distinct prompts", "groups of 3"):
         assert f"{strategy}, {rollout}: largest gradient difference from one process:" in result.stdout
+    assert f"{strategy}, after a skipped step: largest gradient difference from a fresh step:" in result.stdout
 
 
 def train_metrics(run_dir):

@@ -124,6 +124,11 @@ def test_analytic_logits_that_cannot_fit_in_memory_are_refused_with_their_size()
     run = validate(composed(*TINY, "estimator=analytic", "sampling.max_new_tokens=100000000"))
     with pytest.raises(ConfigError, match=r"B=8 x T=100000000 x V=24 in float32 is 71.5 GiB each, about 572.2 GiB"):
         start(run)
+    micro = validate(
+        composed(*TINY, "estimator=analytic", "sampling.max_new_tokens=100000000", "trainer.micro_batch_size=2")
+    )
+    with pytest.raises(ConfigError, match=r"B=2 x T=100000000 x V=24"):  # a micro-batch's logits at a time
+        start(micro)
     run = validate(composed(*TINY, "estimator=unbiased", "sampling.max_new_tokens=100000000"))
     with pytest.raises(PairError, match="do not fit the student"):  # the sampled estimators need no logits
         start(run)

@@ -249,12 +249,13 @@ class VLLMSampler:
             "seed": 0,
             **ranks_of_engines(),
         }
+        engine_args = dict(engine_args or {})
         if self.dtype in (torch.bfloat16, torch.float16):
             # the trainer's head runs in float32 (opdx.policy.head_logits); so does the engine's then
-            # (vllm/config/model.py ModelConfig.head_dtype, from hf_overrides)
-            ours["hf_overrides"] = {"head_dtype": "float32"}
-        check_engine_args(engine_args or {}, ours, model)
-        self.engine = self.vllm.LLM(**ours, **(engine_args or {}))
+            # (vllm/config/model.py ModelConfig.head_dtype, from hf_overrides), with the user's overrides
+            engine_args["hf_overrides"] = {"head_dtype": "float32", **engine_args.get("hf_overrides", {})}
+        check_engine_args(engine_args, ours, model)
+        self.engine = self.vllm.LLM(**ours, **engine_args)
         self.logit_bias = padding_rows_off(model.get_output_embeddings().weight.shape[0], len(tokenizer))
         self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
 
