@@ -32,16 +32,7 @@ from opdx.backends import Sampler, Scorer
 from opdx.benchmarks import Benchmark, Problem
 from opdx.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, save_checkpoint, usable_checkpoint
 from opdx.config import TrainerConfig
-from opdx.dist import (
-    Ranks,
-    accumulating,
-    barrier,
-    broadcast,
-    drop_unsynced_gradients,
-    global_sum,
-    micro_batches,
-    wrap,
-)
+from opdx.dist import Ranks, accumulating, barrier, broadcast, drop_unsynced_gradients, global_sum, micro_batches, wrap
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
 from opdx.metrics import LOGGERS, SilentLogger, timed
