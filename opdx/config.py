@@ -125,6 +125,9 @@ class ModelConfig:
     student: str = MISSING
     dtype: str = "float32"
     teacher_dtype: str = "float32"
+    # config.json fields (with model_type) the memory planner reads when no copy of a model's config is at hand
+    student_config: dict[str, Any] | None = None
+    teacher_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for key in ("dtype", "teacher_dtype"):
@@ -208,6 +211,7 @@ class RuntimeConfig:
     device: str = "auto"
     logprob_chunk: int = 8192
     drop_long_prompts: bool = False
+    track_memory: bool = False  # a CPU run records each phase's peak tensor memory (memory/*; slow); CUDA always does
 
     def __post_init__(self) -> None:
         check(
@@ -238,7 +242,9 @@ class TrainerConfig:
     checkpoint_every: int = 100
     resume: str | None = None
     gradient_checkpointing: bool = False  # recompute each student layer in backward: less memory, ~30% slower
-    micro_batch_size: int | None = None  # sequences per forward/backward (teacher, student, update); null: all at once
+    # sequences per forward/backward (teacher, student, update): a number, auto (the memory planner's
+    # choice: the whole batch when it fits) or null (the whole batch)
+    micro_batch_size: Any = "auto"
     precision: str | None = None  # fp32 | bf16-mixed | bf16 (resolve_precision); null: by model.dtype
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
     strategy: str = "none"  # data parallelism under torchrun: ddp (a replica per rank) or fsdp2 (sharded)
@@ -257,9 +263,11 @@ class TrainerConfig:
         for key in (*positive, "checkpoint_every"):
             check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
         check(self.lr > 0, f"trainer.lr={self.lr!r} is invalid; it must be positive")
+        size = self.micro_batch_size
         check(
-            self.micro_batch_size is None or self.micro_batch_size > 0,
-            f"trainer.micro_batch_size={self.micro_batch_size!r} is invalid; use a positive number or null",
+            size is None or size == "auto" or (isinstance(size, int) and not isinstance(size, bool) and size > 0),
+            f"trainer.micro_batch_size={size!r} is invalid; use a positive number, auto (the memory planner's "
+            "choice) or null (the whole batch)",
         )
         check(self.schedule in SCHEDULES, f"trainer.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         check(self.strategy in STRATEGIES, f"trainer.strategy={self.strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -336,7 +344,7 @@ class EvalConfig:
     n: int = 4  # samples per problem for avg@n and pass@k; 0 = greedy accuracy only
     problems: int = 1000  # the first N problems of the benchmark's eval split
     max_new_tokens: int | None = None  # None: sampling.max_new_tokens
-    batch_size: int = 2000  # sequences per generate call (prompts x n)
+    batch_size: int = 2000  # sequences per generate call (prompts x n) at most; the memory planner may lower it
     run: str | None = None  # opdx eval: evaluate the student of this run directory
 
     def __post_init__(self) -> None:
@@ -351,6 +359,25 @@ class EvalConfig:
             self.max_new_tokens is None or self.max_new_tokens > 0,
             f"eval.max_new_tokens={self.max_new_tokens!r} is invalid; use a positive number or null",
         )
+
+
+@dataclass
+class PlanConfig:
+    """The memory planner (``opdx.plan``; ``opdx plan`` prints it): the device memory to plan for
+    (null: the CUDA device's, or the machine's RAM for a CPU run), the ranks (null: torchrun's),
+    the longest prompt in tokens (null: measured with the tokenizer, 512 without one) and the
+    share of the memory a plan may fill (the rest: fragmentation, the CUDA context)."""
+
+    gpu_memory_gib: float | None = None
+    gpus: int | None = None
+    prompt_tokens: int | None = None
+    headroom: float = 0.9
+
+    def __post_init__(self) -> None:
+        for key in ("gpu_memory_gib", "gpus", "prompt_tokens"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"plan.{key}={value!r} is invalid; use a positive number or null")
+        check(0 < self.headroom <= 1, f"plan.headroom={self.headroom!r} is invalid; it must be in (0, 1]")
 
 
 @dataclass
@@ -375,6 +402,7 @@ class SetupConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
 
 
@@ -409,6 +437,7 @@ RESUME_SAFE = (
     "trainer.checkpoint_every",
     "trainer.gradient_checkpointing",
     "trainer.micro_batch_size",
+    "plan.*",
     "trainer.max_bad_steps",
     "trainer.strategy",
     "runtime.*",

@@ -1,7 +1,8 @@
 """Metrics of a run (config group `logger`): metrics.jsonl always, wandb when asked.
 
 One dict per step with namespaced keys (``train/loss``, ``div/reverse_kl``, ``time/rollout``,
-``eval/arith/greedy_acc``), filled with ``timed`` blocks and written once per step.
+``memory/update_gib``, ``eval/arith/greedy_acc``), filled with ``timed`` blocks and written once
+per step.
 """
 
 from __future__ import annotations
@@ -23,16 +24,51 @@ from opdx.files import atomic_write_text
 METRICS_FILE = "metrics.jsonl"
 
 
+GIB = 2**30
+_track_cpu_memory = False
+
+
+def track_cpu_memory(on: bool) -> None:
+    """``runtime.track_memory``: ``timed`` blocks on a CPU also record their peak memory (slow)."""
+    global _track_cpu_memory
+    _track_cpu_memory = on
+
+
 @contextmanager
 def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
     """Add the wall time of the block to ``metrics[f"time/{key}"]`` in seconds; where CUDA is in
     use, the GPU work queued in the block counts too (synchronised before and after), not in the
-    next block's time."""
+    next block's time. The block's peak memory goes to ``metrics[f"memory/{key}_gib"]`` (the most
+    over the step's blocks of that key), where it is measured (``peak_memory``)."""
     synchronize()
     start = time.perf_counter()
-    yield
+    with peak_memory() as peak:
+        yield
     synchronize()
     metrics[f"time/{key}"] = metrics.get(f"time/{key}", 0.0) + time.perf_counter() - start
+    if peak:
+        metrics[f"memory/{key}_gib"] = max(metrics.get(f"memory/{key}_gib", 0.0), peak[0] / GIB)
+
+
+@contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """The block's peak bytes of live tensors, in the list it yields (empty where not measured).
+    On CUDA the allocator's peak (``torch.cuda.max_memory_allocated`` of the current device, reset
+    at the start). On a CPU with ``track_cpu_memory`` on, ``LiveTensorBytes``; else nothing."""
+    torch = sys.modules.get("torch")
+    peak: list[int] = []
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        yield peak
+        peak.append(torch.cuda.max_memory_allocated())
+    elif torch is not None and _track_cpu_memory:
+        from opdx.memory_tracking import LiveTensorBytes  # torch's dispatch mode: only when asked
+
+        with LiveTensorBytes() as live:
+            yield peak
+        peak.append(live.peak)
+    else:
+        yield peak
 
 
 def synchronize() -> None:

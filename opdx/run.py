@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import psutil
 import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
@@ -44,6 +43,8 @@ from opdx.metrics import LOGGERS
 from opdx.models import check_teacher_tokenizer, load_model, load_tokenizer, resolve_device, stop_ids
 from opdx.objective import Estimator, build_estimator
 from opdx.pairs import ensure_built
+from opdx.plan import Plan, plan_run
+from opdx.prompts import encode_prompts
 from opdx.rollout import SamplingParams
 
 
@@ -220,6 +221,8 @@ def start(setup: Setup) -> Parts:
         print(f"{component.name}: {', '.join([*counts, f'{len(component.eval)} eval problems'])}{weight}")
     ensure_built(config.model)
     tokenizer = load_tokenizer(config.model)
+    if train:
+        fill_plan(setup, memory_plan(setup, device, ranks.world, longest_prompt(setup, tokenizer)))
     student = load_model(config.model.student, weights_dtype(setup), device, tokenizer, trainable=True)
     stops = stop_ids(config.model, tokenizer)
     rollout = build_backend(
@@ -228,13 +231,68 @@ def start(setup: Setup) -> Parts:
     teachers = build_teachers(setup, tokenizer, device, stops)
     torch.manual_seed(config.seed)  # an engine backend may have reseeded the process (vLLM seeds its own)
     parts = Parts(student, tokenizer, rollout, one_teacher(teachers), teachers, device, ranks)
-    if train and setup.estimator.needs_teacher_logits:
-        check_logits_memory(setup, parts)
     fit_prompts(setup, parts, train)
     return parts
 
 
-LOGITS_COPIES = 8  # [B, T, V] float32 tensors an analytic step holds at its peak
+PROMPTS_MEASURED = 2000  # train prompts per component whose length the planner measures (and every eval one)
+
+
+def longest_prompt(setup: Setup, tokenizer: PreTrainedTokenizerBase | None) -> int:
+    """The longest prompt in tokens, for the planner: ``plan.prompt_tokens``, else the longest of
+    the eval prompts and the first ``PROMPTS_MEASURED`` train prompts of each component as the
+    student's ``tokenizer`` renders them, else (no tokenizer) 512."""
+    if setup.config.plan.prompt_tokens:
+        return setup.config.plan.prompt_tokens
+    if tokenizer is None:
+        return 512
+    problems = [
+        problem
+        for c in setup.benchmark.components
+        for problem in [*c.benchmark.train[:PROMPTS_MEASURED], *c.benchmark.eval[: setup.config.eval.problems]]
+    ]
+    return max((len(ids) for ids in encode_prompts(tokenizer, problems)), default=1)
+
+
+def backend_memory(node: Mapping[str, Any]) -> str:
+    """Where a backend's model holds memory: its class's ``memory`` (``opdx.backends``), else local."""
+    return getattr(get_object(node["_target_"]), "memory", "local")
+
+
+def memory_plan(run: Run, device: torch.device, world: int, prompt_tokens: int, notes: list[str] | None = None) -> Plan:
+    """The memory plan of ``run`` (``opdx.plan.plan_run``) with its backends' placement and the
+    local teachers (a mixture's distinct ones; ``model.teacher_config`` for ``model.teacher``)."""
+    model = run.config.model
+    teachers = {
+        pair.teacher: model.teacher_config if pair.teacher == model.teacher else None
+        for pair, node in teacher_nodes(run.config, run.benchmark).values()
+        if backend_memory(node) == "local"
+    }
+    rollout = backend_memory(run.config.rollout)
+    analytic = run.estimator.needs_teacher_logits
+    return plan_run(run.config, device, world, prompt_tokens, analytic, rollout, teachers, notes)
+
+
+def fill_plan(run: Run, plan: Plan) -> None:
+    """Refuse (ConfigError, with the plan) a run that cannot fit; else set ``auto`` micro-batches
+    and an eval batch lowered to fit, and say what was chosen."""
+    if not plan.fits:
+        raise ConfigError(
+            "the run does not fit in memory (opdx plan prints this with the same overrides):\n  "
+            + "\n  ".join(plan.lines())
+            + "\nLower trainer.micro_batch_size (or set it to auto), trainer.prompts_per_step, "
+            "sampling.max_new_tokens or eval.batch_size; turn on trainer.gradient_checkpointing; or set "
+            "plan.gpu_memory_gib to the device's real size"
+        )
+    t, e = run.config.trainer, run.config.eval
+    chosen = []
+    if t.micro_batch_size == "auto":
+        t.micro_batch_size = None if plan.micro_batch_size >= plan.rows else plan.micro_batch_size
+        chosen.append(f"micro-batch {plan.micro_batch_size if t.micro_batch_size else 'the whole batch'}")
+    if plan.eval_batch_size < e.batch_size:
+        chosen.append(f"eval.batch_size {e.batch_size} -> {plan.eval_batch_size}")
+        e.batch_size = plan.eval_batch_size
+    print(f"memory plan: {plan.lines()[-1]}" + (f"; {', '.join(chosen)}" if chosen else ""))
 
 
 def weights_dtype(setup: Setup) -> str:
@@ -242,29 +300,6 @@ def weights_dtype(setup: Setup) -> str:
     ``trainer.precision=bf16-mixed``, else its compute dtype ``model.dtype``."""
     mixed = isinstance(setup, Run) and setup.config.trainer.precision == "bf16-mixed"
     return "float32" if mixed else setup.config.model.dtype
-
-
-def check_logits_memory(run: Run, parts: Parts) -> None:
-    """Refuse (ConfigError) an analytic run whose [B, T, V] logits would not fit in free memory."""
-    t, new_tokens = run.config.trainer, run.config.sampling.max_new_tokens
-    rank_rows = -(-t.prompts_per_step // parts.ranks.world) * t.samples_per_prompt  # this rank's share
-    batch, vocab = min(t.micro_batch_size or rank_rows, rank_rows), len(parts.tokenizer)  # one micro-batch
-    one = 4 * batch * new_tokens * vocab  # one float32 [B, T, V] tensor
-    # held until backward: both logits, each one's log-softmax (metrics and loss), the student's
-    # probabilities, f(log u) and the logits' gradient: about 7 tensors, 8 with forward_kl's u
-    need = LOGITS_COPIES * one
-    if parts.device.type == "cuda":
-        free = torch.cuda.mem_get_info(parts.device)[0]
-    else:
-        free = psutil.virtual_memory().available
-    check(
-        need <= free,
-        f"estimator=analytic keeps full [B, T, V] logits: B={batch} x T={new_tokens} x V={vocab:,} in float32 "
-        f"is {one / 2**30:,.1f} GiB each, about {need / 2**30:,.1f} GiB with the student's logits, log-softmax and "
-        f"gradient, and {parts.device.type} has {free / 2**30:,.1f} GiB free. Lower trainer.micro_batch_size (B is "
-        "one micro-batch's sequences), trainer.prompts_per_step or sampling.max_new_tokens, or use "
-        "estimator=unbiased or stopgrad (they need only each sampled token's log-prob)",
-    )
 
 
 def fit_prompts(setup: Setup, parts: Parts, train: bool) -> None:

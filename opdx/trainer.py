@@ -35,7 +35,7 @@ from opdx.config import TrainerConfig
 from opdx.dist import Ranks, accumulating, barrier, broadcast, drop_unsynced_gradients, global_sum, micro_batches, wrap
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
-from opdx.metrics import LOGGERS, SilentLogger, timed
+from opdx.metrics import LOGGERS, SilentLogger, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
 from opdx.objective import LossInputs, LossTerms, batch_totals
 from opdx.policy import TokenScores
@@ -117,7 +117,6 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     with timed(metrics, "rollout"):
         new_tokens = run.config.sampling.max_new_tokens
         rollout = learner.rollout.sample(problems, t.samples_per_prompt, new_tokens, run.sampling)
-    learner.optimizer.zero_grad(set_to_none=True)  # the optimizer's (sharded) parameters: not the module's views
     terms, bad = accumulate_gradients(learner.policy, learner.teacher, run, rollout, metrics)
     with timed(metrics, "update"):
         if not bad:
@@ -125,12 +124,13 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
             grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # the global norm
             if not torch.isfinite(grad_norm):
                 bad["grad_norm"] = 1
-        if bad:
-            learner.optimizer.zero_grad(set_to_none=True)
-        else:
+        if not bad:
             learner.optimizer.step()
             metrics["train/lr"] = learner.scheduler.get_last_lr()[0]
             learner.scheduler.step()
+        # freed before the rollout and eval (the optimizer's sharded parameters: not the module's views)
+        learner.optimizer.zero_grad(set_to_none=True)
+        if not bad:
             learner.rollout.update_weights(learner.policy)
     metrics |= sequence_metrics(rollout)
     metrics["train/skipped"] = float(bool(bad))
@@ -217,6 +217,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         print(f"{warped}, not the raw student; the teacher q is scored at temperature 1 (a server's too)")
     parts = start(run)
     learner, ranks = build_learner(run, parts), parts.ranks
+    track_cpu_memory(cfg.runtime.track_memory)
 
     def evaluate(role: str, step: int) -> dict[str, float]:
         """The teacher's or the student's eval, sampling from its own random stream (seed, role, step)."""

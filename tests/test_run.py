@@ -10,12 +10,11 @@ from test_config import composed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdx.backends.hf import HFModel, load_teacher
-from opdx.compat import PairError
-from opdx.config import ConfigError, ModelConfig, asset_path
+from opdx.config import ModelConfig, asset_path
 from opdx.evaluation import evaluate_split
 from opdx.metrics import read_metrics
 from opdx.models import load_tokenizer
-from opdx.run import start, validate
+from opdx.run import validate
 
 TINY = [*FAST_TRAIN, "trainer.steps=2", "eval.n=0"]
 
@@ -118,17 +117,15 @@ def test_prompts_longer_than_the_context_are_refused_or_dropped(opdx_cli, tmp_pa
     assert 0 < summary["eval_problems"] < 200 and summary["final_eval"]["step"] == 2
 
 
-def test_analytic_logits_that_cannot_fit_in_memory_are_refused_with_their_size():
-    """The Qwen3 configs' 32 x 4 x 4096 x 151,936 teacher logits alone would be 297 GiB; here the
-    tiny pair with 10^8 new tokens: 8 x 10^8 x 24 floats, 71.5 GiB a tensor."""
-    run = validate(composed(*TINY, "estimator=analytic", "sampling.max_new_tokens=100000000"))
-    with pytest.raises(ConfigError, match=r"B=8 x T=100000000 x V=24 in float32 is 71.5 GiB each, about 572.2 GiB"):
-        start(run)
-    micro = validate(
-        composed(*TINY, "estimator=analytic", "sampling.max_new_tokens=100000000", "trainer.micro_batch_size=2")
-    )
-    with pytest.raises(ConfigError, match=r"B=2 x T=100000000 x V=24"):  # a micro-batch's logits at a time
-        start(micro)
-    run = validate(composed(*TINY, "estimator=unbiased", "sampling.max_new_tokens=100000000"))
-    with pytest.raises(PairError, match="do not fit the student"):  # the sampled estimators need no logits
-        start(run)
+def test_the_planner_counts_the_analytic_estimators_full_logits():
+    """The analytic estimator keeps about 8 float32 [B, T, V] tensors at its update (``opdx plan``'s
+    "logits chunk" of the update: 8 x 8 rows x 24 new tokens x 24 ids x 4 bytes); the sampled ones
+    a chunk of 4 [chunk, V] tensors (here every one of the 192 tokens), and the teacher 2."""
+    from opdx.cli import plan_of
+
+    def chunks(estimator: str) -> dict[str, int]:
+        phases = plan_of([*TINY, f"estimator={estimator}"]).phases
+        return {p.name: p.parts["logits chunk"] for p in phases if p.name in ("teacher", "update")}
+
+    assert chunks("analytic") == {"teacher": 8 * 24 * 24 * 4, "update": 8 * 8 * 24 * 24 * 4}
+    assert chunks("unbiased") == {"teacher": 2 * 8 * 24 * 24 * 4, "update": 4 * 8 * 24 * 24 * 4}

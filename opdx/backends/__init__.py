@@ -10,6 +10,9 @@ options; a backend is one module and one YAML, and the trainer never sees which 
     opdx train rollout=hf teacher=hf          # the default: Hugging Face models in this process
 
 Every backend renders prompts with ``opdx.prompts.encode_prompts``, so all see identical ids.
+A backend class may say where its model's memory is, for the memory planner (``opdx.plan``):
+``memory = "local"`` (the default: on the training device), ``"engine"`` (a colocated engine's
+share of it) or ``"remote"`` (another machine).
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ class ServedTeacher:
     TeacherServerError at start as described above."""
 
     supports_logits = False
+    memory = "remote"  # opdx.plan: the teacher's weights are on the server, not on this device
 
     def __init__(
         self,

@@ -214,6 +214,8 @@ class VLLMSampler:
     (``ranks_of_engines``).
     """
 
+    memory = "engine"  # opdx.plan: a colocated engine holds its share of the device
+
     def __init__(
         self,
         model: PreTrainedModel,
