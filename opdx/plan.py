@@ -138,6 +138,7 @@ class Workload:
     analytic: bool  # the estimator needs the teacher's full logits
     rollout_memory: str  # local (generate on this device) | engine (a vLLM engine here)
     engine_bytes: int  # a colocated engine's reservation
+    engine_sleeps: bool  # the engine frees it between samplings (vLLM sleep mode)
 
 
 @dataclass
@@ -176,8 +177,9 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
     resident = {"student weights": weights, "optimizer state": optimizer}
     if teachers:
         resident["teacher weights"] = sum(shape.parameters for shape in teachers) * w.teacher_bytes
-    if w.rollout_memory == "engine":
-        resident["vLLM engine"] = w.engine_bytes
+    engine = {"vLLM engine": w.engine_bytes} if w.rollout_memory == "engine" else {}
+    if not w.engine_sleeps:
+        resident |= engine
 
     def sampling(model: ModelShape, rows: int, new_tokens: int, dtype: int, casts: int) -> dict[str, int]:
         length = w.prompt_tokens + new_tokens
@@ -189,7 +191,7 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
             **({"bf16 weight casts": casts} if casts else {}),
         }
 
-    rollout = Phase("rollout", dict(resident))
+    rollout = Phase("rollout", resident | engine)
     if w.rollout_memory == "local":
         rollout.parts |= sampling(student, w.rows, w.new_tokens, w.compute_bytes, autocast)
     result = [rollout]
@@ -234,7 +236,7 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
     result.append(Phase("update", resident | update))
     # the student's eval samples, then the teacher scores them (its reverse KL); the teacher's own
     # eval samples at step 0, before AdamW's lazy state exists
-    evals = [Phase("eval", dict(resident))]
+    evals = [Phase("eval", resident | engine)]
     if w.rollout_memory == "local":
         evals[0].parts |= sampling(student, w.eval_rows, w.eval_new_tokens, w.compute_bytes, autocast)
     if teacher is not None:
@@ -362,8 +364,10 @@ def plan_run(
     compute = DTYPE_BYTES[m.dtype]
     master = 4 if t.precision == "bf16-mixed" else compute
     engine = 0
+    on_gpu = device.type == "cuda" or config.plan.gpu_memory_gib is not None  # vLLM reads its share on GPUs
+    sleeps = on_gpu if config.rollout.get("sleep") is None else bool(config.rollout.get("sleep"))
     if rollout_memory == "engine":
-        share = config.rollout.get("gpu_memory_utilization", 0.0) if device.type == "cuda" else 0.0
+        share = config.rollout.get("gpu_memory_utilization", 0.0) if on_gpu else 0.0
         engine = int(share * device_bytes) or int(config.rollout.get("kv_cache_memory_bytes") or 256 * 2**20)
     e = config.eval
     workload = Workload(
@@ -383,6 +387,7 @@ def plan_run(
         analytic=analytic,
         rollout_memory=rollout_memory,
         engine_bytes=engine,
+        engine_sleeps=rollout_memory == "engine" and sleeps,
     )
     student = model_shape(m.student, m.student_config)
     shapes = {path: model_shape(path, carried) for path, carried in teachers.items()}

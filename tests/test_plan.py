@@ -121,3 +121,14 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weights_load_and_auto_sizes
     assert run.config.trainer.micro_batch_size == "auto"
     start(run)
     assert run.config.trainer.micro_batch_size == 64
+
+
+def test_a_sleeping_engine_gives_its_share_to_the_teacher_and_the_update(monkeypatch):
+    """rollout=vllm holds 0.3 of the GPU through every phase unless it sleeps between samplings
+    (rollout.sleep, null: on GPUs): then the teacher and the update phases do without it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = [QWEN3, "benchmark=deepmath", "plan.gpu_memory_gib=80", "plan.prompt_tokens=512", "rollout=vllm"]
+    share = int(0.3 * 80 * 2**30)
+    for sleep, held in (("null", {"rollout"}), ("false", {"rollout", "teacher", "update"})):
+        phases = plan_of([*base, f"rollout.sleep={sleep}"]).phases
+        assert {p.name for p in phases[:3] if p.parts.get("vLLM engine") == share} == held

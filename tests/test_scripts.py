@@ -47,3 +47,18 @@ def test_bench_memory_sets_the_planner_beside_measured_peaks():
     assert len(rows) == 3 * 4, out
     for phase, planned, _, measured, _, ratio, _ in rows:
         assert float(measured) > 1 and 0.5 <= float(ratio) <= 2.0, (phase, planned, measured)
+
+
+@pytest.mark.slow
+def test_gpu_smoke_runs_end_to_end_on_the_cpu_at_small_sizes():
+    """scripts/gpu_smoke.sh --small: the planner's lines, each phase's planned beside its measured
+    peak (runtime.track_memory on the CPU), and every step's time and tokens/s."""
+    args = ["--small", "--prompts", "4", "--samples", "2", "--new-tokens", "16", "--steps", "2"]
+    result = subprocess.run(["scripts/gpu_smoke.sh", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^peak .* of .*: fits$", out, re.M), out
+    for phase in ("rollout", "teacher", "update", "eval"):
+        row = re.search(rf"^{phase} +({FIGURE}) +({FIGURE}) +({FIGURE})$", out, re.M)
+        assert row and float(row.group(3)) > 0, out  # a measured peak
+    assert len(re.findall(rf"^[12] +{FIGURE} +{FIGURE} +{FIGURE} +{FIGURE}$", out, re.M)) == 2, out

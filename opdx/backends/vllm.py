@@ -203,7 +203,10 @@ class VLLMSampler:
     share as a fraction of RAM, 256 MiB or room for 4 sequences of ``max_model_len`` when more),
     ``max_model_len`` (null: the student's positions), ``enforce_eager`` (null: eager on the CPU,
     CUDA graphs on GPUs, which stay valid across weight pushes: vLLM's layerwise reload copies into
-    the original tensors), ``engine_args`` (any other ``vllm.LLM`` argument, e.g. ``block_size``).
+    the original tensors), ``sleep`` (null: on GPUs; vLLM's sleep mode needs CUDA: between its
+    samplings the engine sleeps at level 1, its weights offloaded to CPU memory and its KV cache
+    freed, so the teacher and the update have the GPU; it wakes for a weight push or a sampling),
+    ``engine_args`` (any other ``vllm.LLM`` argument, e.g. ``block_size``).
     ConfigError when vLLM is missing or cannot run the student, when ``engine_args`` repeats a
     setting opdx makes, or asks for tensor parallelism (the in-process weight push cannot reach
     another process's shard), or when the student is on a CUDA device other than the first (the
@@ -224,6 +227,7 @@ class VLLMSampler:
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
+        sleep: bool | None = None,
         engine_args: dict[str, Any] | None = None,
         stop_ids: Sequence[int] | None = None,
         compute_dtype: str | None = None,
@@ -232,6 +236,13 @@ class VLLMSampler:
         check_cpu_head_size(model)
         from vllm.platforms import current_platform
 
+        check(
+            not (sleep and current_platform.is_cpu()),
+            "rollout.sleep=true needs a GPU: vLLM's sleep mode frees CUDA memory (its CuMemAllocator); "
+            "leave it null (on GPUs only) on the CPU",
+        )
+        self.sleeps = current_platform.is_cuda() if sleep is None else sleep
+        self.asleep = False
         self.context = max_model_len or model.config.max_position_embeddings
         if kv_cache_memory_bytes is None and current_platform.is_cpu():
             room = CPU_KV_CACHE_SEQUENCES * self.context * kv_bytes_per_token(model)
@@ -248,6 +259,7 @@ class VLLMSampler:
             "logprobs_mode": "processed_logprobs",
             "generation_config": "vllm",  # sampling settings from opdx alone, not the model's generation_config.json
             "enable_prefix_caching": True,
+            "enable_sleep_mode": self.sleeps,
             "seed": 0,
             **ranks_of_engines(),
         }
@@ -258,6 +270,7 @@ class VLLMSampler:
             engine_args["hf_overrides"] = {"head_dtype": "float32", **engine_args.get("hf_overrides", {})}
         check_engine_args(engine_args, ours, model)
         self.engine = self.vllm.LLM(**ours, **engine_args)
+        self.sleep()  # the teacher's step-0 eval and the first update run without the engine's memory
         self.logit_bias = padding_rows_off(model.get_output_embeddings().weight.shape[0], len(tokenizer))
         self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
 
@@ -280,6 +293,7 @@ class VLLMSampler:
         not called (the engine decodes in one call)."""
         from vllm.inputs import TokensPrompt
 
+        self.wake()
         prompts_P = self.prompt_ids(problems)
         sampling_P = [
             request(self.vllm, samples_per_prompt, max_new_tokens, params, greedy, self.stop_ids, self.logit_bias, seed)
@@ -289,6 +303,7 @@ class VLLMSampler:
             [TokensPrompt(prompt_token_ids=ids) for ids in prompts_P], sampling_P, use_tqdm=False
         )
         samples_B = [sample for output in outputs_P for sample in output.outputs]
+        self.sleep()
         return Rollout.from_samples(
             problems,
             prompts_P,
@@ -306,7 +321,21 @@ class VLLMSampler:
         or FSDP2) into the engine in its dtype (``full_weights``), then reset its prefix cache;
         RuntimeError when the engine cannot reset it (the next samples would reuse keys and values
         of the old weights)."""
+        self.wake(["weights"])  # the KV cache stays freed until the next sampling
         weights = full_weights(model, self.dtype)
         self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if not self.engine.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight push (requests still running?)")
+
+    def sleep(self) -> None:
+        """With sleep mode, level 1: the weights to CPU memory, the KV cache freed
+        (vllm/entrypoints/llm.py ``LLM.sleep``); nothing without it."""
+        if self.sleeps and not self.asleep:
+            self.engine.sleep(level=1)
+            self.asleep = True
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        """A sleeping engine's ``tags`` memory back on the GPU (all of it: None), weights restored from
+        CPU memory (``LLM.wake_up``); nothing when it is awake."""
+        if self.asleep:
+            self.asleep = not self.engine.wake_up(tags)

@@ -47,6 +47,15 @@ def test_a_student_whose_heads_the_cpu_attention_cannot_take_is_refused_naming_t
         start(run)
 
 
+def test_sleep_mode_is_refused_on_the_cpu_and_off_there_by_default(learner):
+    """vLLM's sleep mode frees CUDA memory; on the CPU rollout.sleep=true is refused before an
+    engine starts, and the default (null) leaves it off."""
+    run = validate(composed(*FAST_TRAIN, "model=tiny_hd32", "rollout=vllm", "rollout.sleep=true"))
+    with pytest.raises(ConfigError, match="rollout.sleep=true needs a GPU"):
+        start(run)
+    assert learner.rollout.sleeps is False and learner.rollout.asleep is False
+
+
 def test_every_step_syncs_the_weights_and_a_skipped_sync_shows(learner):
     assert isinstance(learner.rollout, Sampler)
     mismatches = [train_step(learner, step)["rollout/logprob_mismatch"] for step in range(5)]
