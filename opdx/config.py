@@ -246,6 +246,7 @@ class TrainerConfig:
     # choice: the whole batch when it fits) or null (the whole batch)
     micro_batch_size: Any = "auto"
     precision: str | None = None  # fp32 | bf16-mixed | bf16 (resolve_precision); null: by model.dtype
+    export_dtype: str | None = None  # the saved student's dtype (e.g. bfloat16); null: the master weights'
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
     strategy: str = "none"  # data parallelism under torchrun: ddp (a replica per rank) or fsdp2 (sharded)
     # old names, kept working (each warns once): sampling.* and runtime.* are where these live now
@@ -268,6 +269,10 @@ class TrainerConfig:
             size is None or size == "auto" or (isinstance(size, int) and not isinstance(size, bool) and size > 0),
             f"trainer.micro_batch_size={size!r} is invalid; use a positive number, auto (the memory planner's "
             "choice) or null (the whole batch)",
+        )
+        check(
+            self.export_dtype is None or self.export_dtype in DTYPES,
+            f"trainer.export_dtype={self.export_dtype!r} is invalid; valid: {', '.join(DTYPES)} or null",
         )
         check(self.schedule in SCHEDULES, f"trainer.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         check(self.strategy in STRATEGIES, f"trainer.strategy={self.strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -439,6 +444,7 @@ RESUME_SAFE = (
     "trainer.micro_batch_size",
     "plan.*",
     "trainer.max_bad_steps",
+    "trainer.export_dtype",
     "trainer.strategy",
     "runtime.*",
     "eval.*",

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 Item = TypeVar("Item")
@@ -111,12 +111,20 @@ def broadcast(value: object) -> object:
 
 
 def wrap(
-    module: nn.Module, strategy: str, layers: Iterable[nn.Module], device: torch.device, forward_methods: Sequence[str]
+    module: nn.Module,
+    strategy: str,
+    layers: Iterable[nn.Module],
+    device: torch.device,
+    forward_methods: Sequence[str],
+    param_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The module a data-parallel step backpropagates through: ``module`` itself on one rank; in
     DDP (``strategy="ddp"``) with gradients summed, not averaged, over the ranks; or sharded with
     FSDP2 (``"fsdp2"``: each of ``layers``, then ``module`` as the root), its reduce-scatter summing
     too, and ``forward_methods`` (``generate``) registered so they gather the root's parameters.
+    With ``param_dtype`` (bfloat16 under ``trainer.precision=bf16-mixed``) FSDP2 gathers the
+    float32 master shards cast to it and reduces the gradients in float32 (``MixedPrecisionPolicy``),
+    so its all-gathers move half the bytes; the optimizer keeps the float32 shards.
 
     Summing (rather than averaging, whose divisor differs between DDP, FSDP2 on NCCL and FSDP2 on
     gloo, pytorch#162338) with global normalisers in the loss (``opdx.objective``) gives exactly
@@ -127,9 +135,10 @@ def wrap(
         wrapped = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
         wrapped.register_comm_hook(None, _sum_hook)
         return wrapped
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(module)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
     for sharded in module.modules():
         if isinstance(sharded, FSDPModule):
             sharded.set_force_sum_reduction_for_comms(True)

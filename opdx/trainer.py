@@ -78,7 +78,8 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     compute_dtype = getattr(torch, run.config.model.dtype)  # bf16 compute over float32 weights when bf16-mixed
     policy = TokenScores(parts.student, run.config.runtime.logprob_chunk, len(parts.tokenizer), compute_dtype)
     layers = getattr(parts.student.get_decoder(), "layers", [])
-    policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",))
+    mixed = compute_dtype if t.precision == "bf16-mixed" else None  # FSDP2 gathers bf16 copies of the weights
+    policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",), param_dtype=mixed)
     parts.rollout.update_weights(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t)
@@ -304,8 +305,12 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     if ranks.main:
         names = {"divergence": run.divergence.name, "estimator": run.estimator.name, "benchmark": bench}
         summary = make_summary(cfg, names, state, run_dir, eval_problem_count(run.benchmark, cfg.eval))
-        student_weights = {key.removeprefix("model."): value for key, value in weights.items()}
+        export = getattr(torch, t.export_dtype) if t.export_dtype else None  # checkpoints keep the master dtype
+        student_weights = {key.removeprefix("model."): value.to(export) for key, value in weights.items()}
         parts.student.save_pretrained(run_dir / "student", state_dict=student_weights)
+        if export is not None:  # config.json says the weights' dtype (save_pretrained wrote the module's)
+            parts.student.config.dtype = export
+            parts.student.config.save_pretrained(run_dir / "student")
         parts.tokenizer.save_pretrained(run_dir / "student")
         atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         logger.summary(summary)

@@ -72,7 +72,32 @@ def main() -> int:
     leftover = leftover_after_a_skipped_step(strategy, ranks, teacher, rollouts["distinct prompts"][0])
     if ranks.main:
         print(f"{strategy}, after a skipped step: largest gradient difference from a fresh step: {leftover:.2e}")
+    if strategy == "fsdp2":
+        dtypes = mixed_precision_dtypes(rollouts["distinct prompts"][0])
+        if ranks.main:
+            print(f"fsdp2 bf16-mixed: {dtypes}")
+        failed |= dtypes != {"computed": "bfloat16", "master": "float32", "gradients": "float32"}
     return int(failed or leftover > 1e-12)
+
+
+def mixed_precision_dtypes(rollout: Rollout) -> dict[str, str]:
+    """Under FSDP2 with ``param_dtype=bfloat16`` (``trainer.precision=bf16-mixed``): the dtype of a
+    layer's weight inside its forward, of the optimizer's (sharded) parameters and of their gradients."""
+    model = AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"))
+    policy = wrap(TokenScores(model), "fsdp2", model.model.layers, torch.device("cpu"), ("generate",), torch.bfloat16)
+    seen = {}
+    projection = model.model.layers[0].mlp.down_proj
+    projection.register_forward_pre_hook(lambda module, _: seen.update(computed=module.weight.dtype))
+    policy(rollout)[rollout.response_mask_B_T].sum().backward()
+    parameter = next(policy.parameters())
+    return {
+        key: str(dtype).removeprefix("torch.")
+        for key, dtype in (
+            ("computed", seen["computed"]),
+            ("master", parameter.dtype),
+            ("gradients", parameter.grad.dtype),
+        )
+    }
 
 
 class PoisonedTeacher:

@@ -77,6 +77,25 @@ def test_smoke_run_writes_metrics_summary_and_checkpoint(opdx_cli, tmp_path):
     assert all(r["train/skipped"] == 0 for r in records[1:]) and summary["skipped_steps"] == 0
 
 
+def test_the_saved_student_keeps_the_master_dtype_unless_an_export_dtype_is_asked(opdx_cli, tmp_path):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+    from transformers import AutoModelForCausalLM
+
+    common = [*FAST_TRAIN, "trainer.steps=1", "trainer.eval_every=1", "eval.n=0", "eval.problems=4"]
+    for name, export, dtype in (
+        ("master", [], torch.float32),
+        ("bf16", ["trainer.export_dtype=bfloat16"], torch.bfloat16),
+    ):
+        opdx_cli("train", *common, *export, f"hydra.run.dir={tmp_path / name}")
+        weights = load_file(tmp_path / name / "student" / "model.safetensors")
+        assert {t.dtype for t in weights.values()} == {dtype}
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / name / "student", dtype="auto").dtype == dtype
+        stored = FileSystemReader(tmp_path / name / "checkpoints" / "step_000001").read_metadata().state_dict_metadata
+        weights = [meta for key, meta in stored.items() if key.startswith("model.")]
+        assert weights and {meta.properties.dtype for meta in weights} == {torch.float32}  # the master weights
+
+
 def kill_after_first_checkpoint(args: list[str], run_dir: Path) -> int:
     """Start `opdx train`, SIGKILL it as soon as a checkpoint exists; the checkpoint's step."""
     process = subprocess.Popen(
