@@ -40,14 +40,17 @@ class LiveTensorBytes(TorchDispatchMode):
         return super().__enter__()
 
     def _add(self, tensor: torch.Tensor) -> None:
-        if tensor.is_meta or tensor.layout != torch.strided or tensor.device.type != "cpu":
+        # plain tensors only: fake and functional ones a compiler left (sizes may be symbolic) hold no memory
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.is_meta or tensor.device.type != "cpu":
+            return
+        if tensor.layout != torch.strided:
             return
         storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in self._sizes:
+        key, size = id(storage), storage.nbytes()
+        if key in self._sizes or not isinstance(size, int):
             return
-        self._sizes[key] = storage.nbytes()
-        self.current += storage.nbytes()
+        self._sizes[key] = size
+        self.current += size
         self.peak = max(self.peak, self.current)
         weakref.finalize(storage, self._free, key)
 

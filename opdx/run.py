@@ -11,6 +11,7 @@ distinct one built once; several behind a ``RoutedTeacher``).
 
 from __future__ import annotations
 
+import heapq
 import inspect
 import json
 from collections.abc import Mapping
@@ -235,13 +236,13 @@ def start(setup: Setup) -> Parts:
     return parts
 
 
-PROMPTS_MEASURED = 2000  # train prompts per component whose length the planner measures (and every eval one)
+PROMPTS_MEASURED = 64  # the longest prompts by characters, of which the planner takes the longest in tokens
 
 
 def longest_prompt(setup: Setup, tokenizer: PreTrainedTokenizerBase | None) -> int:
-    """The longest prompt in tokens, for the planner: ``plan.prompt_tokens``, else the longest of
-    the eval prompts and the first ``PROMPTS_MEASURED`` train prompts of each component as the
-    student's ``tokenizer`` renders them, else (no tokenizer) 512."""
+    """The longest prompt in tokens, for the planner: ``plan.prompt_tokens``, else the longest, as
+    the student's ``tokenizer`` renders them, of the ``PROMPTS_MEASURED`` train and eval prompts
+    with the most characters (system message and tool schemas included), else (no tokenizer) 512."""
     if setup.config.plan.prompt_tokens:
         return setup.config.plan.prompt_tokens
     if tokenizer is None:
@@ -249,9 +250,12 @@ def longest_prompt(setup: Setup, tokenizer: PreTrainedTokenizerBase | None) -> i
     problems = [
         problem
         for c in setup.benchmark.components
-        for problem in [*c.benchmark.train[:PROMPTS_MEASURED], *c.benchmark.eval[: setup.config.eval.problems]]
+        for problem in [*c.benchmark.train, *c.benchmark.eval[: setup.config.eval.problems]]
     ]
-    return max((len(ids) for ids in encode_prompts(tokenizer, problems)), default=1)
+    longest = heapq.nlargest(
+        PROMPTS_MEASURED, problems, key=lambda p: len(p.prompt) + len(p.system or "") + len(str(p.tools or ""))
+    )
+    return max((len(ids) for ids in encode_prompts(tokenizer, longest)), default=1)
 
 
 def backend_memory(node: Mapping[str, Any]) -> str:

@@ -2,7 +2,7 @@
 peak the second step of ``opdx train`` reached (AdamW makes its state in the first), for several pairs and batch shapes.
 
     python scripts/bench_memory.py                     # tiny and SmolLM2 pairs, several shapes (CPU, minutes)
-    python scripts/bench_memory.py --shapes tiny       # one shape set (tests/test_scripts.py)
+    python scripts/bench_memory.py --shapes tiny --limit 1   # one case (tests/test_scripts.py)
 
 Each case is two steps of ``opdx train`` in a subprocess (one thread) with
 ``runtime.track_memory=true``: the ``memory/<phase>_gib`` metrics, the peak bytes of live tensor
@@ -27,9 +27,9 @@ from opdx.plan import GIB
 COMMON = ["trainer.steps=2", "runtime.track_memory=true", "runtime.threads=1", "logger=jsonl"]
 SHAPES = {
     "tiny": [
+        ["model=tiny", "trainer.prompts_per_step=64", "trainer.micro_batch_size=32", "eval.problems=32"],
         ["model=tiny", "trainer.prompts_per_step=16", "eval.problems=16"],
         ["model=tiny", "trainer.prompts_per_step=64", "sampling.max_new_tokens=40", "eval.problems=64"],
-        ["model=tiny", "trainer.prompts_per_step=64", "trainer.micro_batch_size=32", "eval.problems=32"],
     ],
     "smollm2": [
         [
@@ -66,11 +66,12 @@ def measured(overrides: list[str], run_dir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--limit", type=int, default=None, help="the first N cases of each set")
     args = parser.parse_args()
     print(f"{'case':<72} {'phase':<8} {'planned':>10} {'measured':>10} {'ratio':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes:
-            for i, overrides in enumerate(SHAPES[name]):
+            for i, overrides in enumerate(SHAPES[name][: args.limit]):
                 plan = plan_of([*overrides, *COMMON])
                 planned = {phase.name: phase.total for phase in plan.phases}
                 peaks = measured(overrides, Path(tmp) / f"{name}{i}")

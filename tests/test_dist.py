@@ -1,5 +1,6 @@
 """Data parallelism under torchrun on the CPU: 2 processes with gloo, one thread each."""
 
+import contextlib
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import FAST_TRAIN, REPO
 from transformers import AutoModelForCausalLM
@@ -87,8 +89,13 @@ def test_a_two_rank_run_killed_after_a_checkpoint_resumes_on_one_rank_and_back(t
     deadline = time.time() + 300
     while not list(run_dir.glob("checkpoints/step_000002.sha256")) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+    ranks = psutil.Process(process.pid).children(recursive=True)  # torchrun starts each in its own session
+    os.killpg(process.pid, signal.SIGKILL)
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.kill()
     process.wait()
+    psutil.wait_procs(ranks, timeout=60)
     assert not (run_dir / "summary.json").exists()
     one_rank = ["trainer.steps=10", "trainer.strategy=none"]
     subprocess.run(
