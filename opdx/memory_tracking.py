@@ -17,6 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+# plain tensors only: fake and functional ones a compiler left behind (sizes may be symbolic) hold no memory
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 
 class LiveTensorBytes(TorchDispatchMode):
     """The bytes of the tensor storages alive, and their peak, while the mode is on: every storage
@@ -34,16 +37,13 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __enter__(self) -> LiveTensorBytes:
         for obj in gc.get_objects():
-            if issubclass(type(obj), torch.Tensor):  # type(): no attribute lookup on proxies
+            if type(obj) in PLAIN:  # type(): no attribute lookup on proxies
                 self._add(obj)
         self.peak = self.current
         return super().__enter__()
 
     def _add(self, tensor: torch.Tensor) -> None:
-        # plain tensors only: fake and functional ones a compiler left (sizes may be symbolic) hold no memory
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.is_meta or tensor.device.type != "cpu":
-            return
-        if tensor.layout != torch.strided:
+        if type(tensor) not in PLAIN or tensor.is_meta or tensor.device.type != "cpu" or tensor.layout != torch.strided:
             return
         storage = tensor.untyped_storage()
         key, size = id(storage), storage.nbytes()

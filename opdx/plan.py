@@ -30,7 +30,7 @@ the allocator's fragmentation and the CUDA context.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from opdx.config import ConfigError, RunConfig, SetupConfig
 
 GIB = 2**30
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+CPU_KV_CACHE_BYTES = 1 << 28  # a vLLM engine's least KV cache on the CPU (kv_cache_memory_bytes null): 256 MiB
 ANALYTIC_LOGITS_COPIES = 8  # float32 [B, T, V] tensors an analytic step holds at its peak (docs/faults.md)
 CHUNK_COPIES_GRAD = 4  # float32 [chunk, V]: the recomputed logits, their log-softmax, and the two gradients
 CHUNK_COPIES = 2  # float32 [chunk, V] without grad: the logits and their log-softmax
@@ -325,7 +325,7 @@ def choose(
     micro = micro or 1
     eval_sizes = halvings(workload.eval_rows, max(eval_n, 1))
     for size in eval_sizes:
-        trial = Workload(**{**workload.__dict__, "eval_rows": size})
+        trial = replace(workload, eval_rows=size)
         if phases(student, teachers, trial, micro)[-1].total <= budget:
             return micro, size
     return micro, eval_sizes[-1]
@@ -361,14 +361,14 @@ def plan_run(
     world = config.plan.gpus or world
     device_bytes, device_name = device_memory(config, device)
     rows = -(-t.prompts_per_step // world) * t.samples_per_prompt
-    compute = DTYPE_BYTES[m.dtype]
+    compute = getattr(torch, m.dtype).itemsize
     master = 4 if t.precision == "bf16-mixed" else compute
     engine = 0
     on_gpu = device.type == "cuda" or config.plan.gpu_memory_gib is not None  # vLLM reads its share on GPUs
     sleeps = on_gpu if config.rollout.get("sleep") is None else bool(config.rollout.get("sleep"))
     if rollout_memory == "engine":
         share = config.rollout.get("gpu_memory_utilization", 0.0) if on_gpu else 0.0
-        engine = int(share * device_bytes) or int(config.rollout.get("kv_cache_memory_bytes") or 256 * 2**20)
+        engine = int(share * device_bytes) or int(config.rollout.get("kv_cache_memory_bytes") or CPU_KV_CACHE_BYTES)
     e = config.eval
     workload = Workload(
         rows=rows,
@@ -381,7 +381,7 @@ def plan_run(
         logprob_chunk=config.runtime.logprob_chunk,
         compute_bytes=compute,
         master_bytes=master,
-        teacher_bytes=DTYPE_BYTES[m.teacher_dtype],
+        teacher_bytes=getattr(torch, m.teacher_dtype).itemsize,
         shards=world if t.strategy == "fsdp2" else 1,
         gradient_checkpointing=t.gradient_checkpointing,
         analytic=analytic,
@@ -394,7 +394,7 @@ def plan_run(
     budget = int(device_bytes * config.plan.headroom)
     fixed = None if t.micro_batch_size == "auto" else (t.micro_batch_size or rows)
     micro, eval_rows = choose(student, list(shapes.values()), workload, fixed, e.n, budget)
-    chosen = Workload(**{**workload.__dict__, "eval_rows": eval_rows})
+    chosen = replace(workload, eval_rows=eval_rows)
     notes = [*(notes or [])]
     named = [f"{path}: {count(shape.parameters)}" for path, shape in shapes.items()] or ["none on this device"]
     notes.append(f"student {m.student}: {count(student.parameters)} parameters; teacher {', '.join(named)}")

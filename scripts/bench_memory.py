@@ -14,7 +14,6 @@ eval after the step. The ratio is planned / measured: above 1 the plan is on the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from opdx.cli import plan_of
+from opdx.metrics import read_metrics
 from opdx.plan import GIB
 
 COMMON = ["trainer.steps=2", "runtime.track_memory=true", "runtime.threads=1", "logger=jsonl"]
@@ -58,7 +58,7 @@ def measured(overrides: list[str], run_dir: Path) -> dict[str, float]:
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
         raise SystemExit(f"{' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = read_metrics(run_dir)
     last = steps[-1]
     return {key[len("memory/") : -len("_gib")]: value * GIB for key, value in last.items() if key.startswith("memory/")}
 

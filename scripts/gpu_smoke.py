@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 from bench_gpu import build_pair
 
 from opdx.cli import plan_of
+from opdx.metrics import read_metrics
 from opdx.plan import GIB
 
 # What `opdx train` imports beyond torch, transformers and their own dependencies, on the HF path
@@ -96,7 +96,7 @@ def main() -> None:
         result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
         if result.returncode:
             raise SystemExit(f"opdx train failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        steps = read_metrics(run_dir)
     steps = [record for record in steps if "time/rollout" in record]
     print(f"\n{'phase':<8} {'planned GiB':>12} {'measured GiB':>13} {'ratio':>6}   (the last step's peaks)")
     planned = {phase.name: phase.total / GIB for phase in plan.phases}

