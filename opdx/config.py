@@ -245,6 +245,8 @@ class TrainerConfig:
     # sequences per forward/backward (teacher, student, update): a number, auto (the memory planner's
     # choice: the whole batch when it fits) or null (the whole batch)
     micro_batch_size: Any = "auto"
+    # sequences per sampling call of a step's rollout (whole groups of samples_per_prompt), the same choices
+    rollout_batch_size: Any = "auto"
     precision: str | None = None  # fp32 | bf16-mixed | bf16 (resolve_precision); null: by model.dtype
     export_dtype: str | None = None  # the saved student's dtype (e.g. bfloat16); null: the master weights'
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
@@ -264,12 +266,13 @@ class TrainerConfig:
         for key in (*positive, "checkpoint_every"):
             check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
         check(self.lr > 0, f"trainer.lr={self.lr!r} is invalid; it must be positive")
-        size = self.micro_batch_size
-        check(
-            size is None or size == "auto" or (isinstance(size, int) and not isinstance(size, bool) and size > 0),
-            f"trainer.micro_batch_size={size!r} is invalid; use a positive number, auto (the memory planner's "
-            "choice) or null (the whole batch)",
-        )
+        for key in ("micro_batch_size", "rollout_batch_size"):
+            size = getattr(self, key)
+            check(
+                size is None or size == "auto" or (isinstance(size, int) and not isinstance(size, bool) and size > 0),
+                f"trainer.{key}={size!r} is invalid; use a positive number, auto (the memory planner's choice) or "
+                "null (the whole batch)",
+            )
         check(
             self.export_dtype is None or self.export_dtype in DTYPES,
             f"trainer.export_dtype={self.export_dtype!r} is invalid; valid: {', '.join(DTYPES)} or null",
@@ -442,6 +445,7 @@ RESUME_SAFE = (
     "trainer.checkpoint_every",
     "trainer.gradient_checkpointing",
     "trainer.micro_batch_size",
+    "trainer.rollout_batch_size",
     "plan.*",
     "trainer.max_bad_steps",
     "trainer.export_dtype",

@@ -123,6 +123,7 @@ class Workload:
     """What a run asks of one rank's device, in sequences and tokens."""
 
     rows: int  # sequences per step on this rank (its prompts x samples per prompt)
+    rollout_rows: int  # sequences per sampling call of the step's rollout
     samples_per_prompt: int
     eval_samples: int  # the eval's samples per prompt (its sampled rollout shares prompts by these)
     prompt_tokens: int  # the longest prompt
@@ -193,7 +194,7 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
 
     rollout = Phase("rollout", resident | engine)
     if w.rollout_memory == "local":
-        rollout.parts |= sampling(student, w.rows, w.new_tokens, w.compute_bytes, autocast)
+        rollout.parts |= sampling(student, w.rollout_rows, w.new_tokens, w.compute_bytes, autocast)
     result = [rollout]
 
     def scoring(rows: int, group: int, new_tokens: int, analytic: bool) -> dict[str, int]:
@@ -257,6 +258,7 @@ class Plan:
     headroom: float
     micro_batch_size: int  # sequences per micro-batch (the whole batch: one micro-batch)
     rows: int
+    rollout_batch_size: int  # sequences per sampling call of a step's rollout
     eval_batch_size: int
     notes: list[str]
     workload: Workload
@@ -279,9 +281,11 @@ class Plan:
         for phase in self.phases:
             out.append(f"{phase.name:<22} {size(phase.total):>10}")
             out += [f"  {name:<20} {size(part):>10}" for name, part in phase.parts.items()]
-        micro = "the whole batch" if self.micro_batch_size >= self.rows else f"{self.micro_batch_size}"
+        sizes = (self.micro_batch_size, self.rollout_batch_size)
+        micro, rollout = ("the whole batch" if size >= self.rows else f"{size}" for size in sizes)
         out.append(
-            f"micro-batch: {micro} ({self.rows} sequences per step on a rank); eval batch: {self.eval_batch_size}"
+            f"micro-batch: {micro}; rollout batch: {rollout} ({self.rows} sequences per step on a rank); "
+            f"eval batch: {self.eval_batch_size}"
         )
         verdict = "fits" if self.fits else f"does not fit ({self.peak.name})"
         of = f"{size(self.budget)} ({self.headroom:.0%} of {size(self.device_bytes)}, {self.device})"
@@ -311,24 +315,40 @@ def halvings(start: int, multiple: int = 1) -> list[int]:
         size = -(-size // 2)
 
 
+def rollout_rows(size: int | None, rows: int, group: int) -> int:
+    """Sequences per sampling call for ``trainer.rollout_batch_size=size`` (null: all ``rows``):
+    whole groups of ``group`` samples, at least one group."""
+    return min(rows, max(1, (size or rows) // group) * group)
+
+
 def choose(
-    student: ModelShape, teachers: list[ModelShape], workload: Workload, micro: int | None, eval_n: int, budget: int
-) -> tuple[int, int]:
+    student: ModelShape,
+    teachers: list[ModelShape],
+    workload: Workload,
+    micro: int | None,
+    rollout: int | None,
+    eval_n: int,
+    budget: int,
+) -> tuple[int, Workload]:
     """The micro-batch (``micro``, or the largest of the halvings of the batch that fits) and the
-    eval batch (the largest halving of ``workload.eval_rows``, a multiple of ``eval_n``, that fits)."""
-    by_phase = {}
+    workload at the chosen rollout batch (``rollout``, or the largest halving of the batch, whole
+    groups, whose rollout fits) and eval batch (the largest halving of ``workload.eval_rows``, a
+    multiple of ``eval_n``, that fits)."""
     for size in [micro] if micro else halvings(workload.rows):
         by_phase = {p.name: p.total for p in phases(student, teachers, workload, size)}
         if max(by_phase["update"], by_phase.get("teacher", 0)) <= budget:
             micro = size
             break
     micro = micro or 1
-    eval_sizes = halvings(workload.eval_rows, max(eval_n, 1))
-    for size in eval_sizes:
-        trial = replace(workload, eval_rows=size)
-        if phases(student, teachers, trial, micro)[-1].total <= budget:
-            return micro, size
-    return micro, eval_sizes[-1]
+
+    def largest(sizes: list[int], key: str, phase: int) -> Workload:
+        trials = [replace(workload, **{key: size}) for size in sizes]
+        fitting = (w for w in trials if phases(student, teachers, w, micro)[phase].total <= budget)
+        return next(fitting, trials[-1])
+
+    group = workload.samples_per_prompt
+    workload = largest([rollout] if rollout else halvings(workload.rows, group), "rollout_rows", 0)
+    return micro, largest(halvings(workload.eval_rows, max(eval_n, 1)), "eval_rows", -1)
 
 
 def device_memory(config: SetupConfig, device: torch.device) -> tuple[int, str]:
@@ -372,6 +392,7 @@ def plan_run(
     e = config.eval
     workload = Workload(
         rows=rows,
+        rollout_rows=rows,
         samples_per_prompt=t.samples_per_prompt,
         eval_samples=max(e.n, 1),
         prompt_tokens=prompt_tokens,
@@ -392,9 +413,9 @@ def plan_run(
     student = model_shape(m.student, m.student_config)
     shapes = {path: model_shape(path, carried) for path, carried in teachers.items()}
     budget = int(device_bytes * config.plan.headroom)
-    fixed = None if t.micro_batch_size == "auto" else (t.micro_batch_size or rows)
-    micro, eval_rows = choose(student, list(shapes.values()), workload, fixed, e.n, budget)
-    chosen = replace(workload, eval_rows=eval_rows)
+    micro = None if t.micro_batch_size == "auto" else (t.micro_batch_size or rows)
+    rollout = None if t.rollout_batch_size == "auto" else rollout_rows(t.rollout_batch_size, rows, t.samples_per_prompt)
+    micro, chosen = choose(student, list(shapes.values()), workload, micro, rollout, e.n, budget)
     notes = [*(notes or [])]
     named = [f"{path}: {count(shape.parameters)}" for path, shape in shapes.items()] or ["none on this device"]
     notes.append(f"student {m.student}: {count(student.parameters)} parameters; teacher {', '.join(named)}")
@@ -404,5 +425,5 @@ def plan_run(
     )
     return Plan(
         phases(student, list(shapes.values()), chosen, micro), device_name, device_bytes, config.plan.headroom, micro,
-        rows, eval_rows, notes, chosen,
+        rows, chosen.rollout_rows, chosen.eval_rows, notes, chosen,
     )  # fmt: skip

@@ -109,6 +109,33 @@ class Rollout:
                 rollout.logp_sampling_B_T[row, : len(logps)] = torch.tensor(logps)
         return rollout
 
+    @classmethod
+    def concat(cls, rollouts: Sequence[Rollout]) -> Rollout:
+        """The rows of ``rollouts`` in order, prompts left-padded and responses right-padded to the
+        widest (padding masked, its token ids 0, its sampled log-probs 0; a padded response column
+        is beyond every stop). One rollout is returned as it is."""
+        if len(rollouts) == 1:
+            return rollouts[0]
+
+        def joined(name: str, left: bool = False) -> Tensor | None:
+            tensors = [getattr(rollout, name) for rollout in rollouts]
+            if any(tensor is None for tensor in tensors):
+                return None
+            width = max(tensor.shape[-1] for tensor in tensors)
+            pads = [(width - tensor.shape[-1], 0) if left else (0, width - tensor.shape[-1]) for tensor in tensors]
+            return torch.cat([torch.nn.functional.pad(tensor, pad) for tensor, pad in zip(tensors, pads, strict=True)])
+
+        problems, finished = [rollout.problems for rollout in rollouts], [rollout.finished_B for rollout in rollouts]
+        return cls(
+            joined("prompt_tokens_B_L", left=True),
+            joined("prompt_mask_B_L", left=True),
+            joined("response_tokens_B_T"),
+            joined("response_mask_B_T"),
+            joined("logp_sampling_B_T"),
+            None if any(flags is None for flags in finished) else torch.cat(finished),
+            None if None in problems else [problem for part in problems for problem in part],
+        )
+
     def select(self, rows: Sequence[int]) -> Rollout:
         """The rollout of ``rows`` (in that order), its prompt columns that are padding in all of
         them left out; the response columns stay (T), so results scatter back by row."""

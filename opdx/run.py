@@ -203,11 +203,12 @@ def start(setup: Setup) -> Parts:
         f"torchrun started {ranks.world} processes but trainer.strategy=none: give trainer.strategy=ddp "
         "(a replica of the student per rank) or fsdp2 (the student sharded over the ranks)",
     )
+    t = setup.config.trainer if train else None
     check(
-        ranks.world == 1 or not train or setup.config.trainer.micro_batch_size is None
-        or setup.config.trainer.prompts_per_step % ranks.world == 0,
-        f"trainer.micro_batch_size under torchrun needs the same number of sequences on every rank: give "
-        f"trainer.prompts_per_step a multiple of the {ranks.world} ranks",
+        t is None or ranks.world == 1 or t.prompts_per_step % ranks.world == 0
+        or (t.micro_batch_size is None and t.rollout_batch_size is None),
+        f"trainer.micro_batch_size and trainer.rollout_batch_size under torchrun need the same number of sequences "
+        f"on every rank: give trainer.prompts_per_step a multiple of the {ranks.world} ranks",
     )  # fmt: skip
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
@@ -284,15 +285,20 @@ def fill_plan(run: Run, plan: Plan) -> None:
         raise ConfigError(
             "the run does not fit in memory (opdx plan prints this with the same overrides):\n  "
             + "\n  ".join(plan.lines())
-            + "\nLower trainer.micro_batch_size (or set it to auto), trainer.prompts_per_step, "
+            + "\nLower trainer.micro_batch_size or trainer.rollout_batch_size (or set them to auto), "
+            "trainer.prompts_per_step, "
             "sampling.max_new_tokens or eval.batch_size; turn on trainer.gradient_checkpointing; or set "
             "plan.gpu_memory_gib to the device's real size"
         )
     t, e = run.config.trainer, run.config.eval
     chosen = []
-    if t.micro_batch_size == "auto":
-        t.micro_batch_size = None if plan.micro_batch_size >= plan.rows else plan.micro_batch_size
-        chosen.append(f"micro-batch {plan.micro_batch_size if t.micro_batch_size else 'the whole batch'}")
+    for key, size, name in [
+        ("micro_batch_size", plan.micro_batch_size, "micro-batch"),
+        ("rollout_batch_size", plan.rollout_batch_size, "rollout batch"),
+    ]:
+        if getattr(t, key) == "auto":
+            setattr(t, key, None if size >= plan.rows else size)
+            chosen.append(f"{name} {size if size < plan.rows else 'the whole batch'}")
     if plan.eval_batch_size < e.batch_size:
         chosen.append(f"eval.batch_size {e.batch_size} -> {plan.eval_batch_size}")
         e.batch_size = plan.eval_batch_size

@@ -116,8 +116,10 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     metrics: dict[str, float] = {}
     learner.policy.train()
     with timed(metrics, "rollout"):
-        new_tokens = run.config.sampling.max_new_tokens
-        rollout = learner.rollout.sample(problems, t.samples_per_prompt, new_tokens, run.sampling)
+        group, new_tokens = t.samples_per_prompt, run.config.sampling.max_new_tokens
+        per_call = max(1, (t.rollout_batch_size or group * len(problems)) // group)  # prompts per sampling call
+        calls = [problems[i : i + per_call] for i in range(0, len(problems), per_call)]
+        rollout = Rollout.concat([learner.rollout.sample(c, group, new_tokens, run.sampling) for c in calls])
     terms, bad = accumulate_gradients(learner.policy, learner.teacher, run, rollout, metrics)
     with timed(metrics, "update"):
         if not bad:

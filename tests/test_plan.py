@@ -90,20 +90,26 @@ def test_opdx_plan_prints_each_phase_and_says_whether_it_fits():
 
 
 def test_the_shipped_qwen3_pair_on_one_80_gb_gpu(monkeypatch):
-    """The 1.7B -> 0.6B file's HF rollout keeps the KV cache of 128 sequences of 512 + 4,096 tokens
-    at once (128 x 4,608 x 112 KiB = 63 GiB; the review's 59.5 GiB is at 256-token prompts) and
-    does not fit with the student's and teacher's state; a vLLM engine of 0.3 of the GPU does, at a
-    micro-batch the planner picks. Eight GPUs under FSDP2 fit with the HF rollout."""
+    """The 1.7B -> 0.6B file's HF rollout of 128 sequences of 512 + 4,096 tokens in one call keeps
+    a KV cache of 128 x 4,608 x 112 KiB = 63 GiB (the review's 59.5 GiB is at 256-token prompts)
+    and does not fit with the student's and teacher's state; the planner samples the rollout in
+    calls of 64 sequences (whole groups of 4) then, and the next larger would not fit. A vLLM
+    engine of 0.3 of the GPU fits too, at a micro-batch the planner picks. Eight GPUs under FSDP2
+    fit with the HF rollout in one call."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base = [QWEN3, "benchmark=deepmath", "plan.gpu_memory_gib=80", "plan.prompt_tokens=512"]
-    hf = plan_of(base)
-    assert not hf.fits and hf.peak.name == "rollout"
-    kv = {p.name: p for p in hf.phases}["rollout"].parts["KV cache"]
+    one_call = plan_of([*base, "trainer.rollout_batch_size=null"])
+    assert not one_call.fits and one_call.peak.name == "rollout"
+    kv = {p.name: p for p in one_call.phases}["rollout"].parts["KV cache"]
     assert kv == 128 * 4608 * 112 * 1024
+    hf = plan_of(base)
+    assert hf.fits and hf.rollout_batch_size == 64 and hf.phases[0].parts["KV cache"] == kv // 2
+    assert not plan_of([*base, "trainer.rollout_batch_size=128"]).fits
+    assert plan_of([*base, "trainer.rollout_batch_size=66"]).rollout_batch_size == 64  # whole groups
     vllm = plan_of([*base, "rollout=vllm"])
     assert vllm.fits and vllm.micro_batch_size < vllm.rows
     eight = plan_of([*base, "plan.gpus=8", "trainer.strategy=fsdp2"])
-    assert eight.fits and eight.rows == 16
+    assert eight.fits and eight.rows == eight.rollout_batch_size == 16
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_weights_load_and_auto_sizes_are_filled(monkeypatch):
@@ -121,6 +127,7 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weights_load_and_auto_sizes
     assert run.config.trainer.micro_batch_size == "auto"
     start(run)
     assert run.config.trainer.micro_batch_size == 64
+    assert run.config.trainer.rollout_batch_size is None  # the whole batch fits its rollout
 
 
 def test_a_sleeping_engine_gives_its_share_to_the_teacher_and_the_update(monkeypatch):

@@ -40,3 +40,16 @@ def test_select_keeps_the_rows_in_order_and_drops_prompt_columns_padding_in_all_
     picked = rollout.select([2, 1])
     assert picked.prompt_tokens_B_L.tolist() == [[3, 4], [0, 9]] and picked.prompt_mask_B_L.tolist() == [[1, 1], [0, 1]]
     assert picked.response_tokens_B_T.tolist() == [[4, 5], [3, 0]] and picked.problems == ["c", "b"]
+
+
+def test_concat_pads_prompts_left_and_responses_right_and_keeps_the_row_order():
+    first = Rollout.from_samples(["a"], [[5, 6, 7]], [[1, 2, 3]], [True], pad_id=0, logps_B=[[-1.0, -2.0, -3.0]])
+    second = Rollout.from_samples(["b"], [[9]], [[4], [8, 2]], [False, True], pad_id=0, logps_B=[[-4.0], [-5.0, -6.0]])
+    joined = Rollout.concat([first, second])
+    assert joined.prompt_tokens_B_L.tolist() == [[5, 6, 7], [0, 0, 9], [0, 0, 9]]
+    assert joined.prompt_mask_B_L.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 1]]
+    assert joined.response_tokens_B_T.tolist() == [[1, 2, 3], [4, 0, 0], [8, 2, 0]]
+    assert joined.response_mask_B_T.tolist() == [[True] * 3, [True, False, False], [True, True, False]]
+    assert joined.logp_sampling_B_T.tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0], [-5.0, -6.0, 0.0]]
+    assert joined.finished_B.tolist() == [True, False, True] and joined.problems == ["a", "b", "b"]
+    assert Rollout.concat([first]) is first

@@ -275,6 +275,30 @@ def test_a_skipped_step_changes_no_parameter_optimizer_or_schedule(tmp_path):
     assert all(skipped == unchanged == kept_lr for skipped, unchanged, kept_lr in results)
 
 
+def test_a_rollout_is_sampled_in_calls_of_whole_groups():
+    """trainer.rollout_batch_size=5 with 2 samples per prompt: calls of 2 prompts (4 sequences),
+    the last one of what is left; the step trains on their rows joined in order."""
+    from test_config import composed
+
+    from opdx.run import start, validate
+    from opdx.trainer import build_learner, train_step
+
+    run = validate(composed(*FAST_TRAIN, "trainer.prompts_per_step=5", "trainer.rollout_batch_size=5"))
+    learner = build_learner(run, start(run))
+    calls, sample = [], learner.rollout.sample
+
+    def recorded(problems, samples_per_prompt, *args, **kwargs):
+        calls.append(sample(problems, samples_per_prompt, *args, **kwargs))
+        return calls[-1]
+
+    learner.rollout.sample = recorded
+    metrics = train_step(learner, 0)
+    assert [len(rollout.problems) for rollout in calls] == [4, 4, 2]
+    lengths_B = torch.cat([rollout.lengths_B for rollout in calls]).double()
+    assert metrics["rollout/len_mean"] == pytest.approx(lengths_B.mean().item())
+    assert metrics["train/skipped"] == 0 and math.isfinite(metrics["train/loss"])
+
+
 def test_resume_refuses_overrides_that_change_the_run_and_keeps_its_files(opdx_cli, tmp_path):
     opdx_cli("train", *FAST_TRAIN, "trainer.steps=2", f"hydra.run.dir={tmp_path}")
     hydra_files = [tmp_path / ".hydra" / name for name in ("overrides.yaml", "config.yaml")]
