@@ -11,7 +11,7 @@ student's log-probs are recomputed with grad, so u = q/p always uses that distri
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -151,6 +151,24 @@ class Rollout:
             None if self.finished_B is None else self.finished_B[rows_b],
             None if self.problems is None else [self.problems[i] for i in rows],
         )
+
+    def trimmed(self) -> Rollout:
+        """The rollout without the response columns beyond its longest response (masked in every
+        row; one column is kept): a micro-batch's forward then spans its own longest response."""
+        width = max(1, int(self.lengths_B.max()))
+        cut = {name: getattr(self, name)[:, :width] for name in ("response_tokens_B_T", "response_mask_B_T")}
+        logp = None if self.logp_sampling_B_T is None else self.logp_sampling_B_T[:, :width]
+        return replace(self, **cut, logp_sampling_B_T=logp)
+
+    def longest_first(self) -> Tensor:
+        """A row order, [B]: by the longest response among the rows that share a row's prompt,
+        longest first (ties in row order, so the samples of one prompt stay together and still
+        share its forward): consecutive micro-batches then hold responses of like lengths."""
+        prompts_B_2L = torch.cat([self.prompt_tokens_B_L, self.prompt_mask_B_L], 1)
+        _, prompt_B = torch.unique(prompts_B_2L, dim=0, return_inverse=True)
+        lengths_B = self.lengths_B
+        longest_U = torch.zeros(len(lengths_B), dtype=lengths_B.dtype).scatter_reduce(0, prompt_B, lengths_B, "amax")
+        return torch.sort(longest_U[prompt_B], descending=True, stable=True).indices
 
     @property
     def lengths_B(self) -> Tensor:

@@ -154,18 +154,26 @@ def accumulate_gradients(
     policy: nn.Module, teacher: Scorer, run: Run, rollout: Rollout, metrics: dict[str, float]
 ) -> tuple[LossTerms, dict[str, int]]:
     """The teacher's scores, the student's with-grad scores, the loss and its backward, one
-    micro-batch of ``trainer.micro_batch_size`` sequences at a time, gradients added to ``policy``'s
+    micro-batch of ``trainer.micro_batch_size`` sequences at a time (with several, the rows taken
+    longest response first, ``Rollout.longest_first``, and each micro-batch cut to its own longest
+    response, ``Rollout.trimmed``), gradients added to ``policy``'s
     (the caller zeroes them: under FSDP2 through the optimizer, whose parameters are the sharded
     ones; the module may hold unsharded views between steps). The normalisers are the whole
     batch's over every rank and micro-batch (``batch_totals``), so the summed gradient equals the
     whole batch's in one forward; with several micro-batches the batch baseline and whitening take
     a no-grad pass over the batch for its advantages first. Returns the batch's terms (the loss
-    summed, the rest in row order) and what was not finite (nothing was applied then: the
-    gradients are partial)."""
+    summed, the rest [B, T] in the rollout's row order) and what was not finite (then the [B, T]
+    terms are None and nothing was applied: the gradients are partial)."""
     estimator, logits = run.estimator, run.estimator.needs_teacher_logits
-    rows = micro_batches(rollout.response_tokens_B_T.shape[0], run.config.trainer.micro_batch_size)
-    parts = [rollout] if len(rows) == 1 else [rollout.select(part.tolist()) for part in rows]
     mask = rollout.response_mask_B_T
+    rows = micro_batches(mask.shape[0], run.config.trainer.micro_batch_size)
+    order_B = rollout.longest_first() if len(rows) > 1 else torch.arange(mask.shape[0])
+    parts = [rollout] if len(rows) == 1 else [rollout.select(order_B[part].tolist()).trimmed() for part in rows]
+
+    def in_row_order(tensors_b_t: list[Tensor]) -> Tensor:
+        """The micro-batches' [b, t] tensors as one [B, T] in the rollout's rows (0 in trimmed columns)."""
+        joined_B_T = torch.cat([nn.functional.pad(x_b_t, (0, mask.shape[1] - x_b_t.shape[1])) for x_b_t in tensors_b_t])
+        return joined_B_T[order_B.argsort()]
 
     def teacher_scores(part: Rollout) -> Tensor:
         with timed(metrics, "teacher"), torch.no_grad():
@@ -179,7 +187,7 @@ def accumulate_gradients(
     prepass = estimator.needs_advantage_totals and len(parts) > 1  # a sampled estimator: log-probs only
     if prepass:
         with timed(metrics, "update"), torch.no_grad():
-            advantages_B_T = torch.cat([
+            advantages_B_T = in_row_order([
                 estimator.advantages(inputs(part, policy(part, run.sampling), score), run.divergence)
                 for part, score in zip(parts, scores, strict=True)
             ])  # fmt: skip
@@ -203,7 +211,7 @@ def accumulate_gradients(
         each.append(terms)
         del student, score  # a micro-batch's logits are not kept while the next one's are made
     loss = torch.stack([terms.loss.detach() for terms in each]).sum() if each else torch.tensor(torch.nan)
-    joined = [torch.cat([getattr(terms, key) for terms in each]) if each else None for key in TERMS]
+    joined = [None if bad else in_row_order([getattr(terms, key) for terms in each]) for key in TERMS]
     return LossTerms(loss, *joined), bad
 
 

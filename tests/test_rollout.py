@@ -53,3 +53,13 @@ def test_concat_pads_prompts_left_and_responses_right_and_keeps_the_row_order():
     assert joined.logp_sampling_B_T.tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0], [-5.0, -6.0, 0.0]]
     assert joined.finished_B.tolist() == [True, False, True] and joined.problems == ["a", "b", "b"]
     assert Rollout.concat([first]) is first
+
+
+def test_longest_first_keeps_a_prompts_samples_together_and_trimmed_cuts_the_all_masked_columns():
+    rollout = Rollout.from_samples(
+        ["a", "b", "c"], [[5], [6, 7], [8]], [[1], [2, 2], [3, 3, 3, 3], [4], [5, 5], [6, 6]], [True] * 6, pad_id=0
+    )
+    assert rollout.longest_first().tolist() == [2, 3, 0, 1, 4, 5]  # prompt b's group has the 4-token response
+    picked = rollout.select([4, 5]).trimmed()
+    assert picked.response_tokens_B_T.tolist() == [[5, 5], [6, 6]] and picked.response_mask_B_T.all()
+    assert rollout.select([0]).trimmed().response_tokens_B_T.tolist() == [[1]]
