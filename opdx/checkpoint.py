@@ -4,8 +4,10 @@
     run_dir/checkpoints/step_000012/          DCP files (every rank writes its shard) + extra.pt
     run_dir/checkpoints/step_000012.sha256    the digest of each file, written last by rank 0
 
-Every rank saves into a temporary directory; rank 0 then fsyncs it, renames it into place and
-writes the digest file atomically (``opdx.files``). A checkpoint without its digest (killed while
+Every rank saves into a temporary directory; the ranks then fsync and hash its files, each rank a
+share of them (file i on rank i mod the world size: an 8B student with its AdamW state is about
+100 GB, which one rank would take minutes to hash while the others wait), and rank 0 renames it
+into place and writes the digest file atomically (``opdx.files``). A checkpoint without its digest (killed while
 written) or whose files do not match it is reported at resume and the previous one used; the last
 ``KEEP`` are kept. DCP stores each tensor once with its global shape, so a checkpoint saved on 2
 ranks loads on 1 and the other way round (``get_state_dict`` / ``set_state_dict`` handle the DDP
@@ -35,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from opdx.dist import ONE_RANK, Ranks, active, barrier, broadcast
+from opdx.dist import ONE_RANK, Ranks, active, barrier, broadcast, gather_dicts
 from opdx.files import atomic_write_text, sha256_of
 
 CHECKPOINT_DIR = "checkpoints"
@@ -63,8 +65,16 @@ def _digest_file(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _digests(path: Path) -> dict[str, str]:
-    return {p.name: sha256_of(p) for p in sorted(path.iterdir())}
+def _digests(path: Path, ranks: Ranks, flush: bool = False) -> dict[str, str]:
+    """The sha256 of each file in ``path`` by name, on every rank; each rank hashes its share (file
+    i of the sorted names on rank i mod world; a collective call) and, with ``flush``, fsyncs it."""
+    share = {}
+    for file in sorted(path.iterdir())[ranks.rank :: ranks.world]:
+        if flush:
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+        share[file.name] = sha256_of(file)
+    return gather_dicts(share)
 
 
 def save_checkpoint(
@@ -84,13 +94,11 @@ def save_checkpoint(
     if ranks.main:
         torch.save({**extra, "step": step}, tmp / EXTRA_FILE)
     barrier()
+    digests = _digests(tmp, ranks, flush=True)
     if ranks.main:
-        for file in tmp.iterdir():
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        atomic_write_text(_digest_file(path), json.dumps(_digests(path)) + "\n")
+        atomic_write_text(_digest_file(path), json.dumps(digests) + "\n")
         for old in checkpoint_dirs(run_dir)[KEEP:]:
             _digest_file(old).unlink(missing_ok=True)
             shutil.rmtree(old)
@@ -106,7 +114,9 @@ def one_process_quiet() -> Iterator[None]:
         yield
 
 
-def _problem(path: Path) -> str | None:
+def _problem(path: Path, ranks: Ranks) -> str | None:
+    """What makes the checkpoint at ``path`` unusable, or None (a collective call: every rank hashes
+    its share of the files)."""
     digest = _digest_file(path)
     if not digest.exists():
         return "unfinished (no digest: the run was killed while writing it)"
@@ -114,33 +124,28 @@ def _problem(path: Path) -> str | None:
         expected = json.loads(digest.read_text())
     except json.JSONDecodeError:
         return "damaged (its digest file is not readable)"
-    if expected != _digests(path):
+    if expected != _digests(path, ranks):
         return "damaged (its files do not match their sha256)"
     return None
 
 
 def usable_checkpoint(run_dir: Path, ranks: Ranks | None = None) -> Path | None:
-    """The newest checkpoint whose files match their digest (rank 0 checks, every rank gets its
-    answer); a newer unfinished or damaged one is reported and skipped. None when the run has no
-    checkpoint; CheckpointError when it has some and none is usable."""
+    """The newest checkpoint whose files match their digest (the ranks hash a share of the files
+    each, rank 0's answer goes to every rank); a newer unfinished or damaged one is reported and
+    skipped. None when the run has no checkpoint; CheckpointError when it has some and none is
+    usable."""
     ranks = ranks or ONE_RANK
-    choice: str | None = None
-    if ranks.main:
-        problems = []
-        for path in checkpoint_dirs(run_dir):
-            problem = _problem(path)
-            if problem is None:
-                for earlier in problems:
-                    print(f"checkpoint {earlier}; resuming from {path.name} instead")
-                choice = str(path)
-                break
-            problems.append(f"{path.name} is {problem}")
-        else:
-            choice = "error: " + "; ".join(problems) if problems else None
-    choice = broadcast(choice)
-    if choice is not None and choice.startswith("error: "):
-        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: {choice[7:]}")
-    return None if choice is None else Path(choice)
+    problems = []
+    for path in broadcast(checkpoint_dirs(run_dir)):
+        problem = broadcast(_problem(path, ranks))  # rank 0's verdict on every rank
+        if problem is None:
+            for earlier in problems if ranks.main else []:
+                print(f"checkpoint {earlier}; resuming from {path.name} instead")
+            return path
+        problems.append(f"{path.name} is {problem}")
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: {'; '.join(problems)}")
+    return None
 
 
 def load_checkpoint(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

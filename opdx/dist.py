@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -108,6 +108,15 @@ def broadcast(value: object) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_dicts(share: dict[str, Any]) -> dict[str, Any]:
+    """The union of every rank's ``share`` on every rank (``all_gather_object``), keys sorted."""
+    shares = [share]
+    if active():
+        shares = [{}] * dist.get_world_size()
+        dist.all_gather_object(shares, share)
+    return dict(sorted(item for part in shares for item in part.items()))
 
 
 def wrap(

@@ -75,3 +75,19 @@ def test_no_usable_checkpoint_is_an_error_naming_each(tmp_path):
     (only / "extra.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*step_000002 is damaged"):
         usable_checkpoint(tmp_path)
+
+
+def test_each_rank_hashes_its_share_of_a_checkpoints_files(tmp_path, monkeypatch):
+    """Rank r of w hashes files r, r + w, ... of the sorted names (the others' hashes arrive by
+    all_gather_object, which one process without a process group leaves out)."""
+    import opdx.checkpoint
+    from opdx.dist import Ranks
+
+    path = save(tmp_path, 2)
+    names = sorted(p.name for p in path.iterdir())
+    assert len(names) >= 2  # DCP's shard and .metadata, extra.pt
+    hashed = []
+    monkeypatch.setattr(opdx.checkpoint, "sha256_of", lambda file: hashed.append(file.name) or file.name)
+    for rank in (0, 1):
+        assert list(opdx.checkpoint._digests(path, Ranks(rank, 2))) == names[rank::2]
+    assert hashed == names[0::2] + names[1::2]
