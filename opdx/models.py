@@ -7,6 +7,8 @@ the student's tokenizer: it scores exactly the token ids the student sampled.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -71,21 +73,22 @@ def generation_stop_ids(path: str) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def stop_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, teachers: Sequence[str] = ()) -> list[int]:
     """The ids that end a response, in every backend's sampling and in every response mask: the
-    tokenizer's EOS (the teacher's, ``load_tokenizer``) and each id of the student's and the
-    teacher's generation configs (``generation_stop_ids``). Where the two models' sets differ the
-    run takes their union, so a response ends where either model's turn ends, and says so. Ids
-    outside the tokenizer are left out."""
-    per_model = {role: generation_stop_ids(path) for role, path in (("student", cfg.student), ("teacher", cfg.teacher))}
-    ids = [tokenizer.eos_token_id, *per_model["student"], *per_model["teacher"]]
+    tokenizer's EOS (the teacher's, ``load_tokenizer``) and each id of the generation configs
+    (``generation_stop_ids``) of the student, the teacher and the further ``teachers`` (a
+    mixture's components'). Where the models' sets differ the run takes their union, so a response
+    ends where any model's turn ends, and says so. Ids outside the tokenizer are left out."""
+    paths = {"student": cfg.student, "teacher": cfg.teacher}
+    paths |= {f"teacher {path}": path for path in teachers if path != cfg.teacher}
+    per_model = {role: generation_stop_ids(path) for role, path in paths.items()}
+    ids = [tokenizer.eos_token_id, *(i for model_ids in per_model.values() for i in model_ids)]
     ids = [i for i in dict.fromkeys(ids) if i is not None and 0 <= i < len(tokenizer)]
-    if set(per_model["student"]) != set(per_model["teacher"]) and per_model["student"] and per_model["teacher"]:
+    listed = {role: model_ids for role, model_ids in per_model.items() if model_ids}
+    if len({frozenset(model_ids) for model_ids in listed.values()}) > 1:
         named = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in ids)
-        print(
-            f"responses end at any of {named}: the union of the student's stop ids {per_model['student']} and "
-            f"the teacher's {per_model['teacher']} (generation_config.json)"
-        )
+        sets = "; ".join(f"the {role}'s {model_ids}" for role, model_ids in listed.items())
+        print(f"responses end at any of {named}: the union of the stop ids of {sets} (generation_config.json)")
     return ids
 
 

@@ -226,7 +226,9 @@ def start(setup: Setup) -> Parts:
     if train:
         fill_plan(setup, memory_plan(setup, device, ranks.world, longest_prompt(setup, tokenizer)))
     student = load_model(config.model.student, weights_dtype(setup), device, tokenizer, trainable=True)
-    stops = stop_ids(config.model, tokenizer)
+    stops = stop_ids(
+        config.model, tokenizer, [pair.teacher for pair, _ in teacher_nodes(config, setup.benchmark).values()]
+    )
     rollout = build_backend(
         config.rollout, model=student, tokenizer=tokenizer, stop_ids=stops, compute_dtype=config.model.dtype
     )

@@ -117,3 +117,6 @@ def test_the_pair_stop_ids_are_every_id_of_both_generation_configs(tmp_path, cap
     same = ModelConfig(name="tiny", teacher=asset_path("tiny/teacher"), student=asset_path("tiny/student"))
     assert stop_ids(same, tokenizer) == [2]
     assert capsys.readouterr().out == ""
+    GenerationConfig(eos_token_id=[7, 2]).save_pretrained(tmp_path / "component")  # a mixture component's teacher
+    assert stop_ids(same, tokenizer, [same.teacher, str(tmp_path / "component")]) == [2, 7]
+    assert f"the teacher {tmp_path / 'component'}'s [7, 2]" in capsys.readouterr().out
