@@ -11,6 +11,8 @@ logits on both sides (``head_logits``).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache as cache_result
 from functools import partial
 
@@ -84,8 +86,9 @@ class TokenScores(nn.Module):
 
     def generate(self, **kwargs: object) -> Tensor:
         """The model's ``generate``, through this module: under FSDP2 it is registered as a forward
-        method of the sharded root (``register_fsdp_forward_method``), so its parameters are gathered."""
-        with self.autocast():
+        method of the sharded root (``register_fsdp_forward_method``), so its parameters are gathered.
+        Its head computes in float32 (``float32_head``), as the scoring forward's does."""
+        with self.autocast(), float32_head(self.model.get_output_embeddings()):
             return self.model.generate(**kwargs)
 
     def _hidden_states(self, rollout: Rollout) -> Tensor:
@@ -185,13 +188,29 @@ def head_logits(lm_head: nn.Module, hidden: Tensor) -> Tensor:
     it is; a bfloat16 or float16 one is computed in float32 from upcast operands, not rounded to its
     own dtype first (a bfloat16 logit near 16 has a step of 0.125 nat), so u = q/p compares two
     float32 heads (ScaleRL's fp32 head; vLLM's ``head_dtype`` override does the same on an engine)."""
-    weight = lm_head.weight
-    if weight.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(hidden.device.type):
+    if lm_head.weight.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(hidden.device.type):
         return lm_head(hidden)
-    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return _float32_linear(lm_head, hidden)
+
+
+def _float32_linear(lm_head: nn.Module, hidden: Tensor) -> Tensor:
+    dtype = torch.promote_types(lm_head.weight.dtype, torch.float32)
     bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias.to(dtype)
     with torch.autocast(hidden.device.type, enabled=False):  # float32 master weights under bf16-mixed too
-        return torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), bias)
+        return torch.nn.functional.linear(hidden.to(dtype), lm_head.weight.to(dtype), bias)
+
+
+@contextmanager
+def float32_head(lm_head: nn.Module) -> Iterator[None]:
+    """Within, ``lm_head`` computes its logits as ``head_logits`` does (float32 from upcast
+    operands), so ``generate`` samples from, and records the log-probs of, the same float32 head
+    as the scoring forward, not its bfloat16 rounding. Its ``forward`` is replaced for the block
+    (once, no second head computation per decoding step)."""
+    lm_head.forward = partial(_float32_linear, lm_head)
+    try:
+        yield
+    finally:
+        del lm_head.forward
 
 
 def _chunk_logprobs(
