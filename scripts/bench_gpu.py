@@ -1,25 +1,36 @@
 """One OPD step on a GPU, split and rated: rollout tokens/s, teacher and update MFU, peak memory,
 for opdx's ``train_step`` with ``rollout=hf`` on the dynamic cache, then on the static one (which
-transformers compiles on GPUs), then TRL's ``DistillationTrainer`` on the same batches when TRL is
-importable.
+transformers compiles on GPUs), or with ``--rollout vllm`` on a vLLM engine (one row), then TRL's
+``DistillationTrainer`` on the same batches when TRL is importable.
 
     python scripts/bench_gpu.py                          # Qwen3-shaped 1.7B teacher, 0.6B student, bf16
+    python scripts/bench_gpu.py --prompts 16 --prompt-tokens 256 --new-tokens 3840 \
+        --steps 2 --warmup 1                             # 4k-token rows, near the qwen3 files' length (GPU)
+    python scripts/bench_gpu.py --rollout vllm --prompts 16 --prompt-tokens 256 --new-tokens 3840 \
+        --steps 2 --warmup 1                             # the same on a vLLM engine (pip install vllm)
     python scripts/bench_gpu.py --size small --device cpu --prompts 4 --prompt-tokens 16 --new-tokens 8 \
         --steps 1 --warmup 0                             # the same code on a CPU, in seconds
 
-The models are random-weight Qwen3 models built from their configs (SDPA attention) with a
-word-level tokenizer of their vocabulary size built here, so nothing is downloaded; a random
-model almost never samples EOS, so every response runs the full ``--new-tokens``. Prompts are
-``--prompt-tokens`` random tokens. MFU counts 2 x parameters FLOPs per token forward (6 x for
-forward and backward) against ``--peak-tflops`` (989: an H100/H200's dense bf16); attention's
-FLOPs are left out, and so is a group's shared prompt (``--samples`` > 1): MFU counts every
-row's prompt, the work TRL does, so sharing shows as MFU above what the hardware ran.
+The default 128 + 256 tokens per row is short: run a 2k-4k-token shape (above) to see what long
+rollouts cost (the cache's copies, compiled shapes, micro-batches, the engine's share).
+
+The models are random-weight Qwen3 models built from their configs (SDPA attention), directly on
+``--device``, with a word-level tokenizer of their vocabulary size built here, so nothing is
+downloaded; a random model almost never samples EOS, so every response runs the full
+``--new-tokens``. Prompts are ``--prompt-tokens`` random tokens.
+
+MFU is FLOPs over seconds against ``--peak-tflops`` (989: an H100/H200's dense bf16). One forward
+over a row of N tokens costs 2 x parameters x N FLOPs (a multiply-add per weight per token) plus
+causal attention, layers x 2 x 2 x heads x head_dim x N^2 / 2 (QK^T and AV, each N x N x head_dim
+multiply-adds per head, half of them under the causal mask); N is ``--prompt-tokens`` plus the
+mean sampled response per row (every row's full length with random weights). The teacher's MFU
+counts one forward per row, the update's three (forward and backward). A group's shared prompt
+(``--samples`` > 1) is counted in every row, the work TRL does, so sharing shows as MFU above what
+the hardware ran.
 
 On a machine with torch and transformers but without opdx's other dependencies and no registry,
-carry their wheels: ``pip download -d wheels hydra-core omegaconf psutil tqdm tabulate
-reasoning-gym math-verify wandb datasets trl`` where a registry is reachable, then there
-``pip install --no-index --find-links wheels hydra-core omegaconf psutil tqdm tabulate
-reasoning-gym math-verify wandb datasets trl && pip install --no-deps -e .``.
+carry the wheel folder of ``scripts/gpu_smoke.sh --fetch`` and run this with
+``PYTHONPATH=.gpu_site:.`` once ``gpu_smoke.sh`` has installed it (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -67,12 +78,14 @@ class Synthetic(SingleComponent):
         return 0.0
 
 
-def build_pair(size: str, directory: Path, dtype: torch.dtype) -> tuple[Path, Path, int]:
-    """Random-weight teacher and student directories of ``size`` sharing a word-level tokenizer."""
+def build_pair(size: str, directory: Path, dtype: torch.dtype, device: str, positions: int) -> tuple[Path, Path, int]:
+    """Random-weight teacher and student directories of ``size`` sharing a word-level tokenizer,
+    with ``positions`` positions (prompt + response), each model initialised on ``device``."""
     teacher_shape, student_shape, vocab = SIZES[size]
-    words = {f"t{i}": i for i in range(vocab)}
+    # special tokens named apart from the words: a special "t1" would also match inside "t135"
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"t{i}": i for i in range(3, vocab)}
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="t2")), eos_token="t1", pad_token="t0"
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<unk>")), eos_token="<eos>", pad_token="<pad>"
     )
     tokenizer._tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     paths = []
@@ -82,14 +95,15 @@ def build_pair(size: str, directory: Path, dtype: torch.dtype) -> tuple[Path, Pa
             num_key_value_heads=8 if size == "qwen3" else shape["num_attention_heads"],
             head_dim=128 if size == "qwen3" else 32,
             vocab_size=vocab,
-            max_position_embeddings=4096,
+            max_position_embeddings=positions,
             tie_word_embeddings=True,
             eos_token_id=1,
             pad_token_id=0,
             attn_implementation="sdpa",
         )
         torch.manual_seed(0)
-        model = Qwen3ForCausalLM(config).to(dtype)
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config).to(dtype)
         paths.append(directory / role)
         model.save_pretrained(paths[-1])
         tokenizer.save_pretrained(paths[-1])
@@ -97,17 +111,37 @@ def build_pair(size: str, directory: Path, dtype: torch.dtype) -> tuple[Path, Pa
     return paths[0], paths[1], vocab
 
 
-def parameters(path: Path) -> int:
+@dataclass(frozen=True)
+class ModelSize:
+    """What a forward of a model costs: its parameters, and layers x heads x head_dim for attention."""
+
+    parameters: int
+    attention_width: int
+
+    def forward_flops(self, rows: int, positions: float) -> float:
+        """FLOPs of one forward over ``rows`` sequences of N = ``positions`` tokens: per row,
+        2 x parameters x N (a multiply-add per weight per token) plus causal attention,
+        layers x 2 x 2 x heads x head_dim x N^2 / 2 (QK^T and AV, N x N x head_dim multiply-adds
+        each per head, half of them under the causal mask)."""
+        return rows * (2 * self.parameters * positions + 2 * self.attention_width * positions**2)
+
+
+def model_size(path: Path) -> ModelSize:
+    config = Qwen3Config.from_pretrained(path)
     with torch.device("meta"):
-        return sum(p.numel() for p in Qwen3ForCausalLM(Qwen3Config.from_pretrained(path)).parameters())
+        parameters = sum(p.numel() for p in Qwen3ForCausalLM(config).parameters())
+    return ModelSize(parameters, config.num_hidden_layers * config.num_attention_heads * config.head_dim)
 
 
-def rate(timing: Timing, batch: int, prompt_tokens: int, sizes: tuple[int, int], peak_tflops: float) -> str:
-    """One row: rollout tokens/s, teacher and update MFU, step split and peak memory."""
-    teacher_params, student_params = sizes
-    scored = batch * (prompt_tokens + timing.tokens / batch)  # positions the teacher and update run
-    teacher_mfu = 2 * teacher_params * scored / timing.phases["teacher"] / (peak_tflops * 1e12)
-    update_mfu = 6 * student_params * scored / timing.phases["update"] / (peak_tflops * 1e12)
+def rate(timing: Timing, batch: int, prompt_tokens: int, sizes: tuple[ModelSize, ModelSize], peak_tflops: float) -> str:
+    """One row: rollout tokens/s, teacher and update MFU (the teacher's one forward and the
+    student's forward and backward, 3 forwards, over ``batch`` rows of N = ``prompt_tokens`` + the
+    mean sampled tokens per row; ``ModelSize.forward_flops``), step split and peak memory."""
+    teacher, student = sizes
+    positions = prompt_tokens + timing.tokens / batch
+    peak_flops = peak_tflops * 1e12
+    teacher_mfu = teacher.forward_flops(batch, positions) / timing.phases["teacher"] / peak_flops
+    update_mfu = 3 * student.forward_flops(batch, positions) / timing.phases["update"] / peak_flops
     split = ", ".join(f"{phase} {timing.phases[phase]:.2f} s" for phase in PHASES)
     return (
         f"{timing.tool:<22} rollout {timing.tokens / timing.phases['rollout']:8.0f} tok/s | teacher MFU "
@@ -120,26 +154,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="qwen3")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--rollout", choices=("hf", "vllm"), default="hf", help="hf: both generate caches; vllm: a vLLM engine"
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument(
         "--samples", type=int, default=1, help="samples per prompt (a group shares its prompt's forward)"
     )
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--new-tokens", type=int, default=256, help="e.g. 3840 with --prompt-tokens 256: 4k-token rows (on a GPU)"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the static cache compiles)")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
-    teacher, student, vocab = build_pair(args.size, directory, getattr(torch, args.dtype))
-    sizes = (parameters(teacher), parameters(student))
+    positions = args.prompt_tokens + args.new_tokens
+    teacher, student, vocab = build_pair(args.size, directory, getattr(torch, args.dtype), args.device, positions)
+    sizes = (model_size(teacher), model_size(student))
     overrides = [
         f"model.teacher={teacher}",
         f"model.student={student}",
         f"model.dtype={args.dtype}",
         f"model.teacher_dtype={args.dtype}",
         f"runtime.device={args.device}",
+        f"rollout={args.rollout}",
         f"trainer.prompts_per_step={args.prompts}",
         f"trainer.samples_per_prompt={args.samples}",
         f"sampling.max_new_tokens={args.new_tokens}",
@@ -151,18 +192,20 @@ def main() -> None:
     ]
     run = replace(compose_run(overrides, None), benchmark=Synthetic(problems, problems[:8]))
     print(
-        f"{args.size}: teacher {sizes[0] / 1e9:.2f}B, student {sizes[1] / 1e9:.2f}B parameters, {args.dtype}, "
+        f"{args.size}: teacher {sizes[0].parameters / 1e9:.2f}B, student {sizes[1].parameters / 1e9:.2f}B "
+        f"parameters, {args.dtype}, "
         f"{args.prompts} prompts x {args.samples} samples x ({args.prompt_tokens} prompt + {args.new_tokens} new) "
         "tokens, on "
         f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}"
     )
     parts = start(run)
     learner = build_learner(run, parts)
-    for cache in ("dynamic", "static"):
-        parts.rollout.cache = cache
+    for cache in ("dynamic", "static") if args.rollout == "hf" else ("",):
+        if cache:
+            parts.rollout.cache = cache
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        timing = time_steps(learner, args.warmup, args.steps, tool=f"opdx rollout=hf {cache}")
+        timing = time_steps(learner, args.warmup, args.steps, tool=f"opdx rollout={args.rollout} {cache}".rstrip())
         print(rate(timing, args.prompts * args.samples, args.prompt_tokens, sizes, args.peak_tflops), flush=True)
     del learner, parts
     gc.collect()

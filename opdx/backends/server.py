@@ -1,7 +1,12 @@
 """A teacher behind an OpenAI-compatible inference server (vLLM's), scoring the student's tokens.
 
-    vllm serve Qwen/Qwen3-1.7B --port 8000 --no-enable-prefix-caching --generation-config vllm
-    opdx train model=qwen3_1p7b_to_0p6b_base teacher=server teacher.url=http://localhost:8000/v1
+    CUDA_VISIBLE_DEVICES=1 vllm serve Qwen/Qwen3-1.7B --port 8000 --no-enable-prefix-caching --generation-config vllm \
+        --hf-overrides '{"head_dtype": "float32"}'     # its own GPU; or on the trainer's: --gpu-memory-utilization 0.2
+    CUDA_VISIBLE_DEVICES=0 opdx train model=qwen3_1p7b_to_0p6b_base teacher=server teacher.url=http://localhost:8000/v1
+
+On the trainer's GPU, the server's share (``--gpu-memory-utilization``, 0.92 by default) must leave
+the trainer its memory; ``head_dtype`` float32 makes its log-probs come from a float32 output layer,
+as the trainer's do (docs/vllm.md).
 
 OPD and OPD+ need only the teacher's log-prob of each *sampled* token, so a served teacher is exact
 for every divergence with ``estimator=stopgrad`` and ``unbiased`` (not a top-k approximation);
@@ -10,7 +15,9 @@ for every divergence with ``estimator=stopgrad`` and ``unbiased`` (not a top-k a
 Each row (prompt + response, as token ids: never text, which the server would tokenize again)
 goes to ``/v1/completions`` with ``max_tokens: 1`` and ``prompt_logprobs: 0``, which returns, at
 every prompt position after the first, the log-prob of the token actually there (vLLM's
-extension of the API); the value is looked up by token id, and vLLM's -9999 stands for -inf.
+extension of the API; the least a request can ask for, though vLLM also decodes each entry's token,
+which no request field turns off); the value is looked up by token id, and vLLM's -9999 stands for
+-inf.
 Prompt log-probs are the model's at temperature 1, whatever the request's temperature.
 Rows go in batches, several requests at once, each with a timeout and bounded retries
 (urllib3's ``Retry``); a server that is down, serves another model or another tokenizer fails at

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opdx.backends import request_seeds
 from opdx.benchmarks import Problem
 from opdx.config import ConfigError, check
-from opdx.dist import active
+from opdx.dist import active, global_max
 from opdx.plan import CPU_KV_CACHE_BYTES
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
@@ -99,13 +99,31 @@ def check_cpu_head_size(model: PreTrainedModel) -> None:
 
 def ranks_of_engines() -> dict[str, Any]:
     """Under torchrun, one engine per rank, each a data-parallel replica in the ranks' own process
-    group (vLLM's ``external_launcher``, which vLLM calls experimental); nothing otherwise. The
-    replicas decode in lockstep (vLLM all-reduces an "unfinished" flag at every engine step), so
-    every rank must make the same number of ``generate`` calls: the trainer samples once per step
-    on every rank, and evaluation pads each rank's share to the same number of calls."""
+    group (vLLM's ``external_launcher`` data parallelism, which vLLM calls experimental); nothing
+    otherwise. All ranks decode in lockstep (vLLM all-reduces an "unfinished" flag at every engine
+    step), so every rank must make the same number of ``generate`` calls, else they deadlock: the
+    trainer's sampling calls are the same on every rank (equal shares of a step's prompts), and
+    evaluation pads each rank's share to the same number of calls; ``check_same_call`` checks it
+    before each call."""
     if not active():
         return {}
     return {"distributed_executor_backend": "external_launcher", "data_parallel_size": dist.get_world_size()}
+
+
+def check_same_call(calls: int) -> None:
+    """Under torchrun, RuntimeError unless every rank is making its ``calls``-th ``generate`` call
+    (``ranks_of_engines``: a rank with a call more or fewer would deadlock the engines); nothing on
+    one rank. One all-reduce (MAX) of the two integers ``calls`` and ``-calls`` (the most and, negated,
+    the fewest calls of any rank) over the CPU group."""
+    if not active():
+        return
+    most, fewest_negated = global_max(torch.tensor([calls, -calls])).tolist()
+    if most != -fewest_negated:
+        raise RuntimeError(
+            f"rollout=vllm under torchrun: the ranks are at different generate calls (this rank at call {calls}; "
+            f"the fewest {-fewest_negated}, the most {most}). The engines decode in lockstep, so every rank must "
+            "sample as many times as the others: a rank skipped or added a sampling call"
+        )
 
 
 def full_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
@@ -273,6 +291,7 @@ class VLLMSampler:
         self.sleep()  # the teacher's step-0 eval and the first update run without the engine's memory
         self.logit_bias = padding_rows_off(model.get_output_embeddings().weight.shape[0], len(tokenizer))
         self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
+        self.calls = 0  # generate calls made, checked against the other ranks' (check_same_call)
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
         """Each problem's prompt rendered by the student's chat template, as token ids."""
@@ -290,9 +309,12 @@ class VLLMSampler:
         """``samples_per_prompt`` responses per problem (B = P * G, prompt-major), token ids sent to
         the engine (never text), each ending at a stop id of the pair (included) or after
         ``max_new_tokens``; ``logp_sampling_B_T`` the engine's processed log-probs. ``on_step`` is
-        not called (the engine decodes in one call)."""
+        not called (the engine decodes in one call). Under torchrun, RuntimeError when another rank
+        is at another call (``check_same_call``)."""
         from vllm.inputs import TokensPrompt
 
+        self.calls += 1
+        check_same_call(self.calls)
         self.wake()
         prompts_P = self.prompt_ids(problems)
         sampling_P = [
