@@ -146,6 +146,11 @@ class EstimatorConfig:
     - ``batch_baseline``: subtract the mean advantage over the batch's response tokens.
     - ``whiten``: z-score the advantage over the batch's response tokens (erases the difference
       between the estimators).
+    - ``support``: where each state's divergence is taken: ``sampled`` (the sampled token alone,
+      an unbiased one-sample estimate of D_f; needs only its teacher log-prob), ``topk`` (the
+      teacher's ``top_k`` most likely tokens and one tail category with the rest of both models'
+      mass: D_f on K + 1 categories, exactly) or ``full`` (every token: D_f exactly). The dense
+      supports need the teacher's logits.
     - ``rollout_correction``: ``tis`` or ``ppo`` weighs each token by the importance ratio
       p_train / p_rollout of the trainer's and the sampler's log-probs, truncated at ``tis_cap``
       (truncated importance sampling) or PPO-clipped to [1 - ``ppo_clip``, 1 + ``ppo_clip``];
@@ -161,9 +166,13 @@ class EstimatorConfig:
     rollout_correction: str | None = None
     tis_cap: float = 2.0
     ppo_clip: float = 0.2
+    support: str = "sampled"
+    top_k: int = 16
 
     def __post_init__(self) -> None:
         check(0.0 <= self.gamma <= 1.0, f"estimator.gamma={self.gamma!r} is invalid; gamma must lie in [0, 1]")
+        check(self.support in SUPPORTS, f"estimator.support={self.support!r} is invalid; valid: {', '.join(SUPPORTS)}")
+        check(self.top_k >= 1, f"estimator.top_k={self.top_k!r} is invalid; it must be at least 1")
         check(
             self.log_ratio_clip is None or self.log_ratio_clip > 0,
             f"estimator.log_ratio_clip={self.log_ratio_clip!r} is invalid; use a positive number or null",
@@ -177,6 +186,7 @@ class EstimatorConfig:
 
 
 ROLLOUT_CORRECTIONS = (None, "tis", "ppo")
+SUPPORTS = ("sampled", "topk", "full")
 
 
 @dataclass
@@ -323,8 +333,9 @@ NEW_NODES = {"sampling": SamplingConfig, "runtime": RuntimeConfig}  # the schema
 def upgrade(config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
     """A copy of a config (a plain nested dict) with every renamed setting under its new key
     (``RENAMED``): an old key's value (not null) replaces the new key's, and the old key is left
-    null; ConfigError when both are set to different values (the new one off its default). With
-    ``warn`` each old name used says its new name once per process (stderr)."""
+    null; ConfigError when both are set to different values (the new one off its default). A
+    saved ``estimator.name: analytic`` becomes ``unbiased`` with ``support: full``. With ``warn``
+    each old name used says its new name once per process (stderr)."""
     upgraded = copy.deepcopy(dict(config))
     for old, new in RENAMED.items():
         old_node, old_key = old.split(".")
@@ -342,6 +353,12 @@ def upgrade(config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
             print(f"opdx: {old} is now {new} (the old name still works)", file=sys.stderr)
         upgraded.setdefault(new_node, {})[new_key] = value
         upgraded[old_node][old_key] = None
+    estimator = upgraded.get("estimator") or {}
+    if estimator.get("name") == "analytic":  # a run saved before estimator.support existed
+        upgraded["estimator"] = {**estimator, "name": "unbiased", "support": "full"}
+        if warn and "analytic" not in _warned:
+            _warned.add("analytic")
+            print("opdx: estimator=analytic is now estimator=unbiased estimator.support=full", file=sys.stderr)
     return upgraded
 
 

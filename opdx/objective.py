@@ -1,5 +1,6 @@
-"""Gradient estimators of on-policy distillation: stop-gradient OPD, unbiased OPD+, and the
-analytic reference, one registry (config group ``estimator``).
+"""Gradient estimators of on-policy distillation: stop-gradient OPD and unbiased OPD+, one
+registry (config group ``estimator``), each on a support (``estimator.support``): the sampled
+token, the teacher's top-k plus a tail category, or the full vocabulary.
 
 Shapes: B sequences, T token positions, V vocabulary. p = student, q = teacher, and for the
 sampled token of position n, log u_n = log q(y_n|s_n) - log p(y_n|s_n).
@@ -15,6 +16,12 @@ and the surrogate whose gradient estimates grad J^f, J^f = E_{y~p}[sum_n f(u_n)]
 
 With gamma = 1 the unbiased estimate is exact for grad J^f; with gamma = 0 it is exact for the
 per-state gradient sum_n grad D_f(q || p)(s_n) with the state distribution held fixed.
+
+On a dense support S (``topk``, ``full``) the own term is taken in expectation over the
+support's categories, exactly, and the later rewards are the later states' divergences D^S:
+the unbiased estimator is then exact for J^S = E_{y~p}[sum_n D^S(s_n)] at gamma = 1 (J^full is
+J^f; J^topk, on K + 1 categories, is a lower bound of it) and for its per-state gradient at
+gamma = 0 (``dense_state_terms``; docs/opd-math.md, "Dense supports").
 
 Each estimator says what it needs from the teacher (``needs_teacher_logits``: the sampled
 tokens' log-probs, or full [B, T, V] logits), checks the switches of its ``EstimatorConfig`` and
@@ -61,9 +68,9 @@ class LossInputs:
       [B, T, V] when the estimator ``needs_teacher_logits``; with grad.
     - ``teacher_scores``: log q of the same tokens [B, T], or logits [B, T, V], likewise.
     - ``mask_B_T``: the response tokens (bool); off the mask any value, -inf included, is ignored.
-    - ``tokens_B_T``: the sampled token ids (int64); the analytic estimator reads the sampled
-      tokens' log-probs from the logits with them (for its metrics). A sampled estimator's scores
-      are already those of the tokens: None is fine there.
+    - ``tokens_B_T``: the sampled token ids (int64); on a dense support the estimator reads the
+      sampled tokens' log-probs from the logits with them (later states' effect, the metrics). On
+      the sampled support the scores are already those of the tokens: None is fine there.
     - ``logp_sampling_B_T``: the log-probs the sampler recorded for the tokens (the distribution
       actually sampled from), which ``rollout_correction`` compares with; None without it.
     """
@@ -115,22 +122,54 @@ def batch_totals(mask_B_T: Tensor, advantages_B_T: Tensor | None = None, reduce:
 
 
 class Estimator(ABC):
-    """A gradient estimator bound to its ``EstimatorConfig``."""
+    """A gradient estimator bound to its ``EstimatorConfig``: the advantage of a category's own
+    term (``own_advantage``) on the config's ``support``.
+
+    On ``support=sampled`` it is the policy-gradient surrogate of the sampled tokens; on a dense
+    support (``topk``, ``full``) each state's own term is its expectation over the support's
+    categories, computed exactly (``dense_state_terms``), and later states enter through their
+    exact per-state divergences (docs/opd-math.md, "Dense supports")."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    needs_teacher_logits: ClassVar[bool]  # full [B, T, V] logits rather than the sampled tokens' log-probs
 
     def __init__(self, config: EstimatorConfig) -> None:
         self.config = config
 
-    def check(self, plain_sampling: bool) -> None:  # noqa: B027 (every switch applies unless overridden)
-        """Raise ValueError if the config's switches (or warped sampling) do not apply to this estimator."""
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """Whether the teacher's (and the student's) full next-token logits [B, T, V] are needed,
+        rather than the sampled tokens' log-probs: on a dense support."""
+        return self.config.support != "sampled"
+
+    def check(self, plain_sampling: bool) -> None:
+        """Raise ValueError if the config's switches (or warped sampling) do not apply to this
+        estimator on its support."""
+        c = self.config
+        if not self.needs_teacher_logits:
+            return
+        if not plain_sampling:
+            raise ValueError(
+                f"estimator.support={c.support} needs the student's own distribution: sampling.temperature=1, "
+                "top_k=0, top_p=1 (or estimator.support=sampled)"
+            )
+        if (c.log_ratio_clip, c.batch_baseline, c.whiten, c.rollout_correction) != (None, False, False, None):
+            raise ValueError(
+                f"estimator.support={c.support} takes each state's divergence exactly: estimator.log_ratio_clip, "
+                "batch_baseline, whiten and rollout_correction do not apply to it (leave them at null / false / false "
+                "/ null)"
+            )
+
+    @staticmethod
+    @abstractmethod
+    def own_advantage(divergence: Divergence, log_u: Tensor) -> Tensor:
+        """The advantage of a token's own term, before the discounted future rewards."""
 
     @staticmethod
     @abstractmethod
     def is_exact(divergence: str, gamma: float) -> bool:
-        """Whether E[grad L] equals the true gradient for this divergence and discount (``opdx verify``)."""
+        """Whether E[grad L] equals the true gradient for this divergence and discount on any
+        support (``opdx verify``)."""
 
     @property
     def needs_advantage_totals(self) -> bool:
@@ -138,25 +177,13 @@ class Estimator(ABC):
         whitening): then they need every row's advantages, hence the student's log-probs, first."""
         return self.config.batch_baseline or self.config.whiten
 
-    @abstractmethod
     def loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None = None) -> LossTerms:
         """The loss of ``inputs`` for ``divergence``, normalised by the whole batch's ``totals``
-        (``batch_totals``; None: the inputs' own)."""
-
-
-class SampledEstimator(Estimator):
-    """A policy-gradient estimator on the sampled tokens' log-probs: only log q(y_n) is needed."""
-
-    needs_teacher_logits = False
-
-    @staticmethod
-    @abstractmethod
-    def own_advantage(divergence: Divergence, log_u: Tensor) -> Tensor:
-        """The advantage of a token's own term, before the discounted future rewards."""
-
-    def loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None = None) -> LossTerms:
-        """The OPD / OPD+ surrogate with this config's switches and, for the metrics, the advantages
-        A_B_T after baseline / whitening and log u_B_T."""
+        (``batch_totals``; None: the inputs' own), and for the metrics the student's log-probs of
+        the sampled tokens, log u_B_T and the advantages A_B_T (after baseline / whitening; on a
+        dense support those the sampled token would have had, with the dense future rewards)."""
+        if self.needs_teacher_logits:
+            return self._dense_loss(inputs, divergence, totals)
         logp_student_B_T, mask_B_T = inputs.student_scores, inputs.mask_B_T
         advantages_B_T, log_u_B_T = token_advantages(
             logp_student_B_T, inputs.teacher_scores, mask_B_T, divergence, self
@@ -172,8 +199,35 @@ class SampledEstimator(Estimator):
         """The advantages A_B_T before baseline and whitening (what ``batch_totals`` needs of them)."""
         return token_advantages(inputs.student_scores, inputs.teacher_scores, inputs.mask_B_T, divergence, self)[0]
 
+    def _dense_loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None) -> LossTerms:
+        """L = (1/B) sum_b sum_n mask_bn [ S_bn - sg(F_bn) log p(y_bn | s_bn) ]: S the state's own
+        surrogate (``dense_state_terms``: its value D^S(s), its gradient -sum_c a(u_c) grad p_c)
+        and F_bn = sum_{m>n} gamma^(m-n) (-D^S(s_bm)) the later states' exact divergences."""
+        logits_student_B_T_V, logits_teacher_B_T_V = inputs.student_scores, inputs.teacher_scores.detach()
+        if inputs.tokens_B_T is None:
+            raise ValueError(
+                f"estimator.support={self.config.support} needs the sampled tokens (LossInputs.tokens_B_T)"
+            )
+        device = logits_student_B_T_V.device
+        tokens_B_T, mask_B_T = inputs.tokens_B_T.to(device), inputs.mask_B_T.to(device).bool()
+        surrogate_B_T, divergence_B_T = dense_state_terms(
+            logits_student_B_T_V, logits_teacher_B_T_V, divergence, self, self.config.support, self.config.top_k
+        )
+        gamma = self.config.gamma
+        logits_for_token = logits_student_B_T_V if gamma > 0 else logits_student_B_T_V.detach()
+        logp_student_B_T = gather_logprobs(logits_for_token.to(surrogate_B_T.dtype), tokens_B_T)
+        logp_teacher_B_T = gather_logprobs(logits_teacher_B_T_V.to(surrogate_B_T.dtype), tokens_B_T)
+        log_u_B_T = torch.where(mask_B_T, logp_teacher_B_T - logp_student_B_T.detach(), 0.0)
+        future_B_T = discounted_future_sum(torch.where(mask_B_T, -divergence_B_T, 0.0), gamma)
+        totals = totals or batch_totals(mask_B_T)
+        per_token_B_T = surrogate_B_T - future_B_T * torch.where(mask_B_T, logp_student_B_T, 0.0)
+        per_token_B_T = torch.where(mask_B_T, per_token_B_T, 0.0)
+        loss = per_token_B_T.sum() / normaliser(totals, self.config.token_mean, per_token_B_T.dtype)
+        advantages_B_T = torch.where(mask_B_T, self.own_advantage(divergence, log_u_B_T) + future_B_T, 0.0)
+        return LossTerms(loss, logp_student_B_T.detach().cpu(), log_u_B_T.cpu(), advantages_B_T.cpu())
 
-class StopGradient(SampledEstimator):
+
+class StopGradient(Estimator):
     name = "stopgrad"
     description = "OPD: advantage -f(u) under stop-gradient (biased unless reverse_kl)"
 
@@ -186,7 +240,7 @@ class StopGradient(SampledEstimator):
         return divergence == "reverse_kl"  # the only f whose u f'(u) is a constant (docs/opd-math.md)
 
 
-class Unbiased(SampledEstimator):
+class Unbiased(Estimator):
     name = "unbiased"
     description = "OPD+: advantage w_f(u) = -f(u) + u f'(u) (unbiased for every f)"
 
@@ -199,47 +253,71 @@ class Unbiased(SampledEstimator):
         return True
 
 
-class Analytic(Estimator):
-    name = "analytic"
-    description = "exact per-state D_f(q || p) over the full vocabulary (needs teacher logits)"
-    needs_teacher_logits = True
+ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (StopGradient, Unbiased)}
+# conf/estimator files kept under a former name: the estimator and support they select
+ALIASES = {"analytic": ("unbiased", "full")}
 
-    def check(self, plain_sampling: bool) -> None:
-        if not plain_sampling:
-            raise ValueError(
-                "estimator=analytic needs the student's own distribution: sampling.temperature=1, top_k=0, top_p=1"
-            )
-        c = self.config
-        switches = (c.gamma, c.log_ratio_clip, c.batch_baseline, c.whiten, c.rollout_correction)
-        if switches != (0, None, False, False, None):
-            raise ValueError(
-                "estimator=analytic is the exact per-state loss: estimator.gamma, log_ratio_clip, batch_baseline, "
-                "whiten and rollout_correction do not apply to it (leave them at 0 / null / false / null)"
-            )
 
-    @staticmethod
-    def is_exact(divergence: str, gamma: float) -> bool:
-        return gamma == 0  # the per-state gradient; it ignores the effect on future states
+def on_support(
+    logits_student_S_V: Tensor, logits_teacher_S_V: Tensor, support: str, top_k: int
+) -> tuple[Tensor, Tensor]:
+    """log p and log q over the categories of ``support`` at each state, [S, C] each (float32 at
+    least; any leading shape for S): ``full``: every token (C = V); ``topk``: the teacher's
+    ``top_k`` most likely tokens and one tail category holding the rest of each model's mass
+    (C = K + 1; the tail's log-prob a log-sum-exp over the other tokens, never 1 minus a sum).
+    Differentiable with respect to the student's logits."""
+    dtype = torch.promote_types(logits_student_S_V.dtype, torch.float32)
+    logp_S_V = torch.log_softmax(logits_student_S_V.to(dtype), dim=-1)
+    logq_S_V = torch.log_softmax(logits_teacher_S_V.to(dtype), dim=-1)
+    if support == "full":
+        return logp_S_V, logq_S_V
+    if support != "topk":
+        raise ValueError(f"support={support!r} has no categories here; dense supports: topk, full")
+    ids_S_K = logits_teacher_S_V.topk(min(top_k, logits_teacher_S_V.shape[-1]), dim=-1).indices
+    tail_S_V = torch.ones_like(logq_S_V, dtype=torch.bool).scatter(-1, ids_S_K, False)
 
-    def loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None = None) -> LossTerms:
-        logits_student_B_T_V, logits_teacher_B_T_V = inputs.student_scores, inputs.teacher_scores
-        if inputs.tokens_B_T is None:
-            raise ValueError("estimator=analytic needs the sampled tokens (LossInputs.tokens_B_T) for its metrics")
-        device = logits_student_B_T_V.device
-        tokens_B_T, mask_B_T = inputs.tokens_B_T.to(device), inputs.mask_B_T.to(device)
-        logp_student_B_T = gather_logprobs(logits_student_B_T_V.detach(), tokens_B_T)
-        logp_teacher_B_T = gather_logprobs(logits_teacher_B_T_V, tokens_B_T)
-        # what the unbiased estimator's advantages would be, for the metrics
-        advantages_B_T, log_u_B_T = token_advantages(
-            logp_student_B_T, logp_teacher_B_T, mask_B_T, divergence, Unbiased(EstimatorConfig(Unbiased.name))
+    def categories(logr_S_V: Tensor) -> Tensor:
+        tail_S_1 = torch.logsumexp(logr_S_V.masked_fill(~tail_S_V, -torch.inf), dim=-1, keepdim=True)
+        return torch.cat([logr_S_V.gather(-1, ids_S_K), tail_S_1], dim=-1)
+
+    return categories(logp_S_V), categories(logq_S_V)
+
+
+def dense_state_terms(
+    logits_student_S_V: Tensor,
+    logits_teacher_S_V: Tensor,
+    divergence: Divergence,
+    estimator: Estimator,
+    support: str,
+    top_k: int = 16,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Each state's own surrogate S [S] (with grad) and its divergence on ``support`` D^S [S]
+    (detached), with p_c, q_c the categories' probabilities (``on_support``) and u_c = q_c / p_c:
+
+        D^S = sum_c p_c f(u_c),     S = sg(D^S) - sum_c sg(a(u_c)) (p_c - sg(p_c))
+
+    so S's value is D^S and its gradient -sum_c a(u_c) grad p_c, the sampled token's
+    -a(u) grad log p in expectation over the support (a = ``estimator.own_advantage``: for
+    ``unbiased`` the exact grad D^S, equation (1)). Categories whose student probability
+    underflows to 0 are left out (as ``Divergence.full``). States go ``chunk_size`` at a time, so
+    the float32 copies never exceed a chunk's."""
+    batch_shape, vocab = logits_student_S_V.shape[:-1], logits_student_S_V.shape[-1]
+    student_S_V, teacher_S_V = logits_student_S_V.reshape(-1, vocab), logits_teacher_S_V.reshape(-1, vocab)
+    surrogates, divergences = [], []
+    for start in range(0, student_S_V.shape[0], chunk_size):
+        end = start + chunk_size
+        logp_S_C, logq_S_C = on_support(student_S_V[start:end], teacher_S_V[start:end].detach(), support, top_k)
+        p_S_C = logp_S_C.exp()
+        kept_S_C = p_S_C.detach() > 0
+        log_u_S_C = torch.where(kept_S_C, logq_S_C - logp_S_C.detach(), 0.0)
+        divergence_S = torch.where(kept_S_C, p_S_C.detach() * divergence.f(log_u_S_C), 0.0).sum(-1)
+        moved_S_C = torch.where(
+            kept_S_C, estimator.own_advantage(divergence, log_u_S_C) * (p_S_C - p_S_C.detach()), 0.0
         )
-        loss = analytic_loss(
-            logits_student_B_T_V, logits_teacher_B_T_V, mask_B_T, divergence, self.config.token_mean, totals=totals
-        )
-        return LossTerms(loss, logp_student_B_T.cpu(), log_u_B_T.cpu(), advantages_B_T.cpu())
-
-
-ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (StopGradient, Unbiased, Analytic)}
+        surrogates.append(divergence_S - moved_S_C.sum(-1))
+        divergences.append(divergence_S)
+    return torch.cat(surrogates).reshape(batch_shape), torch.cat(divergences).reshape(batch_shape)
 
 
 def build_estimator(config: EstimatorConfig, plain_sampling: bool = True) -> Estimator:
@@ -269,7 +347,7 @@ def token_advantages(
     logp_teacher_B_T: Tensor,
     mask_B_T: Tensor,
     divergence: Divergence,
-    estimator: SampledEstimator,
+    estimator: Estimator,
 ) -> tuple[Tensor, Tensor]:
     """Advantages A_B_T (detached, 0 off the mask) of ``estimator`` (its own term, its config's
     ``gamma`` and ``log_ratio_clip``) and the per-token log u_B_T they come from.
@@ -367,35 +445,19 @@ def opd_loss(
     ``rollout_correction`` compares with. Raises ValueError naming a bad value.
     """
     cls = ESTIMATORS.get(estimator)
-    if cls is None or not issubclass(cls, SampledEstimator):
-        valid = [key for key, value in ESTIMATORS.items() if issubclass(value, SampledEstimator)]
-        hint = " ('analytic' needs full logits: use analytic_loss)" if cls is not None else ""
-        raise ValueError(f"unknown estimator {estimator!r}; valid estimators here: {', '.join(valid)}{hint}")
+    if cls is None:
+        raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
     config = EstimatorConfig(
-        cls.name, gamma, log_ratio_clip, token_mean, batch_baseline, whiten, rollout_correction, tis_cap, ppo_clip
+        name=cls.name,
+        gamma=gamma,
+        log_ratio_clip=log_ratio_clip,
+        token_mean=token_mean,
+        batch_baseline=batch_baseline,
+        whiten=whiten,
+        rollout_correction=rollout_correction,
+        tis_cap=tis_cap,
+        ppo_clip=ppo_clip,
     )
     div = divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
     inputs = LossInputs(student_logprobs, teacher_logprobs, mask, logp_sampling_B_T=rollout_logprobs)
     return cls(config).loss(inputs, div).loss
-
-
-def analytic_loss(
-    logits_student_B_T_V: Tensor,
-    logits_teacher_B_T_V: Tensor,
-    mask_B_T: Tensor,
-    divergence: Divergence,
-    token_mean: bool = False,
-    chunk_size: int = 1024,
-    totals: BatchTotals | None = None,
-) -> Tensor:
-    """(1/B) sum_b sum_n mask_bn D_f(q || p)(s_bn), exact over the vocabulary (GKD-style); B (or
-    the token count with ``token_mean``) is the whole batch's (``totals``; None: these rows').
-
-    Its gradient is the exact per-state gradient at the visited states (the gamma = 0 ground
-    truth). The teacher logits are treated as constant.
-    """
-    mask_B_T = mask_B_T.bool()
-    totals = totals or batch_totals(mask_B_T)
-    per_state_B_T = divergence.full(logits_student_B_T_V, logits_teacher_B_T_V.detach(), chunk_size)
-    per_state_B_T = torch.where(mask_B_T, per_state_B_T, 0.0)
-    return per_state_B_T.sum() / normaliser(totals, token_mean, per_state_B_T.dtype)

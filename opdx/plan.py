@@ -12,7 +12,7 @@ phase makes:
 - ``teacher``: the teacher's no-grad forward over one micro-batch and a chunk of its logits;
 - ``update``: the student's with-grad forward and backward over one micro-batch (activations,
   each layer's input alone under ``trainer.gradient_checkpointing``), its gradients, a logits chunk
-  with its gradient (or the analytic estimator's full [B, T, V] tensors);
+  with its gradient (or a dense support's full [B, T, V] tensors);
 - ``eval``: the teacher's and the student's eval ``generate`` of ``eval.batch_size`` sequences.
 
 Sizes come from each model's ``config.json`` (a local directory, the hub cache, or the config the
@@ -40,7 +40,7 @@ from opdx.config import ConfigError, RunConfig, SetupConfig
 
 GIB = 2**30
 CPU_KV_CACHE_BYTES = 1 << 28  # a vLLM engine's least KV cache on the CPU (kv_cache_memory_bytes null): 256 MiB
-ANALYTIC_LOGITS_COPIES = 8  # float32 [B, T, V] tensors an analytic step holds at its peak (docs/faults.md)
+DENSE_LOGITS_COPIES = 8  # float32 [B, T, V] tensors a dense support's step holds at its peak (docs/faults.md)
 CHUNK_COPIES_GRAD = 4  # float32 [chunk, V]: the recomputed logits, their log-softmax, and the two gradients
 CHUNK_COPIES = 2  # float32 [chunk, V] without grad: the logits and their log-softmax
 DECODE_COPIES = 4  # float32 [rows, V] per decoding step: the logits, the processed scores, probabilities, a copy
@@ -136,7 +136,7 @@ class Workload:
     teacher_bytes: int
     shards: int  # FSDP2 ranks the student's state is sharded over
     gradient_checkpointing: bool  # each layer's input alone is kept; the prompt's forward is not shared then
-    analytic: bool  # the estimator needs the teacher's full logits
+    dense: bool  # the estimator's support needs both models' full logits (estimator.support topk or full)
     rollout_memory: str  # local (generate on this device) | engine (a vLLM engine here)
     engine_bytes: int  # a colocated engine's reservation
     engine_sleeps: bool  # the engine frees it between samplings (vLLM sleep mode)
@@ -197,7 +197,7 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
         rollout.parts |= sampling(student, w.rollout_rows, w.new_tokens, w.compute_bytes, autocast)
     result = [rollout]
 
-    def scoring(rows: int, group: int, new_tokens: int, analytic: bool) -> dict[str, int]:
+    def scoring(rows: int, group: int, new_tokens: int, dense: bool) -> dict[str, int]:
         """The teacher's no-grad forward over ``rows`` sequences in groups of ``group``, one layer's
         tensors at a time (the residual, normed and attention streams; the MLP's gate, up, SiLU
         and product)."""
@@ -209,14 +209,14 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
         return {
             "forward": layer + positions * teacher.hidden * w.teacher_bytes,
             "attention": attention_bytes(rows, length),
-            # the analytic estimator keeps the micro-batch's logits
+            # a dense support keeps the micro-batch's logits
             "logits chunk": rows * new_tokens * teacher.vocab * 4
-            if analytic
+            if dense
             else CHUNK_COPIES * chunk * teacher.vocab * 4 + upcast,
         }
 
     if teacher is not None:
-        result.append(Phase("teacher", resident | scoring(micro, w.samples_per_prompt, w.new_tokens, w.analytic)))
+        result.append(Phase("teacher", resident | scoring(micro, w.samples_per_prompt, w.new_tokens, w.dense)))
     residual = 4 if w.master_bytes >= 4 else w.compute_bytes  # float32 embeddings keep a float32 stream
     per_token = student.layer_activation_bytes(w.compute_bytes, residual)
     shared = not w.gradient_checkpointing and w.shards == 1  # FSDP2 cannot run a layer twice in one forward
@@ -232,8 +232,8 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
         "logits chunk": CHUNK_COPIES_GRAD * min(w.logprob_chunk, micro * w.new_tokens) * student.vocab * 4,
         **({"bf16 weight casts": autocast} if autocast else {}),
     }
-    if w.analytic:
-        update["logits chunk"] = ANALYTIC_LOGITS_COPIES * micro * w.new_tokens * student.vocab * 4
+    if w.dense:
+        update["logits chunk"] = DENSE_LOGITS_COPIES * micro * w.new_tokens * student.vocab * 4
     result.append(Phase("update", resident | update))
     # the student's eval samples, then the teacher scores them (its reverse KL); the teacher's own
     # eval samples at step 0, before AdamW's lazy state exists
@@ -368,7 +368,7 @@ def plan_run(
     device: torch.device,
     world: int,
     prompt_tokens: int,
-    analytic: bool,
+    dense: bool,
     rollout_memory: str,
     teachers: Mapping[str, Mapping[str, Any] | None],
     notes: list[str] | None = None,
@@ -405,7 +405,7 @@ def plan_run(
         teacher_bytes=getattr(torch, m.teacher_dtype).itemsize,
         shards=world if t.strategy == "fsdp2" else 1,
         gradient_checkpointing=t.gradient_checkpointing,
-        analytic=analytic,
+        dense=dense,
         rollout_memory=rollout_memory,
         engine_bytes=engine,
         engine_sleeps=rollout_memory == "engine" and sleeps,

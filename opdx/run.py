@@ -86,9 +86,9 @@ def validate(cfg: DictConfig) -> Run:
     for key, (_, node) in teacher_nodes(config, setup.benchmark).items():
         check(
             not estimator.needs_teacher_logits or getattr(get_object(node["_target_"]), "supports_logits", True),
-            f"estimator={estimator.name} needs the teacher's full [B, T, V] logits, and {key}._target_="
-            f"{node['_target_']} returns only the log-probs of given tokens (a server's prompt log-probs). "
-            "Use estimator=unbiased or stopgrad: they need only each sampled token's log-prob and are exact with it",
+            f"estimator.support={estimator.config.support} needs the teacher's full [B, T, V] logits, and "
+            f"{key}._target_={node['_target_']} returns only the log-probs of given tokens (a server's prompt "
+            "log-probs). Use estimator.support=sampled: it needs only each sampled token's log-prob (exact with it)",
         )
     return Run(config, setup.benchmark, setup.sampling, divergence, estimator)
 
@@ -276,8 +276,8 @@ def memory_plan(run: Run, device: torch.device, world: int, prompt_tokens: int, 
         if backend_memory(node) == "local"
     }
     rollout = backend_memory(run.config.rollout)
-    analytic = run.estimator.needs_teacher_logits
-    return plan_run(run.config, device, world, prompt_tokens, analytic, rollout, teachers, notes)
+    dense = run.estimator.needs_teacher_logits
+    return plan_run(run.config, device, world, prompt_tokens, dense, rollout, teachers, notes)
 
 
 def fill_plan(run: Run, plan: Plan) -> None:

@@ -5,7 +5,7 @@
 
 ``train_step``: sample G responses to each of P prompts from the student (the ``rollout``
 backend), score the sampled tokens with the teacher (their log-probs, or full logits for the
-analytic estimator), recompute the student's log-probs with grad through ``Learner.policy`` (the
+dense estimator supports), recompute the student's log-probs with grad through ``Learner.policy`` (the
 one module a data-parallel wrapper wraps), take the estimator's loss, backward, clip the gradient
 norm, AdamW step, LR schedule, and hand the new weights to the sampler. ``train`` runs the steps,
 evaluates every ``eval_every`` steps on the held-out split and writes an atomic checkpoint every

@@ -7,12 +7,15 @@ A tabular autoregressive student p_theta and teacher q over a vocabulary of V to
 responses of length T have V^T responses, so E_{y~p}[grad L(y)] is the finite sum
 sum_y p(y) grad L(y) with p(y) held constant. It is compared with the true gradient:
 
-- gamma = 1: grad J^f, J^f(theta) = sum_y p(y) sum_n f(u_n(y)), by autograd;
-- gamma = 0: the per-state gradient grad sum_y pbar(y) sum_n D_f(q || p)(s_n(y)), with the
-  state distribution pbar frozen, by autograd.
+- gamma = 1: grad J^S, J^S(theta) = sum_y p(y) sum_n D^S(s_n(y)), by autograd (on the sampled
+  support, J^f = sum_y p(y) sum_n f(u_n(y)), which equals J^full);
+- gamma = 0: the per-state gradient grad sum_y pbar(y) sum_n D^S(s_n(y)), with the state
+  distribution pbar frozen, by autograd.
 
-A single categorical state (T = 1) checks the per-state identity (1) of docs/opd-math.md directly.
-OPD+ must match to float64 round-off for every f and gamma; stop-gradient OPD only for
+D^S is the state's divergence on the estimator's support: D_f(q || p) for ``sampled`` and
+``full``, D_f on the teacher's top ``TOP_K`` tokens plus a tail category for ``topk``. A single
+categorical state (T = 1) checks the per-state identity (1) of docs/opd-math.md directly. OPD+
+must match to float64 round-off for every support, f and gamma; stop-gradient OPD only for
 reverse_kl. Results go to stdout and to outputs/verify/ as markdown and CSV.
 """
 
@@ -27,11 +30,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from opdx.config import EstimatorConfig, load_option
+from opdx.config import SUPPORTS, EstimatorConfig, load_option
 from opdx.divergences import DIVERGENCES, Divergence, build_divergence, parameters
-from opdx.objective import ESTIMATORS, LossInputs
+from opdx.objective import ESTIMATORS, LossInputs, on_support
 
 TOLERANCE = 1e-9
+TOP_K = 1  # of the tabular policy's 3 tokens: the teacher's most likely one and a tail of two
 
 
 @dataclass
@@ -68,16 +72,26 @@ class TabularProblem:
         return logp_Y_T_V.gather(-1, self.responses_Y_T.unsqueeze(-1)).squeeze(-1)
 
 
-def true_gradient(problem: TabularProblem, div: Divergence, gamma: float) -> Tensor:
-    """grad J^f (gamma = 1) or the frozen-state per-state gradient (gamma = 0), [S, V]."""
+def state_divergence(logits_student: Tensor, logits_teacher: Tensor, div: Divergence, support: str) -> Tensor:
+    """D^S at each state [...] from [..., V] logits, differentiable in both: ``Divergence.full``
+    for the sampled and full supports, sum_c p_c f(q_c / p_c) on the top-k categories."""
+    if support != "topk":
+        return div.full(logits_student, logits_teacher)
+    logp, logq = on_support(logits_student, logits_teacher, support, TOP_K)
+    return (logp.exp() * div.f(logq - logp)).sum(-1)
+
+
+def true_gradient(problem: TabularProblem, div: Divergence, gamma: float, support: str = "sampled") -> Tensor:
+    """grad J^S (gamma = 1) or the frozen-state per-state gradient (gamma = 0) on ``support``, [S, V]."""
     theta = problem.logits_student_S_V.clone().requires_grad_(True)
-    if gamma == 1:
+    states_Y_T = problem.states_Y_T
+    if gamma == 1 and support == "sampled":
         logp_Y_T = problem.token_logprobs(theta)
         log_u_Y_T = problem.token_logprobs(problem.logits_teacher_S_V) - logp_Y_T
         objective = (logp_Y_T.sum(-1).exp() * div.f(log_u_Y_T).sum(-1)).sum()
-    elif gamma == 0:
-        weight_Y = problem.token_logprobs(theta.detach()).sum(-1).exp()
-        per_state_Y_T = div.full(theta[problem.states_Y_T], problem.logits_teacher_S_V[problem.states_Y_T])
+    elif gamma in (0, 1):
+        weight_Y = problem.token_logprobs(theta if gamma == 1 else theta.detach()).sum(-1).exp()
+        per_state_Y_T = state_divergence(theta[states_Y_T], problem.logits_teacher_S_V[states_Y_T], div, support)
         objective = (weight_Y * per_state_Y_T.sum(-1)).sum()
     else:
         raise ValueError(f"the exact gradient is defined here for gamma in {{0, 1}}, got {gamma!r}")
@@ -85,9 +99,12 @@ def true_gradient(problem: TabularProblem, div: Divergence, gamma: float) -> Ten
     return grad
 
 
-def per_response_gradients(problem: TabularProblem, div: Divergence, estimator: str, gamma: float) -> Tensor:
-    """grad L(y) of the one-response surrogate of ``estimator`` for every response y, [Y, S, V]."""
-    est = ESTIMATORS[estimator](EstimatorConfig(name=estimator, gamma=gamma))
+def per_response_gradients(
+    problem: TabularProblem, div: Divergence, estimator: str, gamma: float, support: str = "sampled"
+) -> Tensor:
+    """grad L(y) of the one-response surrogate of ``estimator`` on ``support`` for every response
+    y, [Y, S, V]."""
+    est = ESTIMATORS[estimator](EstimatorConfig(name=estimator, gamma=gamma, support=support, top_k=TOP_K))
     logq_Y_T = problem.token_logprobs(problem.logits_teacher_S_V)
     grads = []
     for y in range(problem.responses_Y_T.shape[0]):
@@ -119,25 +136,26 @@ def divergence_for(name: str, params: dict[str, float] | None = None) -> Diverge
 
 
 def exact_table(vocab: int = 3, length: int = 3, seed: int = 0, params: dict[str, float] | None = None) -> pd.DataFrame:
-    """One row per setting x divergence x estimator x gamma: relative error and cosine."""
+    """One row per setting x divergence x gamma x support x estimator: relative error and cosine."""
     rows = []
     settings = {f"tabular V={vocab} T={length}": length, "single state T=1": 1}
     for setting, setting_length in settings.items():
         problem = TabularProblem.random(vocab, setting_length, seed)
         gammas = (0.0, 1.0) if setting_length > 1 else (0.0,)
-        for name, gamma in itertools.product(DIVERGENCES, gammas):
+        weight_Y = problem.token_logprobs(problem.logits_student_S_V).sum(-1).exp()
+        for name, gamma, support in itertools.product(DIVERGENCES, gammas, SUPPORTS):
             div = divergence_for(name, params)
-            truth = true_gradient(problem, div, gamma)
-            weight_Y = problem.token_logprobs(problem.logits_student_S_V).sum(-1).exp()
+            truth = true_gradient(problem, div, gamma, support)
             for estimator, cls in ESTIMATORS.items():
-                expected = torch.einsum("y,ysv->sv", weight_Y, per_response_gradients(problem, div, estimator, gamma))
-                rel_error, cosine = compare(expected, truth)
+                grads_Y_S_V = per_response_gradients(problem, div, estimator, gamma, support)
+                rel_error, cosine = compare(torch.einsum("y,ysv->sv", weight_Y, grads_Y_S_V), truth)
                 exact = cls.is_exact(name, gamma)
                 rows.append(
                     {
                         "setting": setting,
                         "divergence": name,
                         "gamma": gamma,
+                        "support": support,
                         "estimator": estimator,
                         "rel_error": rel_error,
                         "cosine": cosine,
@@ -192,13 +210,12 @@ def monte_carlo_table(
 
 
 def render_exact(table: pd.DataFrame) -> pd.DataFrame:
-    """Wide view: one row per setting/divergence/gamma, error and cosine per estimator."""
+    """Wide view: one row per setting/divergence/gamma, the relative error per support and estimator."""
     wide = table.pivot_table(
-        index=["setting", "divergence", "gamma"], columns="estimator", values=["rel_error", "cosine"], sort=False
+        index=["setting", "divergence", "gamma"], columns=["support", "estimator"], values="rel_error", sort=False
     )
-    wide.columns = [f"{estimator} {stat.replace('rel_error', 'rel.err')}" for stat, estimator in wide.columns]
-    order = [f"{e} {s}" for e in ESTIMATORS for s in ("rel.err", "cosine")]
-    wide = wide[order].reset_index()
+    wide.columns = [f"{support} {estimator}" for support, estimator in wide.columns]
+    wide = wide[[f"{support} {estimator}" for support in SUPPORTS for estimator in ESTIMATORS]].reset_index()
     wide["gamma"] = wide["gamma"].map("{:g}".format)
     return wide
 
@@ -210,8 +227,11 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     table = exact_table(seed=seed, params=params)
     wide = render_exact(table)
-    markdown = wide.to_markdown(index=False, floatfmt=[""] * 3 + [".1e", ".3f"] * 3)
-    print("Exact expectation over all responses: relative error of E[grad L] vs the true gradient\n")
+    markdown = wide.to_markdown(index=False, floatfmt=[""] * 3 + [".1e"] * (len(wide.columns) - 3))
+    print(
+        "Exact expectation over all responses: relative error of E[grad L] vs the true gradient on each support "
+        f"(topk: the teacher's top {TOP_K} of 3 tokens and a tail)\n"
+    )
     print(markdown)
     (out_dir / "exact.md").write_text(markdown + "\n")
     table.to_csv(out_dir / "exact.csv", index=False)

@@ -9,6 +9,7 @@ from opdx.benchmarks import BENCHMARKS
 from opdx.config import CONF_DIR, ConfigError, RunConfig, load_option, register_resolvers, register_schema
 from opdx.divergences import DIVERGENCES
 from opdx.metrics import LOGGERS
+from opdx.objective import ALIASES as ESTIMATOR_ALIASES
 from opdx.objective import ESTIMATORS
 from opdx.pairs import PAIRS
 from opdx.run import start, validate
@@ -36,10 +37,12 @@ def stems(group: str) -> set[str]:
 
 @pytest.mark.parametrize("group", list(REGISTRIES))
 def test_config_group_files_mirror_the_registry(group):
-    assert stems(group) == set(REGISTRIES[group]), f"conf/{group} vs registry"
+    aliases = ESTIMATOR_ALIASES if group == "estimator" else {}
+    assert stems(group) == set(REGISTRIES[group]) | set(aliases), f"conf/{group} vs registry"
     for stem in stems(group):
         assert (CONF_DIR / group / f"{stem}.yaml").read_text().startswith("# opdx "), "the command comes first"
-        assert load_option(group, stem)["name"] == stem
+        option = load_option(group, stem)
+        assert (option["name"], option.get("support")) == aliases[stem] if stem in aliases else option["name"] == stem
 
 
 def test_every_pair_built_here_has_a_model_file_and_every_model_file_names_itself():
@@ -100,7 +103,8 @@ def test_default_choices_and_user_facing_names():
         (["benchmark.max_terms=x"], "max_terms"),
         (["+benchmark.difficulty=3"], "difficulty"),
         (["model.dtype=fp8"], "valid dtypes: float32, bfloat16"),
-        (["estimator=analytic", "estimator.gamma=1"], "do not apply to it"),
+        (["estimator=analytic", "estimator.whiten=true"], "do not apply to it"),
+        (["estimator.support=dense"], "estimator.support='dense' is invalid; valid: sampled, topk, full"),
         (["estimator.rollout_correction=is"], "valid: null, tis, ppo"),
         (["benchmark.eval_size=ten"], "benchmark.eval_size: Value 'ten'.*could not be converted to Integer"),
         (["rollout._target_=opdx.backends.hf.NoSuchSampler"], "rollout._target_=.*cannot be loaded"),
@@ -184,6 +188,9 @@ def test_old_names_of_moved_settings_still_work_and_say_their_new_name(capsys, m
         "runtime": {"threads": 1},
     }
     assert all(new.split(".")[0] in ("sampling", "runtime") for new in RENAMED.values())
+    old_analytic = upgrade({"estimator": {"name": "analytic", "token_mean": True}})
+    assert old_analytic == {"estimator": {"name": "unbiased", "support": "full", "token_mean": True}}
+    assert "estimator=analytic is now estimator=unbiased estimator.support=full" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="set one setting twice"):  # the old name would silently win
         validate(composed("trainer.max_new_tokens=12", "sampling.max_new_tokens=30"))
 

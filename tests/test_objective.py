@@ -5,7 +5,7 @@ import torch
 
 from opdx.config import EstimatorConfig
 from opdx.divergences import DIVERGENCES, get_divergence
-from opdx.objective import ESTIMATORS, analytic_loss, discounted_future_sum, opd_loss, token_advantages
+from opdx.objective import ESTIMATORS, LossInputs, discounted_future_sum, on_support, opd_loss, token_advantages
 from opdx.verify import divergence_for  # each divergence with the parameters of its YAML
 
 LOGP = torch.log(torch.tensor([[0.5, 0.25, 0.8], [0.1, 0.9, 0.3]], dtype=torch.float64))
@@ -146,8 +146,15 @@ def test_rollout_correction_weighs_by_the_ratio_truncated_or_clipped():
     torch.testing.assert_close(grad_ppo[negative], -(math.e * advantages / 2)[negative])
 
 
-def test_analytic_gradient_equals_exact_per_state_gradient():
-    """d D_f(q||p) / d z_k = -p_k (w_f(u_k) - E_p[w_f(u)]) for student logits z (equation (1))."""
+def dense_loss(estimator: str, support: str, logits_p, logits_q, mask, div, gamma: float = 0.0, top_k: int = 16):
+    config = EstimatorConfig(estimator, gamma=gamma, support=support, top_k=top_k)
+    tokens = logits_p.detach().argmax(-1)
+    return ESTIMATORS[estimator](config).loss(LossInputs(logits_p, logits_q, mask, tokens), div).loss
+
+
+def test_the_full_support_gradient_is_the_exact_per_state_gradient():
+    """d D_f(q||p) / d z_k = -p_k (w_f(u_k) - E_p[w_f(u)]) for student logits z (equation (1)), at
+    gamma = 0 (estimator=analytic's loss)."""
     generator = torch.Generator().manual_seed(0)
     logits_p = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
     logits_q = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
@@ -155,24 +162,39 @@ def test_analytic_gradient_equals_exact_per_state_gradient():
     for name in DIVERGENCES:
         div = divergence_for(name)
         z = logits_p.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(analytic_loss(z, logits_q, mask, div, chunk_size=4), z)
+        (grad,) = torch.autograd.grad(dense_loss("unbiased", "full", z, logits_q, mask, div), z)
         p = logits_p.softmax(-1)
         w = div.unbiased_advantage(logits_q.log_softmax(-1) - logits_p.log_softmax(-1))
         expected = -p * (w - (p * w).sum(-1, keepdim=True)) * mask.unsqueeze(-1) / 2
         torch.testing.assert_close(grad, expected, msg=name)
 
 
-def test_analytic_loss_value_and_masking():
-    logits_p = torch.zeros(1, 2, 2, dtype=torch.float64)
-    logits_q = torch.log(torch.tensor([[[0.9, 0.1], [0.2, 0.8]]], dtype=torch.float64))
-    value = analytic_loss(logits_p, logits_q, torch.tensor([[1, 0]]), get_divergence("forward_kl")).item()
-    assert value == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2))
+def test_a_dense_loss_value_is_the_states_divergence_on_its_support_and_masked():
+    logits_p = torch.zeros(1, 2, 3, dtype=torch.float64)
+    logits_q = torch.log(torch.tensor([[[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]]], dtype=torch.float64))
+    mask, forward_kl = torch.tensor([[1, 0]]), get_divergence("forward_kl")
+    for estimator in ESTIMATORS:  # the value is D^S whichever advantage moves it
+        full = dense_loss(estimator, "full", logits_p, logits_q, mask, forward_kl).item()
+        assert full == pytest.approx(sum(q * math.log(3 * q) for q in (0.7, 0.2, 0.1)))
+        top1 = dense_loss(estimator, "topk", logits_p, logits_q, mask, forward_kl, top_k=1).item()
+        assert top1 == pytest.approx(0.7 * math.log(0.7 * 3) + 0.3 * math.log(0.3 * 3 / 2))  # {top token, tail}
+        assert top1 < full  # merging categories loses divergence (data processing)
+
+
+def test_on_support_keeps_the_teachers_top_k_and_a_tail_of_the_rest():
+    logits_p = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64))
+    logits_q = torch.log(torch.tensor([[0.5, 0.05, 0.4, 0.05]], dtype=torch.float64))
+    logp, logq = on_support(logits_p, logits_q, "topk", 2)
+    torch.testing.assert_close(logp.exp(), torch.tensor([[0.1, 0.3, 0.6]], dtype=torch.float64))
+    torch.testing.assert_close(logq.exp(), torch.tensor([[0.5, 0.4, 0.1]], dtype=torch.float64))
+    everything, _ = on_support(logits_p, logits_q, "topk", 9)  # more than V: an empty tail of log-prob -inf
+    assert everything.shape == (1, 5) and everything[0, -1] == -math.inf
 
 
 def test_errors_name_the_bad_value_and_the_valid_ones():
     with pytest.raises(ValueError, match=r"'biased'.*stopgrad, unbiased"):
         opd_loss(LOGP, LOGQ, MASK, "js", "biased")
-    with pytest.raises(ValueError, match=r"analytic_loss"):
+    with pytest.raises(ValueError, match=r"'analytic'.*valid estimators: stopgrad, unbiased"):
         opd_loss(LOGP, LOGQ, MASK, "js", "analytic")
     with pytest.raises(ValueError, match=r"'kl'.*reverse_kl"):
         opd_loss(LOGP, LOGQ, MASK, "kl", "unbiased")

@@ -167,17 +167,21 @@ def test_warped_sampling_uses_the_log_probs_it_sampled_with(opdx_cli, tmp_path):
     assert all(r["rollout/logprob_mismatch"] < 1e-4 for r in records[1:])
     assert all(abs(r["div/reverse_kl"]) < 50 for r in records[1:])  # q is the raw teacher: never -inf
     refused = opdx_cli("train", "estimator=analytic", *warp, f"hydra.run.dir={tmp_path}", check=False)
-    assert refused.returncode != 0 and "estimator=analytic needs the student's own distribution" in refused.stderr
+    assert refused.returncode != 0 and "estimator.support=full needs the student's own distribution" in refused.stderr
 
 
-def test_analytic_estimator_trains(opdx_cli, tmp_path):
+def test_the_dense_supports_train(opdx_cli, tmp_path):
     opdx_cli(
         "train", *FAST_TRAIN, "trainer.steps=2", "estimator=analytic", "divergence=js", f"hydra.run.dir={tmp_path}"
     )
     records = read_metrics(tmp_path)
-    # the analytic loss is the mean over sequences of sum_n JS(p, q)(s_n): positive, below T log 2
+    # at gamma = 0 the loss is the mean over sequences of sum_n JS(p, q)(s_n): positive, below T log 2
     assert all(0 < r["train/loss"] < 24 * 0.6932 for r in records[1:])
     assert all(r["rollout/logprob_mismatch"] < 1e-4 for r in records[1:])
+    topk = ["estimator=unbiased", "estimator.support=topk", "estimator.top_k=4", "estimator.gamma=1"]
+    opdx_cli("train", *FAST_TRAIN, "trainer.steps=2", *topk, f"hydra.run.dir={tmp_path / 'topk'}")
+    records = read_metrics(tmp_path / "topk")[1:]
+    assert all(r["train/skipped"] == 0 and math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0 for r in records)
 
 
 def train_metrics(run_dir: Path) -> list[dict]:
@@ -321,6 +325,7 @@ MICRO_SETTINGS = [
     ["estimator=unbiased", "estimator.rollout_correction=ppo"],
     ["estimator=analytic"],
     ["estimator=analytic", "estimator.token_mean=true"],
+    ["estimator=unbiased", "estimator.support=topk", "estimator.top_k=3", "estimator.gamma=1"],
 ]
 
 

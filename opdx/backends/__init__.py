@@ -3,7 +3,7 @@
 A *sampler* turns problems into a ``Rollout`` (token ids, masks, and the log-probs of the
 distribution actually sampled from) and takes new student weights after an optimizer step; a
 *scorer* returns the log-prob of each given response token and, where it can, full logits (the
-analytic estimator needs them). The student's rollouts come from the ``rollout`` config group,
+dense estimator supports need them). The student's rollouts come from the ``rollout`` config group,
 the teacher from the ``teacher`` group, whose YAML names the backend class (``_target_``) and its
 options; a backend is one module and one YAML, and the trainer never sees which it is.
 

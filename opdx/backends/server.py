@@ -10,7 +10,7 @@ as the trainer's do (docs/vllm.md).
 
 OPD and OPD+ need only the teacher's log-prob of each *sampled* token, so a served teacher is exact
 for every divergence with ``estimator=stopgrad`` and ``unbiased`` (not a top-k approximation);
-``estimator=analytic`` needs full logits, which the server does not return, and is refused.
+A dense ``estimator.support`` (topk, full) needs full logits, which the server does not return, and is refused.
 
 Each row (prompt + response, as token ids: never text, which the server would tokenize again)
 goes to ``/v1/completions`` with ``max_tokens: 1`` and ``prompt_logprobs: 0``, which returns, at

@@ -54,8 +54,10 @@ def test_a_server_that_is_down_fails_naming_its_url():
         ServedTeacher(url, PAIR, tokenizer, retries=0, timeout=5)
 
 
-def test_the_analytic_estimator_is_refused_with_a_served_teacher():
-    with pytest.raises(ConfigError, match="estimator=analytic needs the teacher's full .* Use estimator=unbiased"):
+def test_a_dense_support_is_refused_with_a_served_teacher():
+    with pytest.raises(
+        ConfigError, match="estimator.support=full needs the teacher's full .* estimator.support=sampled"
+    ):
         validate(composed("teacher=server", "teacher.url=http://localhost:1/v1", "estimator=analytic"))
 
 
