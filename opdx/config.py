@@ -151,6 +151,10 @@ class EstimatorConfig:
       teacher's ``top_k`` most likely tokens and one tail category with the rest of both models'
       mass: D_f on K + 1 categories, exactly) or ``full`` (every token: D_f exactly). The dense
       supports need the teacher's logits.
+    - ``state_baseline``: on the sampled support, subtract from each token's own advantage its
+      expectation at that state over the whole vocabulary, b(s) = sum_y p(y|s) a(u_y), computed
+      exactly from the teacher's logits: a baseline that does not depend on the sampled token, so
+      the gradient stays unbiased while its variance falls.
     - ``rollout_correction``: ``tis`` or ``ppo`` weighs each token by the importance ratio
       p_train / p_rollout of the trainer's and the sampler's log-probs, truncated at ``tis_cap``
       (truncated importance sampling) or PPO-clipped to [1 - ``ppo_clip``, 1 + ``ppo_clip``];
@@ -168,6 +172,7 @@ class EstimatorConfig:
     ppo_clip: float = 0.2
     support: str = "sampled"
     top_k: int = 16
+    state_baseline: bool = False
 
     def __post_init__(self) -> None:
         check(0.0 <= self.gamma <= 1.0, f"estimator.gamma={self.gamma!r} is invalid; gamma must lie in [0, 1]")

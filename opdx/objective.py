@@ -49,7 +49,6 @@ from torch import Tensor
 
 from opdx.config import EstimatorConfig
 from opdx.divergences import Divergence, get_divergence
-from opdx.rollout import gather_logprobs
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -139,8 +138,8 @@ class Estimator(ABC):
     @property
     def needs_teacher_logits(self) -> bool:
         """Whether the teacher's (and the student's) full next-token logits [B, T, V] are needed,
-        rather than the sampled tokens' log-probs: on a dense support."""
-        return self.config.support != "sampled"
+        rather than the sampled tokens' log-probs: on a dense support, or for the state baseline."""
+        return self.config.support != "sampled" or self.config.state_baseline
 
     def check(self, plain_sampling: bool) -> None:
         """Raise ValueError if the config's switches (or warped sampling) do not apply to this
@@ -148,12 +147,18 @@ class Estimator(ABC):
         c = self.config
         if not self.needs_teacher_logits:
             return
+        dense = c.support != "sampled"
+        setting = f"estimator.support={c.support}" if dense else "estimator.state_baseline"
         if not plain_sampling:
             raise ValueError(
-                f"estimator.support={c.support} needs the student's own distribution: sampling.temperature=1, "
-                "top_k=0, top_p=1 (or estimator.support=sampled)"
+                f"{setting} needs the student's own distribution: sampling.temperature=1, top_k=0, top_p=1"
             )
-        if (c.log_ratio_clip, c.batch_baseline, c.whiten, c.rollout_correction) != (None, False, False, None):
+        if c.state_baseline and (dense or c.batch_baseline or c.whiten):
+            raise ValueError(
+                "estimator.state_baseline centres the sampled token's own advantage: it goes with "
+                "estimator.support=sampled, without batch_baseline or whiten"
+            )
+        if dense and (c.log_ratio_clip, c.batch_baseline, c.whiten, c.rollout_correction) != (None, False, False, None):
             raise ValueError(
                 f"estimator.support={c.support} takes each state's divergence exactly: estimator.log_ratio_clip, "
                 "batch_baseline, whiten and rollout_correction do not apply to it (leave them at null / false / false "
@@ -182,12 +187,10 @@ class Estimator(ABC):
         (``batch_totals``; None: the inputs' own), and for the metrics the student's log-probs of
         the sampled tokens, log u_B_T and the advantages A_B_T (after baseline / whitening; on a
         dense support those the sampled token would have had, with the dense future rewards)."""
-        if self.needs_teacher_logits:
+        if self.config.support != "sampled":
             return self._dense_loss(inputs, divergence, totals)
-        logp_student_B_T, mask_B_T = inputs.student_scores, inputs.mask_B_T
-        advantages_B_T, log_u_B_T = token_advantages(
-            logp_student_B_T, inputs.teacher_scores, mask_B_T, divergence, self
-        )
+        mask_B_T = inputs.mask_B_T
+        logp_student_B_T, advantages_B_T, log_u_B_T = self._sampled_advantages(inputs, divergence)
         totals = totals or batch_totals(mask_B_T, advantages_B_T if self.needs_advantage_totals else None)
         advantages_B_T = normalise_advantages(advantages_B_T, mask_B_T, self.config, totals)
         loss = policy_gradient_loss(
@@ -197,11 +200,37 @@ class Estimator(ABC):
 
     def advantages(self, inputs: LossInputs, divergence: Divergence) -> Tensor:
         """The advantages A_B_T before baseline and whitening (what ``batch_totals`` needs of them)."""
-        return token_advantages(inputs.student_scores, inputs.teacher_scores, inputs.mask_B_T, divergence, self)[0]
+        return self._sampled_advantages(inputs, divergence)[1]
+
+    def _sampled_advantages(self, inputs: LossInputs, divergence: Divergence) -> tuple[Tensor, Tensor, Tensor]:
+        """The sampled tokens' log p [B, T] (with grad), their advantages A_B_T (``token_advantages``;
+        with ``state_baseline``, less b(s) = sum_y p(y|s) a(u_y), from the logits the inputs then
+        hold) and log u_B_T."""
+        if not self.config.state_baseline:
+            logp_student_B_T, logp_teacher_B_T, baseline_B_T = inputs.student_scores, inputs.teacher_scores, 0.0
+        else:
+            logits_student_B_T_V, logits_teacher_B_T_V = inputs.student_scores, inputs.teacher_scores.detach()
+            if inputs.tokens_B_T is None:
+                raise ValueError("estimator.state_baseline needs the sampled tokens (LossInputs.tokens_B_T)")
+            mask_B_T = inputs.mask_B_T.to(logits_student_B_T_V.device).bool()
+            tokens_S = inputs.tokens_B_T.to(mask_B_T.device)[mask_B_T]
+            terms = dense_state_terms(
+                logits_student_B_T_V[mask_B_T], logits_teacher_B_T_V[mask_B_T], tokens_S, divergence, self
+            )
+            # as the sampled scores are: on the CPU, the student's with grad
+            logp_student_B_T, logp_teacher_B_T, baseline_B_T = (
+                on_rows(values_S, mask_B_T).cpu()
+                for values_S in (terms.logp_token_S, terms.logq_token_S, terms.mean_advantage_S)
+            )
+        advantages_B_T, log_u_B_T = token_advantages(
+            logp_student_B_T, logp_teacher_B_T, inputs.mask_B_T, divergence, self
+        )
+        advantages_B_T = torch.where(inputs.mask_B_T.bool(), advantages_B_T - baseline_B_T, 0.0)
+        return logp_student_B_T, advantages_B_T, log_u_B_T
 
     def _dense_loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None) -> LossTerms:
         """L = (1/B) sum_b sum_n mask_bn [ S_bn - sg(F_bn) log p(y_bn | s_bn) ]: S the state's own
-        surrogate (``dense_state_terms``: its value D^S(s), its gradient -sum_c a(u_c) grad p_c)
+        surrogate (``dense_state_terms``: its value D^S(s), its gradient -sum_e a(u_e) grad p_e)
         and F_bn = sum_{m>n} gamma^(m-n) (-D^S(s_bm)) the later states' exact divergences."""
         logits_student_B_T_V, logits_teacher_B_T_V = inputs.student_scores, inputs.teacher_scores.detach()
         if inputs.tokens_B_T is None:
@@ -210,18 +239,16 @@ class Estimator(ABC):
             )
         device = logits_student_B_T_V.device
         tokens_B_T, mask_B_T = inputs.tokens_B_T.to(device), inputs.mask_B_T.to(device).bool()
-        surrogate_B_T, divergence_B_T = dense_state_terms(
-            logits_student_B_T_V, logits_teacher_B_T_V, divergence, self, self.config.support, self.config.top_k
-        )
         gamma = self.config.gamma
-        logits_for_token = logits_student_B_T_V if gamma > 0 else logits_student_B_T_V.detach()
-        logp_student_B_T = gather_logprobs(logits_for_token.to(surrogate_B_T.dtype), tokens_B_T)
-        logp_teacher_B_T = gather_logprobs(logits_teacher_B_T_V.to(surrogate_B_T.dtype), tokens_B_T)
-        log_u_B_T = torch.where(mask_B_T, logp_teacher_B_T - logp_student_B_T.detach(), 0.0)
-        future_B_T = discounted_future_sum(torch.where(mask_B_T, -divergence_B_T, 0.0), gamma)
+        terms = dense_state_terms(
+            logits_student_B_T_V[mask_B_T], logits_teacher_B_T_V[mask_B_T], tokens_B_T[mask_B_T], divergence, self,
+            self.config.support, self.config.top_k,
+        )  # fmt: skip
+        logp_student_B_T = on_rows(terms.logp_token_S if gamma > 0 else terms.logp_token_S.detach(), mask_B_T)
+        log_u_B_T = on_rows(terms.logq_token_S - terms.logp_token_S.detach(), mask_B_T)
+        future_B_T = discounted_future_sum(on_rows(-terms.divergence_S, mask_B_T), gamma)
         totals = totals or batch_totals(mask_B_T)
-        per_token_B_T = surrogate_B_T - future_B_T * torch.where(mask_B_T, logp_student_B_T, 0.0)
-        per_token_B_T = torch.where(mask_B_T, per_token_B_T, 0.0)
+        per_token_B_T = on_rows(terms.surrogate_S, mask_B_T) - future_B_T * logp_student_B_T
         loss = per_token_B_T.sum() / normaliser(totals, self.config.token_mean, per_token_B_T.dtype)
         advantages_B_T = torch.where(mask_B_T, self.own_advantage(divergence, log_u_B_T) + future_B_T, 0.0)
         return LossTerms(loss, logp_student_B_T.detach().cpu(), log_u_B_T.cpu(), advantages_B_T.cpu())
@@ -254,17 +281,18 @@ class Unbiased(Estimator):
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (StopGradient, Unbiased)}
-# conf/estimator files kept under a former name: the estimator and support they select
+# conf/estimator files kept under a former name, with the estimator and support they select (what
+# tests/test_config.py holds the files to; a saved run's old name is upgraded by opdx.config.upgrade)
 ALIASES = {"analytic": ("unbiased", "full")}
 
 
 def on_support(
     logits_student_S_V: Tensor, logits_teacher_S_V: Tensor, support: str, top_k: int
 ) -> tuple[Tensor, Tensor]:
-    """log p and log q over the categories of ``support`` at each state, [S, C] each (float32 at
-    least; any leading shape for S): ``full``: every token (C = V); ``topk``: the teacher's
+    """log p and log q over the categories of ``support`` at each state, [S, E] each (float32 at
+    least; any leading shape for S): ``full``: every token (E = V); ``topk``: the teacher's
     ``top_k`` most likely tokens and one tail category holding the rest of each model's mass
-    (C = K + 1; the tail's log-prob a log-sum-exp over the other tokens, never 1 minus a sum).
+    (E = K + 1; the tail's log-prob a log-sum-exp over the other tokens, never 1 minus a sum).
     Differentiable with respect to the student's logits."""
     dtype = torch.promote_types(logits_student_S_V.dtype, torch.float32)
     logp_S_V = torch.log_softmax(logits_student_S_V.to(dtype), dim=-1)
@@ -273,51 +301,74 @@ def on_support(
         return logp_S_V, logq_S_V
     if support != "topk":
         raise ValueError(f"support={support!r} has no categories here; dense supports: topk, full")
-    ids_S_K = logits_teacher_S_V.topk(min(top_k, logits_teacher_S_V.shape[-1]), dim=-1).indices
-    tail_S_V = torch.ones_like(logq_S_V, dtype=torch.bool).scatter(-1, ids_S_K, False)
+    ids_S_J = logits_teacher_S_V.topk(min(top_k, logits_teacher_S_V.shape[-1]), dim=-1).indices
+    tail_S_V = torch.ones_like(logq_S_V, dtype=torch.bool).scatter(-1, ids_S_J, False)
 
     def categories(logr_S_V: Tensor) -> Tensor:
-        tail_S_1 = torch.logsumexp(logr_S_V.masked_fill(~tail_S_V, -torch.inf), dim=-1, keepdim=True)
-        return torch.cat([logr_S_V.gather(-1, ids_S_K), tail_S_1], dim=-1)
+        tail_S = torch.logsumexp(logr_S_V.masked_fill(~tail_S_V, -torch.inf), dim=-1)
+        return torch.cat([logr_S_V.gather(-1, ids_S_J), tail_S.unsqueeze(-1)], dim=-1)
 
     return categories(logp_S_V), categories(logq_S_V)
+
+
+@dataclass(frozen=True)
+class StateTerms:
+    """What a dense support gives at each state (``dense_state_terms``), [S] each: the own
+    surrogate (with grad), D^S and the mean own advantage b (detached), and the sampled token's
+    log p (with grad where the student's logits have it) and log q."""
+
+    surrogate_S: Tensor
+    divergence_S: Tensor
+    mean_advantage_S: Tensor
+    logp_token_S: Tensor
+    logq_token_S: Tensor
 
 
 def dense_state_terms(
     logits_student_S_V: Tensor,
     logits_teacher_S_V: Tensor,
+    tokens_S: Tensor,
     divergence: Divergence,
     estimator: Estimator,
-    support: str,
+    support: str = "full",
     top_k: int = 16,
     chunk_size: int = 1024,
-) -> tuple[Tensor, Tensor]:
-    """Each state's own surrogate S [S] (with grad) and its divergence on ``support`` D^S [S]
-    (detached), with p_c, q_c the categories' probabilities (``on_support``) and u_c = q_c / p_c:
+) -> StateTerms:
+    """At each state (rows S of next-token logits, the sampled token ``tokens_S``), with p_e, q_e
+    the categories' probabilities (``on_support``), u_e = q_e / p_e and a = ``estimator.own_advantage``:
 
-        D^S = sum_c p_c f(u_c),     S = sg(D^S) - sum_c sg(a(u_c)) (p_c - sg(p_c))
+        D^S = sum_e p_e f(u_e),   S = sg(D^S) - sum_e sg(a(u_e)) (p_e - sg(p_e)),   b = sum_e p_e a(u_e)
 
-    so S's value is D^S and its gradient -sum_c a(u_c) grad p_c, the sampled token's
-    -a(u) grad log p in expectation over the support (a = ``estimator.own_advantage``: for
-    ``unbiased`` the exact grad D^S, equation (1)). Categories whose student probability
-    underflows to 0 are left out (as ``Divergence.full``). States go ``chunk_size`` at a time, so
-    the float32 copies never exceed a chunk's."""
-    batch_shape, vocab = logits_student_S_V.shape[:-1], logits_student_S_V.shape[-1]
-    student_S_V, teacher_S_V = logits_student_S_V.reshape(-1, vocab), logits_teacher_S_V.reshape(-1, vocab)
-    surrogates, divergences = [], []
+    so S's value is D^S and its gradient -sum_e a(u_e) grad p_e, the sampled token's
+    -a(u) grad log p in expectation over the categories (for ``unbiased`` the exact grad D^S,
+    equation (1) on the categories). Categories whose student probability underflows to 0 are
+    left out (as ``Divergence.full``). States go ``chunk_size`` at a time; with grad, autograd
+    keeps each chunk's float32 log-probs for backward, so the whole [S, V] is held then."""
+    vocab = logits_student_S_V.shape[-1]
+    student_S_V, teacher_S_V = logits_student_S_V.reshape(-1, vocab), logits_teacher_S_V.reshape(-1, vocab).detach()
+    tokens_S = tokens_S.reshape(-1, 1).to(student_S_V.device)
+    parts: list[tuple[Tensor, ...]] = []
     for start in range(0, student_S_V.shape[0], chunk_size):
-        end = start + chunk_size
-        logp_S_C, logq_S_C = on_support(student_S_V[start:end], teacher_S_V[start:end].detach(), support, top_k)
-        p_S_C = logp_S_C.exp()
-        kept_S_C = p_S_C.detach() > 0
-        log_u_S_C = torch.where(kept_S_C, logq_S_C - logp_S_C.detach(), 0.0)
-        divergence_S = torch.where(kept_S_C, p_S_C.detach() * divergence.f(log_u_S_C), 0.0).sum(-1)
-        moved_S_C = torch.where(
-            kept_S_C, estimator.own_advantage(divergence, log_u_S_C) * (p_S_C - p_S_C.detach()), 0.0
-        )
-        surrogates.append(divergence_S - moved_S_C.sum(-1))
-        divergences.append(divergence_S)
-    return torch.cat(surrogates).reshape(batch_shape), torch.cat(divergences).reshape(batch_shape)
+        chunk = slice(start, start + chunk_size)
+        logp_S_E, logq_S_E = on_support(student_S_V[chunk], teacher_S_V[chunk], support, top_k)
+        p_S_E = logp_S_E.exp()
+        kept_S_E = p_S_E.detach() > 0
+        log_u_S_E = torch.where(kept_S_E, logq_S_E - logp_S_E.detach(), 0.0)
+        divergence_S = torch.where(kept_S_E, p_S_E.detach() * divergence.f(log_u_S_E), 0.0).sum(-1)
+        advantage_S_E = torch.where(kept_S_E, estimator.own_advantage(divergence, log_u_S_E), 0.0)
+        surrogate_S = divergence_S - (advantage_S_E * (p_S_E - p_S_E.detach())).sum(-1)
+        mean_advantage_S = (p_S_E.detach() * advantage_S_E).sum(-1)
+        dtype = logp_S_E.dtype
+        logp_token_S = torch.log_softmax(student_S_V[chunk].to(dtype), -1).gather(-1, tokens_S[chunk]).squeeze(-1)
+        logq_token_S = torch.log_softmax(teacher_S_V[chunk].to(dtype), -1).gather(-1, tokens_S[chunk]).squeeze(-1)
+        parts.append((surrogate_S, divergence_S, mean_advantage_S, logp_token_S, logq_token_S))
+    return StateTerms(*(torch.cat(column) for column in zip(*parts, strict=True)))
+
+
+def on_rows(values_S: Tensor, mask_B_T: Tensor) -> Tensor:
+    """[B, T] with ``values_S`` at the mask's positions (row-major, as ``x_B_T[mask_B_T]`` takes
+    them) and 0 elsewhere; differentiable with respect to the values."""
+    return values_S.new_zeros(mask_B_T.shape).index_put((mask_B_T,), values_S)
 
 
 def build_estimator(config: EstimatorConfig, plain_sampling: bool = True) -> Estimator:

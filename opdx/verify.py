@@ -2,6 +2,7 @@
 
     opdx verify                 # exact expectations: table + exit code
     opdx verify --samples 4096  # Monte-Carlo: error vs number of sampled responses
+    opdx verify --loss mypackage.losses:opd_loss   # anyone's loss against the exact gradient
 
 A tabular autoregressive student p_theta and teacher q over a vocabulary of V tokens and
 responses of length T have V^T responses, so E_{y~p}[grad L(y)] is the finite sum
@@ -17,12 +18,32 @@ D^S is the state's divergence on the estimator's support: D_f(q || p) for ``samp
 categorical state (T = 1) checks the per-state identity (1) of docs/opd-math.md directly. OPD+
 must match to float64 round-off for every support, f and gamma; stop-gradient OPD only for
 reverse_kl. Results go to stdout and to outputs/verify/ as markdown and CSV.
+
+``--loss module:function`` checks anyone's OPD loss the same way (``conformance_table``). The
+function is called once per response with
+
+    loss(student_logits, teacher_logits, tokens, mask, divergence, gamma) -> scalar Tensor
+
+- ``student_logits`` [1, T, V] float64, with grad: the student's next-token logits at each
+  response position (log p of the sampled tokens: ``log_softmax(...).gather(tokens)``);
+- ``teacher_logits`` [1, T, V] float64: the teacher's, constant;
+- ``tokens`` [1, T] int64: the response, sampled from the student; ``mask`` [1, T] bool, all True;
+- ``divergence``: a registered name without parameters (``forward_kl``, ``js``, ...: D_f with the
+  student as base measure, docs/opd-math.md); ``gamma``: 0.0 or 1.0;
+
+and returns the loss to minimise for that one response. Its expected gradient must be the
+gradient of J^f at gamma = 1 and the per-state gradient at gamma = 0. It may raise
+NotImplementedError for a divergence or gamma it does not take. Each case is ``exact``,
+``scaled`` (the right direction at another scale: a per-token mean, a constant factor),
+``biased`` or ``not supported``; the command exits 1 when a supported case is not exact.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +53,16 @@ from torch import Tensor
 
 from opdx.config import SUPPORTS, EstimatorConfig, load_option
 from opdx.divergences import DIVERGENCES, Divergence, build_divergence, parameters
-from opdx.objective import ESTIMATORS, LossInputs, on_support
+from opdx.objective import ESTIMATORS, LossInputs
 
 TOLERANCE = 1e-9
 TOP_K = 1  # of the tabular policy's 3 tokens: the teacher's most likely one and a tail of two
+# the table's supports: (estimator.support, estimator.state_baseline) by label
+VARIANTS = {
+    "sampled": ("sampled", False),
+    "sampled+baseline": ("sampled", True),
+    **{support: (support, False) for support in SUPPORTS if support != "sampled"},
+}
 
 
 @dataclass
@@ -72,13 +99,21 @@ class TabularProblem:
         return logp_Y_T_V.gather(-1, self.responses_Y_T.unsqueeze(-1)).squeeze(-1)
 
 
-def state_divergence(logits_student: Tensor, logits_teacher: Tensor, div: Divergence, support: str) -> Tensor:
-    """D^S at each state [...] from [..., V] logits, differentiable in both: ``Divergence.full``
-    for the sampled and full supports, sum_c p_c f(q_c / p_c) on the top-k categories."""
+def state_divergence(logits_student_S_V: Tensor, logits_teacher_S_V: Tensor, div: Divergence, support: str) -> Tensor:
+    """D^S at each state [S] from [S, V] logits, differentiable in both, written apart from the
+    estimators' code: ``Divergence.full`` for the sampled and full supports; on ``topk`` the
+    probabilities of the teacher's top ``TOP_K`` tokens and 1 minus their sum (the tail)."""
     if support != "topk":
-        return div.full(logits_student, logits_teacher)
-    logp, logq = on_support(logits_student, logits_teacher, support, TOP_K)
-    return (logp.exp() * div.f(logq - logp)).sum(-1)
+        return div.full(logits_student_S_V, logits_teacher_S_V)
+    p_S_V, q_S_V = logits_student_S_V.softmax(-1), logits_teacher_S_V.softmax(-1)
+    top_S_J = q_S_V.argsort(-1, descending=True)[..., :TOP_K]
+
+    def categories(r_S_V: Tensor) -> Tensor:
+        r_S_J = r_S_V.gather(-1, top_S_J)
+        return torch.cat([r_S_J, 1 - r_S_J.sum(-1, keepdim=True)], -1)
+
+    p_S_E, q_S_E = categories(p_S_V), categories(q_S_V)
+    return (p_S_E * div.f(q_S_E.log() - p_S_E.log())).sum(-1)
 
 
 def true_gradient(problem: TabularProblem, div: Divergence, gamma: float, support: str = "sampled") -> Tensor:
@@ -100,11 +135,13 @@ def true_gradient(problem: TabularProblem, div: Divergence, gamma: float, suppor
 
 
 def per_response_gradients(
-    problem: TabularProblem, div: Divergence, estimator: str, gamma: float, support: str = "sampled"
+    problem: TabularProblem, div: Divergence, estimator: str, gamma: float, variant: str = "sampled"
 ) -> Tensor:
-    """grad L(y) of the one-response surrogate of ``estimator`` on ``support`` for every response
-    y, [Y, S, V]."""
-    est = ESTIMATORS[estimator](EstimatorConfig(name=estimator, gamma=gamma, support=support, top_k=TOP_K))
+    """grad L(y) of the one-response surrogate of ``estimator`` on a support of ``VARIANTS`` for
+    every response y, [Y, S, V]."""
+    support, baseline = VARIANTS[variant]
+    config = EstimatorConfig(name=estimator, gamma=gamma, support=support, top_k=TOP_K, state_baseline=baseline)
+    est = ESTIMATORS[estimator](config)
     logq_Y_T = problem.token_logprobs(problem.logits_teacher_S_V)
     grads = []
     for y in range(problem.responses_Y_T.shape[0]):
@@ -143,11 +180,11 @@ def exact_table(vocab: int = 3, length: int = 3, seed: int = 0, params: dict[str
         problem = TabularProblem.random(vocab, setting_length, seed)
         gammas = (0.0, 1.0) if setting_length > 1 else (0.0,)
         weight_Y = problem.token_logprobs(problem.logits_student_S_V).sum(-1).exp()
-        for name, gamma, support in itertools.product(DIVERGENCES, gammas, SUPPORTS):
+        for name, gamma, variant in itertools.product(DIVERGENCES, gammas, VARIANTS):
             div = divergence_for(name, params)
-            truth = true_gradient(problem, div, gamma, support)
+            truth = true_gradient(problem, div, gamma, VARIANTS[variant][0])
             for estimator, cls in ESTIMATORS.items():
-                grads_Y_S_V = per_response_gradients(problem, div, estimator, gamma, support)
+                grads_Y_S_V = per_response_gradients(problem, div, estimator, gamma, variant)
                 rel_error, cosine = compare(torch.einsum("y,ysv->sv", weight_Y, grads_Y_S_V), truth)
                 exact = cls.is_exact(name, gamma)
                 rows.append(
@@ -155,7 +192,7 @@ def exact_table(vocab: int = 3, length: int = 3, seed: int = 0, params: dict[str
                         "setting": setting,
                         "divergence": name,
                         "gamma": gamma,
-                        "support": support,
+                        "support": variant,
                         "estimator": estimator,
                         "rel_error": rel_error,
                         "cosine": cosine,
@@ -187,8 +224,8 @@ def monte_carlo_table(
     for name in DIVERGENCES:
         div = divergence_for(name, params)
         truth = true_gradient(problem, div, gamma)
-        for estimator in ("stopgrad", "unbiased"):
-            grads_Y_S_V = per_response_gradients(problem, div, estimator, gamma)
+        for estimator, variant in (("stopgrad", "sampled"), ("unbiased", "sampled"), ("unbiased", "sampled+baseline")):
+            grads_Y_S_V = per_response_gradients(problem, div, estimator, gamma, variant)
             for n in sample_sizes:
                 counts_R_Y = torch.stack(
                     [
@@ -201,12 +238,76 @@ def monte_carlo_table(
                 rows.append(
                     {
                         "divergence": name,
-                        "estimator": estimator,
+                        "estimator": estimator + " state baseline" * VARIANTS[variant][1],
                         "samples": n,
                         "rms_rel_error": errors_R.square().mean().sqrt().item(),
                     }
                 )
     return pd.DataFrame(rows)
+
+
+UserLoss = Callable[[Tensor, Tensor, Tensor, Tensor, str, float], Tensor]
+
+
+def load_loss(spec: str) -> UserLoss:
+    """The callable ``module:function`` names; ValueError naming ``spec`` when it cannot be had."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--loss {spec!r}: give module:function, e.g. mypackage.losses:opd_loss")
+    try:
+        loss = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--loss {spec!r} cannot be loaded: {error}") from None
+    if not callable(loss):
+        raise ValueError(f"--loss {spec!r} is not callable")
+    return loss
+
+
+def conformance_table(loss: UserLoss, vocab: int = 3, length: int = 3, seed: int = 0) -> pd.DataFrame:
+    """One row per parameter-free divergence x gamma in {0, 1}: E[grad loss] over every response
+    of the tabular policy against the exact gradient (the module docstring gives the contract),
+    with its relative error, cosine and verdict."""
+    problem = TabularProblem.random(vocab, length, seed)
+    weight_Y = problem.token_logprobs(problem.logits_student_S_V).sum(-1).exp()
+    rows = []
+    for name, gamma in itertools.product([n for n in DIVERGENCES if not parameters(n)], (0.0, 1.0)):
+        truth = true_gradient(problem, divergence_for(name), gamma)
+        row = {"divergence": name, "gamma": gamma, "rel_error": float("nan"), "cosine": float("nan")}
+        try:
+            grads = []
+            for y in range(len(weight_Y)):
+                theta = problem.logits_student_S_V.clone().requires_grad_(True)
+                states_1_T, tokens_1_T = problem.states_Y_T[y : y + 1], problem.responses_Y_T[y : y + 1]
+                mask_1_T = torch.ones_like(tokens_1_T, dtype=torch.bool)
+                value = loss(
+                    theta[states_1_T], problem.logits_teacher_S_V[states_1_T], tokens_1_T, mask_1_T, name, gamma
+                )
+                grads.append(torch.autograd.grad(value, theta)[0])
+        except NotImplementedError:
+            rows.append(row | {"verdict": "not supported"})
+            continue
+        rel_error, cosine = compare(torch.einsum("y,ysv->sv", weight_Y, torch.stack(grads)), truth)
+        verdict = "exact" if rel_error < TOLERANCE else "scaled" if cosine > 1 - TOLERANCE else "biased"
+        rows.append(row | {"rel_error": rel_error, "cosine": cosine, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def run_conformance(spec: str, out_dir: Path, seed: int = 0) -> int:
+    """Print and save ``spec``'s conformance table; the exit code (1 if a supported case is not exact)."""
+    table = conformance_table(load_loss(spec), seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = table.assign(gamma=table["gamma"].map("{:g}".format))
+    markdown = shown.to_markdown(index=False, floatfmt=("", "", ".1e", ".6f", ""))
+    print(f"{spec}: E[grad loss] over all responses vs the exact gradient (gamma 1: J^f; gamma 0: per state)\n")
+    print(markdown)
+    (out_dir / "conformance.md").write_text(markdown + "\n")
+    table.to_csv(out_dir / "conformance.csv", index=False)
+    wrong = table[table.verdict.isin(["scaled", "biased"])]
+    if len(wrong):
+        print(f"\nNOT EXACT: {len(wrong)} case(s) ({', '.join(sorted(set(wrong.divergence)))}); written to {out_dir}/")
+        return 1
+    print(f"\nOK: every supported case is exact to < {TOLERANCE:g}; written to {out_dir}/")
+    return 0
 
 
 def render_exact(table: pd.DataFrame) -> pd.DataFrame:
@@ -215,7 +316,7 @@ def render_exact(table: pd.DataFrame) -> pd.DataFrame:
         index=["setting", "divergence", "gamma"], columns=["support", "estimator"], values="rel_error", sort=False
     )
     wide.columns = [f"{support} {estimator}" for support, estimator in wide.columns]
-    wide = wide[[f"{support} {estimator}" for support in SUPPORTS for estimator in ESTIMATORS]].reset_index()
+    wide = wide[[f"{variant} {estimator}" for variant in VARIANTS for estimator in ESTIMATORS]].reset_index()
     wide["gamma"] = wide["gamma"].map("{:g}".format)
     return wide
 
@@ -277,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a divergence parameter instead of its conf/divergence default, e.g. --param alpha=0.3",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/verify"), help="where the markdown and CSV go")
+    parser.add_argument(
+        "--loss",
+        metavar="MODULE:FUNCTION",
+        help="check this loss function instead of opdx's (contract: opdx/verify.py)",
+    )
     args = parser.parse_args(argv)
     if args.samples is not None and args.samples < 1:
         parser.error(f"--samples must be a positive integer, got {args.samples}")
@@ -288,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--param {item!r}: give NAME=NUMBER, e.g. --param alpha=0.3")
     try:
+        if args.loss:
+            return run_conformance(args.loss, args.out, args.seed)
         return run(args.samples, args.out, args.seed, params, args.gamma)
     except ValueError as error:
         parser.error(str(error))

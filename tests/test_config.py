@@ -105,6 +105,11 @@ def test_default_choices_and_user_facing_names():
         (["model.dtype=fp8"], "valid dtypes: float32, bfloat16"),
         (["estimator=analytic", "estimator.whiten=true"], "do not apply to it"),
         (["estimator.support=dense"], "estimator.support='dense' is invalid; valid: sampled, topk, full"),
+        (
+            ["estimator.state_baseline=true", "estimator.whiten=true"],
+            "state_baseline centres .* without batch_baseline",
+        ),
+        (["estimator=analytic", "estimator.state_baseline=true"], "goes with estimator.support=sampled"),
         (["estimator.rollout_correction=is"], "valid: null, tis, ppo"),
         (["benchmark.eval_size=ten"], "benchmark.eval_size: Value 'ten'.*could not be converted to Integer"),
         (["rollout._target_=opdx.backends.hf.NoSuchSampler"], "rollout._target_=.*cannot be loaded"),

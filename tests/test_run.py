@@ -33,7 +33,7 @@ def tiny_copy(out_dir, role="teacher", rows=None, chat_template=None):
 
 def test_padding_rows_beyond_the_tokenizer_are_never_sampled_nor_scored(opdx_cli, tmp_path):
     """A teacher with 32 output rows and a student with 40, one tokenizer of 24 tokens (as Qwen2.5
-    7B / 0.5B): the analytic estimator trains (its logits are the tokenizer's 24 ids), nothing
+    7B / 0.5B): the full support trains (its logits are the tokenizer's 24 ids), nothing
     beyond id 23 is sampled, and the log-probs are those over the tokenizer's ids."""
     teacher = tiny_copy(tmp_path / "teacher", rows=32)
     student = tiny_copy(tmp_path / "student", role="student", rows=40)
@@ -117,10 +117,11 @@ def test_prompts_longer_than_the_context_are_refused_or_dropped(opdx_cli, tmp_pa
     assert 0 < summary["eval_problems"] < 200 and summary["final_eval"]["step"] == 2
 
 
-def test_the_planner_counts_the_analytic_estimators_full_logits():
-    """The analytic estimator keeps about 8 float32 [B, T, V] tensors at its update (``opdx plan``'s
-    "logits chunk" of the update: 8 x 8 rows x 24 new tokens x 24 ids x 4 bytes); the sampled ones
-    a chunk of 4 [chunk, V] tensors (here every one of the 192 tokens), and the teacher 2."""
+def test_the_planner_counts_a_dense_supports_full_logits():
+    """A dense support (estimator=analytic: the full one) keeps about 8 float32 [B, T, V] tensors at
+    its update (``opdx plan``'s "logits chunk" of the update: 8 x 8 rows x 24 new tokens x 24 ids x
+    4 bytes); the sampled ones a chunk of 4 [chunk, V] tensors (here every one of the 192 tokens),
+    and the teacher 2."""
     from opdx.cli import plan_of
 
     def chunks(estimator: str) -> dict[str, int]:

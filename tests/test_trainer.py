@@ -326,6 +326,7 @@ MICRO_SETTINGS = [
     ["estimator=analytic"],
     ["estimator=analytic", "estimator.token_mean=true"],
     ["estimator=unbiased", "estimator.support=topk", "estimator.top_k=3", "estimator.gamma=1"],
+    ["estimator=stopgrad", "estimator.state_baseline=true", "estimator.gamma=1"],
 ]
 
 

@@ -1,9 +1,11 @@
+import pandas as pd
 import pytest
 import torch
 
 from opdx.config import SUPPORTS
 from opdx.divergences import DIVERGENCES
 from opdx.verify import (
+    VARIANTS,
     TabularProblem,
     divergence_for,
     exact_table,
@@ -29,7 +31,8 @@ def test_enumeration_covers_every_response():
 
 def test_unbiased_is_exact_for_every_support_divergence_and_gamma(table):
     unbiased = table[table.estimator == "unbiased"]
-    assert len(unbiased) == len(SUPPORTS) * len(DIVERGENCES) * 3  # gamma 0 and 1 on the tabular policy, and T = 1
+    assert len(unbiased) == len(VARIANTS) * len(DIVERGENCES) * 3  # gamma 0 and 1 on the tabular policy, and T = 1
+    assert set(VARIANTS) == {*SUPPORTS, "sampled+baseline"}
     assert unbiased.rel_error.max() < 1e-12
     assert unbiased.cosine.min() > 1 - 1e-12
     assert table.ok.all()
@@ -78,6 +81,7 @@ def test_monte_carlo_unbiased_error_shrinks_like_inverse_sqrt_and_stopgrad_plate
     ratio_stopgrad = error["forward_kl", "stopgrad", 256] / error["forward_kl", "stopgrad", 4096]
     assert ratio_stopgrad < 1.3
     assert error["forward_kl", "stopgrad", 4096] > 5 * error["forward_kl", "unbiased", 4096]
+    assert error["neyman", "unbiased state baseline", 4096] < error["neyman", "unbiased", 4096]
 
 
 def test_cli_writes_tables_and_exits_zero(tmp_path, capsys):
@@ -95,3 +99,50 @@ def test_divergence_parameters_come_from_their_yaml_or_the_command_line(tmp_path
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--param", "alpha=1"])
     assert "alpha divergence needs a finite alpha not equal to 0 or 1" in capsys.readouterr().err
+
+
+USER_LOSSES = """
+import torch
+from opdx.objective import opd_loss
+
+
+def token_logprobs(logits, tokens):
+    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def opd_plus(student_logits, teacher_logits, tokens, mask, divergence, gamma):
+    logp, logq = token_logprobs(student_logits, tokens), token_logprobs(teacher_logits, tokens)
+    return opd_loss(logp, logq, mask, divergence, "unbiased", gamma)
+
+
+def stopgrad_forward_kl(student_logits, teacher_logits, tokens, mask, divergence, gamma):
+    if divergence != "forward_kl":
+        raise NotImplementedError(divergence)
+    logp, logq = token_logprobs(student_logits, tokens), token_logprobs(teacher_logits, tokens)
+    return opd_loss(logp, logq, mask, divergence, "stopgrad", gamma)
+
+
+def per_token_mean(student_logits, teacher_logits, tokens, mask, divergence, gamma):
+    logp, logq = token_logprobs(student_logits, tokens), token_logprobs(teacher_logits, tokens)
+    return opd_loss(logp, logq, mask, divergence, "unbiased", gamma, token_mean=True)
+"""
+
+
+def test_anyones_loss_is_checked_against_the_exact_gradient(tmp_path, monkeypatch, capsys):
+    """A correct loss (OPD+) is exact everywhere; the stop-gradient forward-KL loss is biased (and
+    says which divergences it does not take); a per-token mean is the right direction at 1/T."""
+    (tmp_path / "user_losses.py").write_text(USER_LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["--out", str(tmp_path / "out"), "--loss", "user_losses:opd_plus"]) == 0
+    assert "OK: every supported case is exact" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "out" / "conformance.csv")
+    assert len(table) == 2 * (len(DIVERGENCES) - 1) and set(table.verdict) == {"exact"}  # alpha takes a parameter
+    assert main(["--out", str(tmp_path / "out"), "--loss", "user_losses:stopgrad_forward_kl"]) == 1
+    table = pd.read_csv(tmp_path / "out" / "conformance.csv").set_index("divergence")
+    assert set(table.loc["forward_kl", "verdict"]) == {"biased"} and table.loc["forward_kl", "rel_error"].min() > 1
+    assert set(table.drop(index="forward_kl").verdict) == {"not supported"}
+    assert main(["--out", str(tmp_path / "out"), "--loss", "user_losses:per_token_mean"]) == 1
+    assert set(pd.read_csv(tmp_path / "out" / "conformance.csv").verdict) == {"scaled"}
+    with pytest.raises(SystemExit):
+        main(["--loss", "user_losses:nothing_here"])
+    assert "cannot be loaded" in capsys.readouterr().err
