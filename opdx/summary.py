@@ -70,6 +70,7 @@ def make_summary(
         "divergence": names["divergence"],
         "divergence_params": {k: v for k, v in config.divergence.items() if k != "name"},
         "estimator": names["estimator"],
+        "support": config.estimator.support,
         "gamma": config.estimator.gamma,
         "benchmark": names["benchmark"],
         "seed": config.seed,
@@ -96,7 +97,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     rows |= {"student after": summary["final_eval"], "student best": summary["best_eval"]}
     table = pd.DataFrame(rows).T.drop(columns="step")
     per_component = components_table(rows)
-    print(f"\n{summary['divergence']} / {summary['estimator']} on {summary['benchmark']}, {summary['steps']} steps:")
+    support = summary.get("support", "sampled")  # summaries written before estimator.support have none
+    estimator = summary["estimator"] + ("" if support == "sampled" else f" ({support} support)")
+    print(f"\n{summary['divergence']} / {estimator} on {summary['benchmark']}, {summary['steps']} steps:")
     if per_component is not None:
         print(markdown_table(per_component) + "\n")
     print(markdown_table(table[[key for key in table if "/" not in key]]))  # a mixture's: the weighted means

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from opdx.config import CONF_DIR, register_resolvers, register_schema
 from opdx.run import validate
-from opdx.summary import LoopState, components_table, make_summary
+from opdx.summary import LoopState, components_table, make_summary, print_summary
 
 register_schema()
 register_resolvers()
@@ -24,7 +24,7 @@ def test_the_loop_state_round_trips_and_reads_the_dicts_of_earlier_checkpoints()
         LoopState.from_dict({**earlier, "mystery": 1})
 
 
-def test_the_summary_reads_the_run_metrics_and_judges_the_change(tmp_path):
+def test_the_summary_reads_the_run_metrics_and_judges_the_change(tmp_path, capsys):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         config = validate(compose(config_name="config", overrides=["trainer.steps=2"])).config
     records = [{"step": s, "time/rollout": 1.0, "time/teacher": 2.0, "time/update": float(s), "rollout/eos_rate": 1.0,
@@ -38,6 +38,9 @@ def test_the_summary_reads_the_run_metrics_and_judges_the_change(tmp_path):
     assert summary["wall_time_s"] == 12.3 and summary["collapse"] is None and not summary["below_start"]
     assert summary["greedy_acc_change"]["difference"] == pytest.approx(0.2)
     assert summary["greedy_acc_change"]["ci95"][0] > 0  # 10% -> 30% of 1000 problems: beyond noise
+    assert summary["support"] == "sampled"
+    print_summary(summary | {"support": "topk"})
+    assert "forward_kl / unbiased (topk support) on arith, 2 steps:" in capsys.readouterr().out
 
 
 def test_components_table_has_a_row_per_component_or_none():
