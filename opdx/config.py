@@ -333,13 +333,16 @@ RENAMED = {
 }
 _warned: set[str] = set()
 NEW_NODES = {"sampling": SamplingConfig, "runtime": RuntimeConfig}  # the schemas of RENAMED's new keys
+# former estimator names: the conf/estimator file kept under each (an alias) and what a saved run's becomes
+ESTIMATOR_ALIASES = {"analytic": {"name": "unbiased", "support": "full"}}
 
 
 def upgrade(config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
     """A copy of a config (a plain nested dict) with every renamed setting under its new key
     (``RENAMED``): an old key's value (not null) replaces the new key's, and the old key is left
     null; ConfigError when both are set to different values (the new one off its default). A
-    saved ``estimator.name: analytic`` becomes ``unbiased`` with ``support: full``. With ``warn``
+    saved former estimator name becomes what ``ESTIMATOR_ALIASES`` says (``analytic``: ``unbiased``
+    with ``support: full``). With ``warn``
     each old name used says its new name once per process (stderr)."""
     upgraded = copy.deepcopy(dict(config))
     for old, new in RENAMED.items():
@@ -359,11 +362,13 @@ def upgrade(config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
         upgraded.setdefault(new_node, {})[new_key] = value
         upgraded[old_node][old_key] = None
     estimator = upgraded.get("estimator") or {}
-    if estimator.get("name") == "analytic":  # a run saved before estimator.support existed
-        upgraded["estimator"] = {**estimator, "name": "unbiased", "support": "full"}
-        if warn and "analytic" not in _warned:
-            _warned.add("analytic")
-            print("opdx: estimator=analytic is now estimator=unbiased estimator.support=full", file=sys.stderr)
+    alias = ESTIMATOR_ALIASES.get(estimator.get("name"))
+    if alias:  # a run saved under a former estimator name
+        upgraded["estimator"] = {**estimator, **alias}
+        if warn and estimator["name"] not in _warned:
+            _warned.add(estimator["name"])
+            new = " ".join(f"estimator.{key}={value}" for key, value in alias.items()).replace(".name=", "=")
+            print(f"opdx: estimator={estimator['name']} is now {new}", file=sys.stderr)
     return upgraded
 
 

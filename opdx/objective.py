@@ -281,27 +281,19 @@ class Unbiased(Estimator):
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (StopGradient, Unbiased)}
-# conf/estimator files kept under a former name, with the estimator and support they select (what
-# tests/test_config.py holds the files to; a saved run's old name is upgraded by opdx.config.upgrade)
-ALIASES = {"analytic": ("unbiased", "full")}
 
 
-def on_support(
-    logits_student_S_V: Tensor, logits_teacher_S_V: Tensor, support: str, top_k: int
-) -> tuple[Tensor, Tensor]:
-    """log p and log q over the categories of ``support`` at each state, [S, E] each (float32 at
-    least; any leading shape for S): ``full``: every token (E = V); ``topk``: the teacher's
-    ``top_k`` most likely tokens and one tail category holding the rest of each model's mass
-    (E = K + 1; the tail's log-prob a log-sum-exp over the other tokens, never 1 minus a sum).
-    Differentiable with respect to the student's logits."""
-    dtype = torch.promote_types(logits_student_S_V.dtype, torch.float32)
-    logp_S_V = torch.log_softmax(logits_student_S_V.to(dtype), dim=-1)
-    logq_S_V = torch.log_softmax(logits_teacher_S_V.to(dtype), dim=-1)
+def on_support(logp_S_V: Tensor, logq_S_V: Tensor, support: str, top_k: int) -> tuple[Tensor, Tensor]:
+    """log p and log q over the categories of ``support`` at each state, [S, E] each, from the
+    models' next-token log-probs [S, V] (any leading shape for S): ``full``: every token (E = V);
+    ``topk``: the teacher's ``top_k`` most likely tokens and one tail category holding the rest of
+    each model's mass (E = K + 1; the tail's log-prob a log-sum-exp over the other tokens, never 1
+    minus a sum). Differentiable with respect to the student's log-probs."""
     if support == "full":
         return logp_S_V, logq_S_V
     if support != "topk":
         raise ValueError(f"support={support!r} has no categories here; dense supports: topk, full")
-    ids_S_J = logits_teacher_S_V.topk(min(top_k, logits_teacher_S_V.shape[-1]), dim=-1).indices
+    ids_S_J = logq_S_V.topk(min(top_k, logq_S_V.shape[-1]), dim=-1).indices
     tail_S_V = torch.ones_like(logq_S_V, dtype=torch.bool).scatter(-1, ids_S_J, False)
 
     def categories(logr_S_V: Tensor) -> Tensor:
@@ -347,10 +339,12 @@ def dense_state_terms(
     vocab = logits_student_S_V.shape[-1]
     student_S_V, teacher_S_V = logits_student_S_V.reshape(-1, vocab), logits_teacher_S_V.reshape(-1, vocab).detach()
     tokens_S = tokens_S.reshape(-1, 1).to(student_S_V.device)
+    dtype = torch.promote_types(student_S_V.dtype, torch.float32)
     parts: list[tuple[Tensor, ...]] = []
     for start in range(0, student_S_V.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
-        logp_S_E, logq_S_E = on_support(student_S_V[chunk], teacher_S_V[chunk], support, top_k)
+        logp_S_V, logq_S_V = (torch.log_softmax(x_S_V[chunk].to(dtype), -1) for x_S_V in (student_S_V, teacher_S_V))
+        logp_S_E, logq_S_E = on_support(logp_S_V, logq_S_V, support, top_k)
         p_S_E = logp_S_E.exp()
         kept_S_E = p_S_E.detach() > 0
         log_u_S_E = torch.where(kept_S_E, logq_S_E - logp_S_E.detach(), 0.0)
@@ -358,9 +352,7 @@ def dense_state_terms(
         advantage_S_E = torch.where(kept_S_E, estimator.own_advantage(divergence, log_u_S_E), 0.0)
         surrogate_S = divergence_S - (advantage_S_E * (p_S_E - p_S_E.detach())).sum(-1)
         mean_advantage_S = (p_S_E.detach() * advantage_S_E).sum(-1)
-        dtype = logp_S_E.dtype
-        logp_token_S = torch.log_softmax(student_S_V[chunk].to(dtype), -1).gather(-1, tokens_S[chunk]).squeeze(-1)
-        logq_token_S = torch.log_softmax(teacher_S_V[chunk].to(dtype), -1).gather(-1, tokens_S[chunk]).squeeze(-1)
+        logp_token_S, logq_token_S = (x_S_V.gather(-1, tokens_S[chunk]).squeeze(-1) for x_S_V in (logp_S_V, logq_S_V))
         parts.append((surrogate_S, divergence_S, mean_advantage_S, logp_token_S, logq_token_S))
     return StateTerms(*(torch.cat(column) for column in zip(*parts, strict=True)))
 

@@ -257,11 +257,21 @@ class Plan:
     device_bytes: int
     headroom: float
     micro_batch_size: int  # sequences per micro-batch (the whole batch: one micro-batch)
-    rows: int
-    rollout_batch_size: int  # sequences per sampling call of a step's rollout
-    eval_batch_size: int
     notes: list[str]
-    workload: Workload
+    workload: Workload  # at the chosen rollout and eval batches
+
+    @property
+    def rows(self) -> int:
+        return self.workload.rows
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Sequences per sampling call of a step's rollout."""
+        return self.workload.rollout_rows
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.workload.eval_rows
 
     @property
     def budget(self) -> int:
@@ -327,13 +337,12 @@ def choose(
     workload: Workload,
     micro: int | None,
     rollout: int | None,
-    eval_n: int,
     budget: int,
 ) -> tuple[int, Workload]:
     """The micro-batch (``micro``, or the largest of the halvings of the batch that fits) and the
     workload at the chosen rollout batch (``rollout``, or the largest halving of the batch, whole
     groups, whose rollout fits) and eval batch (the largest halving of ``workload.eval_rows``, a
-    multiple of ``eval_n``, that fits)."""
+    multiple of ``workload.eval_samples``, that fits)."""
     for size in [micro] if micro else halvings(workload.rows):
         by_phase = {p.name: p.total for p in phases(student, teachers, workload, size)}
         if max(by_phase["update"], by_phase.get("teacher", 0)) <= budget:
@@ -348,7 +357,7 @@ def choose(
 
     group = workload.samples_per_prompt
     workload = largest([rollout] if rollout else halvings(workload.rows, group), "rollout_rows", 0)
-    return micro, largest(halvings(workload.eval_rows, max(eval_n, 1)), "eval_rows", -1)
+    return micro, largest(halvings(workload.eval_rows, workload.eval_samples), "eval_rows", -1)
 
 
 def device_memory(config: SetupConfig, device: torch.device) -> tuple[int, str]:
@@ -415,7 +424,7 @@ def plan_run(
     budget = int(device_bytes * config.plan.headroom)
     micro = None if t.micro_batch_size == "auto" else (t.micro_batch_size or rows)
     rollout = None if t.rollout_batch_size == "auto" else rollout_rows(t.rollout_batch_size, rows, t.samples_per_prompt)
-    micro, chosen = choose(student, list(shapes.values()), workload, micro, rollout, e.n, budget)
+    micro, chosen = choose(student, list(shapes.values()), workload, micro, rollout, budget)
     notes = [*(notes or [])]
     named = [f"{path}: {count(shape.parameters)}" for path, shape in shapes.items()] or ["none on this device"]
     notes.append(f"student {m.student}: {count(student.parameters)} parameters; teacher {', '.join(named)}")
@@ -425,5 +434,5 @@ def plan_run(
     )
     return Plan(
         phases(student, list(shapes.values()), chosen, micro), device_name, device_bytes, config.plan.headroom, micro,
-        rows, chosen.rollout_rows, chosen.eval_rows, notes, chosen,
+        notes, chosen,
     )  # fmt: skip

@@ -54,6 +54,7 @@ from torch import Tensor
 from opdx.config import SUPPORTS, EstimatorConfig, load_option
 from opdx.divergences import DIVERGENCES, Divergence, build_divergence, parameters
 from opdx.objective import ESTIMATORS, LossInputs
+from opdx.rollout import gather_logprobs
 
 TOLERANCE = 1e-9
 TOP_K = 1  # of the tabular policy's 3 tokens: the teacher's most likely one and a tail of two
@@ -134,6 +135,20 @@ def true_gradient(problem: TabularProblem, div: Divergence, gamma: float, suppor
     return grad
 
 
+def response_gradients(problem: TabularProblem, loss_of: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+    """grad L(y) for every response y, [Y, S, V]: L(y) = ``loss_of(student_logits_1_T_V,
+    teacher_logits_1_T_V, tokens_1_T, mask_1_T)`` of the response's rows of the logit tables (the
+    student's with grad), its tokens and an all-True mask."""
+    grads = []
+    for y in range(problem.responses_Y_T.shape[0]):
+        theta = problem.logits_student_S_V.clone().requires_grad_(True)
+        states_1_T, tokens_1_T = problem.states_Y_T[y : y + 1], problem.responses_Y_T[y : y + 1]
+        mask_1_T = torch.ones_like(tokens_1_T, dtype=torch.bool)
+        loss = loss_of(theta[states_1_T], problem.logits_teacher_S_V[states_1_T], tokens_1_T, mask_1_T)
+        grads.append(torch.autograd.grad(loss, theta)[0])
+    return torch.stack(grads)
+
+
 def per_response_gradients(
     problem: TabularProblem, div: Divergence, estimator: str, gamma: float, variant: str = "sampled"
 ) -> Tensor:
@@ -142,20 +157,14 @@ def per_response_gradients(
     support, baseline = VARIANTS[variant]
     config = EstimatorConfig(name=estimator, gamma=gamma, support=support, top_k=TOP_K, state_baseline=baseline)
     est = ESTIMATORS[estimator](config)
-    logq_Y_T = problem.token_logprobs(problem.logits_teacher_S_V)
-    grads = []
-    for y in range(problem.responses_Y_T.shape[0]):
-        theta = problem.logits_student_S_V.clone().requires_grad_(True)
-        tokens_1_T = problem.responses_Y_T[y : y + 1]
-        mask_1_T = torch.ones_like(tokens_1_T, dtype=torch.bool)
-        if est.needs_teacher_logits:
-            states_T = problem.states_Y_T[y]
-            student, teacher = theta[states_T].unsqueeze(0), problem.logits_teacher_S_V[states_T].unsqueeze(0)
-        else:
-            student, teacher = problem.token_logprobs(theta)[y : y + 1], logq_Y_T[y : y + 1]
-        loss = est.loss(LossInputs(student, teacher, mask_1_T, tokens_1_T), div).loss
-        grads.append(torch.autograd.grad(loss, theta)[0])
-    return torch.stack(grads)
+
+    def loss_of(student_1_T_V: Tensor, teacher_1_T_V: Tensor, tokens_1_T: Tensor, mask_1_T: Tensor) -> Tensor:
+        student, teacher = student_1_T_V, teacher_1_T_V
+        if not est.needs_teacher_logits:  # the sampled tokens' log-probs
+            student, teacher = (gather_logprobs(logits, tokens_1_T) for logits in (student_1_T_V, teacher_1_T_V))
+        return est.loss(LossInputs(student, teacher, mask_1_T, tokens_1_T), div).loss
+
+    return response_gradients(problem, loss_of)
 
 
 def compare(estimate: Tensor, truth: Tensor) -> tuple[float, float]:
@@ -274,19 +283,12 @@ def conformance_table(loss: UserLoss, vocab: int = 3, length: int = 3, seed: int
         truth = true_gradient(problem, divergence_for(name), gamma)
         row = {"divergence": name, "gamma": gamma, "rel_error": float("nan"), "cosine": float("nan")}
         try:
-            grads = []
-            for y in range(len(weight_Y)):
-                theta = problem.logits_student_S_V.clone().requires_grad_(True)
-                states_1_T, tokens_1_T = problem.states_Y_T[y : y + 1], problem.responses_Y_T[y : y + 1]
-                mask_1_T = torch.ones_like(tokens_1_T, dtype=torch.bool)
-                value = loss(
-                    theta[states_1_T], problem.logits_teacher_S_V[states_1_T], tokens_1_T, mask_1_T, name, gamma
-                )
-                grads.append(torch.autograd.grad(value, theta)[0])
+            # called at once, within this iteration: the late binding B023 warns of cannot bite
+            grads_Y_S_V = response_gradients(problem, lambda *response: loss(*response, name, gamma))  # noqa: B023
         except NotImplementedError:
             rows.append(row | {"verdict": "not supported"})
             continue
-        rel_error, cosine = compare(torch.einsum("y,ysv->sv", weight_Y, torch.stack(grads)), truth)
+        rel_error, cosine = compare(torch.einsum("y,ysv->sv", weight_Y, grads_Y_S_V), truth)
         verdict = "exact" if rel_error < TOLERANCE else "scaled" if cosine > 1 - TOLERANCE else "biased"
         rows.append(row | {"rel_error": rel_error, "cosine": cosine, "verdict": verdict})
     return pd.DataFrame(rows)

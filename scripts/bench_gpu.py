@@ -48,6 +48,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from opdx.benchmarks import Problem, SingleComponent
+from opdx.plan import model_shape
 from opdx.run import start
 from opdx.trainer import build_learner
 
@@ -127,10 +128,8 @@ class ModelSize:
 
 
 def model_size(path: Path) -> ModelSize:
-    config = Qwen3Config.from_pretrained(path)
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in Qwen3ForCausalLM(config).parameters())
-    return ModelSize(parameters, config.num_hidden_layers * config.num_attention_heads * config.head_dim)
+    shape = model_shape(str(path))  # parameters counted on the meta device
+    return ModelSize(shape.parameters, shape.layers * shape.heads * shape.head_dim)
 
 
 def rate(timing: Timing, batch: int, prompt_tokens: int, sizes: tuple[ModelSize, ModelSize], peak_tflops: float) -> str:
