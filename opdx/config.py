@@ -218,13 +218,16 @@ class SamplingConfig:
 class RuntimeConfig:
     """Where and how the models run, for ``opdx train`` and ``opdx eval`` alike: CPU threads
     (null: torch's default), the device (``auto``: CUDA when there is one), the tokens (rows x
-    positions) per chunk of the log-prob head (a chunk's logits are [logprob_chunk, V]), and whether
-    prompts too long for the models' positions are left out (``drop_long_prompts``) instead of
-    refused."""
+    positions) per chunk of the log-prob head (a chunk's logits are [logprob_chunk, V]), the states
+    per chunk of a dense estimator support's logits (``dense_chunk``: both models' [dense_chunk, V]
+    logits, recomputed in backward; the loss's extra memory is a few such float32 tensors), and
+    whether prompts too long for the models' positions are left out (``drop_long_prompts``) instead
+    of refused."""
 
     threads: int | None = None
     device: str = "auto"
     logprob_chunk: int = 8192
+    dense_chunk: int = 256
     drop_long_prompts: bool = False
     track_memory: bool = False  # a CPU run records each phase's peak tensor memory (memory/*; slow); CUDA always does
 
@@ -237,7 +240,8 @@ class RuntimeConfig:
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             f"runtime.device={self.device!r} is invalid; valid: auto, cpu, cuda, cuda:<index>",
         )
-        check(self.logprob_chunk > 0, f"runtime.logprob_chunk={self.logprob_chunk!r} is invalid; it must be positive")
+        for key in ("logprob_chunk", "dense_chunk"):
+            check(getattr(self, key) > 0, f"runtime.{key}={getattr(self, key)!r} is invalid; it must be positive")
 
 
 @dataclass

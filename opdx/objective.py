@@ -23,10 +23,11 @@ the unbiased estimator is then exact for J^S = E_{y~p}[sum_n D^S(s_n)] at gamma 
 J^f; J^topk, on K + 1 categories, is a lower bound of it) and for its per-state gradient at
 gamma = 0 (``dense_state_terms``; docs/opd-math.md, "Dense supports").
 
-Each estimator says what it needs from the teacher (``needs_teacher_logits``: the sampled
-tokens' log-probs, or full [B, T, V] logits), checks the switches of its ``EstimatorConfig`` and
-computes its loss from one ``LossInputs``; ``build_estimator`` is the one constructor, and the
-estimator object (never its name) is what the loss layer passes around. The conventions and
+Each estimator says what it needs from the teacher (``teacher_support``: the sampled tokens'
+log-probs, its top-k, or its logits, made chunk by chunk from its hidden states), checks the
+switches of its ``EstimatorConfig`` and computes its loss from one ``LossInputs``;
+``build_estimator`` is the one constructor, and the estimator object (never its name) is what the
+loss layer passes around. The conventions and
 derivations are those of ``docs/opd-math.md``.
 
 Every normaliser (the loss's 1/B, ``token_mean``'s token count, the batch baseline's mean,
@@ -47,8 +48,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from opdx.config import EstimatorConfig
+from opdx.config import EstimatorConfig, RuntimeConfig
 from opdx.divergences import Divergence, get_divergence
+from opdx.logits import DenseScores, TopK
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -63,9 +65,11 @@ class LossInputs:
     """What an estimator's loss reads: one batch of B sequences with T response positions (V the
     vocabulary), the student's scores with grad and everything else constant.
 
-    - ``student_scores``: log p_theta of the sampled tokens [B, T], or next-token logits
-      [B, T, V] when the estimator ``needs_teacher_logits``; with grad.
-    - ``teacher_scores``: log q of the same tokens [B, T], or logits [B, T, V], likewise.
+    - ``student_scores``: log p_theta of the sampled tokens [B, T], or when the estimator
+      ``needs_dense`` its next-token logits at each position (``HeadLogits``, made chunk by
+      chunk: never a [B, T, V] tensor); with grad.
+    - ``teacher_scores``: log q of the same tokens [B, T], or the teacher's ``teacher_support``
+      scores (``DenseScores``: logits, or the top-k).
     - ``mask_B_T``: the response tokens (bool); off the mask any value, -inf included, is ignored.
     - ``tokens_B_T``: the sampled token ids (int64); on a dense support the estimator reads the
       sampled tokens' log-probs from the logits with them (later states' effect, the metrics). On
@@ -74,8 +78,8 @@ class LossInputs:
       actually sampled from), which ``rollout_correction`` compares with; None without it.
     """
 
-    student_scores: Tensor
-    teacher_scores: Tensor
+    student_scores: Tensor | DenseScores
+    teacher_scores: Tensor | DenseScores
     mask_B_T: Tensor
     tokens_B_T: Tensor | None = None
     logp_sampling_B_T: Tensor | None = None
@@ -132,20 +136,27 @@ class Estimator(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
 
-    def __init__(self, config: EstimatorConfig) -> None:
+    def __init__(self, config: EstimatorConfig, chunk_size: int = RuntimeConfig.dense_chunk) -> None:
         self.config = config
+        self.chunk_size = chunk_size  # states per chunk of a dense support's logits (``dense_state_terms``)
 
     @property
-    def needs_teacher_logits(self) -> bool:
-        """Whether the teacher's (and the student's) full next-token logits [B, T, V] are needed,
-        rather than the sampled tokens' log-probs: on a dense support, or for the state baseline."""
-        return self.config.support != "sampled" or self.config.state_baseline
+    def teacher_support(self) -> str:
+        """What the teacher must give: ``sampled`` (the sampled tokens' log-probs), ``topk`` (its
+        top-k at each position) or ``full`` (its logits: the full support, and the state baseline)."""
+        return "full" if self.config.state_baseline else self.config.support
+
+    @property
+    def needs_dense(self) -> bool:
+        """Whether the loss reads next-token distributions (``DenseScores``) of both models rather
+        than the sampled tokens' log-probs: on a dense support, or for the state baseline."""
+        return self.teacher_support != "sampled"
 
     def check(self, plain_sampling: bool) -> None:
         """Raise ValueError if the config's switches (or warped sampling) do not apply to this
         estimator on its support."""
         c = self.config
-        if not self.needs_teacher_logits:
+        if not self.needs_dense:
             return
         dense = c.support != "sampled"
         setting = f"estimator.support={c.support}" if dense else "estimator.state_baseline"
@@ -204,19 +215,12 @@ class Estimator(ABC):
 
     def _sampled_advantages(self, inputs: LossInputs, divergence: Divergence) -> tuple[Tensor, Tensor, Tensor]:
         """The sampled tokens' log p [B, T] (with grad), their advantages A_B_T (``token_advantages``;
-        with ``state_baseline``, less b(s) = sum_y p(y|s) a(u_y), from the logits the inputs then
-        hold) and log u_B_T."""
+        with ``state_baseline``, less b(s) = sum_y p(y|s) a(u_y), from the full distributions the
+        inputs then hold) and log u_B_T."""
         if not self.config.state_baseline:
             logp_student_B_T, logp_teacher_B_T, baseline_B_T = inputs.student_scores, inputs.teacher_scores, 0.0
         else:
-            logits_student_B_T_V, logits_teacher_B_T_V = inputs.student_scores, inputs.teacher_scores.detach()
-            if inputs.tokens_B_T is None:
-                raise ValueError("estimator.state_baseline needs the sampled tokens (LossInputs.tokens_B_T)")
-            mask_B_T = inputs.mask_B_T.to(logits_student_B_T_V.device).bool()
-            tokens_S = inputs.tokens_B_T.to(mask_B_T.device)[mask_B_T]
-            terms = dense_state_terms(
-                logits_student_B_T_V[mask_B_T], logits_teacher_B_T_V[mask_B_T], tokens_S, divergence, self
-            )
+            terms, mask_B_T = self._state_terms(inputs, divergence)
             # as the sampled scores are: on the CPU, the student's with grad
             logp_student_B_T, logp_teacher_B_T, baseline_B_T = (
                 on_rows(values_S, mask_B_T).cpu()
@@ -228,22 +232,27 @@ class Estimator(ABC):
         advantages_B_T = torch.where(inputs.mask_B_T.bool(), advantages_B_T - baseline_B_T, 0.0)
         return logp_student_B_T, advantages_B_T, log_u_B_T
 
+    def _state_terms(self, inputs: LossInputs, divergence: Divergence) -> tuple[StateTerms, Tensor]:
+        """``dense_state_terms`` at the states of the response mask, and the mask (bool, on the
+        student's device)."""
+        student, teacher = inputs.student_scores, inputs.teacher_scores
+        if inputs.tokens_B_T is None or isinstance(student, Tensor) or isinstance(teacher, Tensor):
+            raise ValueError(
+                f"estimator.support={self.config.support} (state_baseline={self.config.state_baseline}) reads both "
+                "models' next-token distributions (DenseScores) and the sampled tokens (LossInputs.tokens_B_T)"
+            )
+        mask_B_T = inputs.mask_B_T.bool()
+        terms = dense_state_terms(
+            student.at(mask_B_T), teacher.at(mask_B_T), inputs.tokens_B_T[mask_B_T], divergence, self, self.chunk_size
+        )
+        return terms, mask_B_T.to(terms.surrogate_S.device)
+
     def _dense_loss(self, inputs: LossInputs, divergence: Divergence, totals: BatchTotals | None) -> LossTerms:
         """L = (1/B) sum_b sum_n mask_bn [ S_bn - sg(F_bn) log p(y_bn | s_bn) ]: S the state's own
         surrogate (``dense_state_terms``: its value D^S(s), its gradient -sum_e a(u_e) grad p_e)
         and F_bn = sum_{m>n} gamma^(m-n) (-D^S(s_bm)) the later states' exact divergences."""
-        logits_student_B_T_V, logits_teacher_B_T_V = inputs.student_scores, inputs.teacher_scores.detach()
-        if inputs.tokens_B_T is None:
-            raise ValueError(
-                f"estimator.support={self.config.support} needs the sampled tokens (LossInputs.tokens_B_T)"
-            )
-        device = logits_student_B_T_V.device
-        tokens_B_T, mask_B_T = inputs.tokens_B_T.to(device), inputs.mask_B_T.to(device).bool()
+        terms, mask_B_T = self._state_terms(inputs, divergence)
         gamma = self.config.gamma
-        terms = dense_state_terms(
-            logits_student_B_T_V[mask_B_T], logits_teacher_B_T_V[mask_B_T], tokens_B_T[mask_B_T], divergence, self,
-            self.config.support, self.config.top_k,
-        )  # fmt: skip
         logp_student_B_T = on_rows(terms.logp_token_S if gamma > 0 else terms.logp_token_S.detach(), mask_B_T)
         log_u_B_T = on_rows(terms.logq_token_S - terms.logp_token_S.detach(), mask_B_T)
         future_B_T = discounted_future_sum(on_rows(-terms.divergence_S, mask_B_T), gamma)
@@ -283,24 +292,17 @@ class Unbiased(Estimator):
 ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (StopGradient, Unbiased)}
 
 
-def on_support(logp_S_V: Tensor, logq_S_V: Tensor, support: str, top_k: int) -> tuple[Tensor, Tensor]:
-    """log p and log q over the categories of ``support`` at each state, [S, E] each, from the
-    models' next-token log-probs [S, V] (any leading shape for S): ``full``: every token (E = V);
-    ``topk``: the teacher's ``top_k`` most likely tokens and one tail category holding the rest of
-    each model's mass (E = K + 1; the tail's log-prob a log-sum-exp over the other tokens, never 1
-    minus a sum). Differentiable with respect to the student's log-probs."""
-    if support == "full":
-        return logp_S_V, logq_S_V
-    if support != "topk":
-        raise ValueError(f"support={support!r} has no categories here; dense supports: topk, full")
-    ids_S_J = logq_S_V.topk(min(top_k, logq_S_V.shape[-1]), dim=-1).indices
-    tail_S_V = torch.ones_like(logq_S_V, dtype=torch.bool).scatter(-1, ids_S_J, False)
-
-    def categories(logr_S_V: Tensor) -> Tensor:
-        tail_S = torch.logsumexp(logr_S_V.masked_fill(~tail_S_V, -torch.inf), dim=-1)
-        return torch.cat([logr_S_V.gather(-1, ids_S_J), tail_S.unsqueeze(-1)], dim=-1)
-
-    return categories(logp_S_V), categories(logq_S_V)
+def on_support(logp_S_V: Tensor, teacher: Tensor | TopK) -> tuple[Tensor, Tensor]:
+    """log p and log q over the categories of a dense support at each state, [S, E] each, from the
+    student's next-token log-probs [S, V] and the teacher's: its log-probs [S, V] (``full``: every
+    token, E = V) or its ``TopK`` (``topk``: the teacher's k most likely tokens and one tail category
+    holding the rest of each model's mass, E = k + 1; the student's tail a log-sum-exp over the
+    other tokens, never 1 minus a sum). Differentiable with respect to the student's log-probs."""
+    if not isinstance(teacher, TopK):
+        return logp_S_V, teacher
+    tail_S = torch.logsumexp(logp_S_V.scatter(-1, teacher.ids, -torch.inf), dim=-1)
+    logp_S_E = torch.cat([logp_S_V.gather(-1, teacher.ids), tail_S.unsqueeze(-1)], dim=-1)
+    return logp_S_E, torch.cat([teacher.logq, teacher.logq_tail.unsqueeze(-1)], dim=-1).to(logp_S_E.dtype)
 
 
 @dataclass(frozen=True)
@@ -317,44 +319,153 @@ class StateTerms:
 
 
 def dense_state_terms(
-    logits_student_S_V: Tensor,
-    logits_teacher_S_V: Tensor,
+    student: DenseScores,
+    teacher: DenseScores,
     tokens_S: Tensor,
     divergence: Divergence,
     estimator: Estimator,
-    support: str = "full",
-    top_k: int = 16,
-    chunk_size: int = 1024,
+    chunk_size: int = RuntimeConfig.dense_chunk,
 ) -> StateTerms:
-    """At each state (rows S of next-token logits, the sampled token ``tokens_S``), with p_e, q_e
-    the categories' probabilities (``on_support``), u_e = q_e / p_e and a = ``estimator.own_advantage``:
+    """At each of S states (the student's logits, ``HeadLogits`` over [S]; the teacher's logits
+    for the full support or its ``TopK`` for ``topk``; the sampled token ``tokens_S``), with p_e,
+    q_e the categories' probabilities (``on_support``), u_e = q_e / p_e and a = ``estimator.own_advantage``:
 
         D^S = sum_e p_e f(u_e),   S = sg(D^S) - sum_e sg(a(u_e)) (p_e - sg(p_e)),   b = sum_e p_e a(u_e)
 
     so S's value is D^S and its gradient -sum_e a(u_e) grad p_e, the sampled token's
     -a(u) grad log p in expectation over the categories (for ``unbiased`` the exact grad D^S,
     equation (1) on the categories). Categories whose student probability underflows to 0 are
-    left out (as ``Divergence.full``). States go ``chunk_size`` at a time; with grad, autograd
-    keeps each chunk's float32 log-probs for backward, so the whole [S, V] is held then."""
-    vocab = logits_student_S_V.shape[-1]
-    student_S_V, teacher_S_V = logits_student_S_V.reshape(-1, vocab), logits_teacher_S_V.reshape(-1, vocab).detach()
-    tokens_S = tokens_S.reshape(-1, 1).to(student_S_V.device)
-    dtype = torch.promote_types(student_S_V.dtype, torch.float32)
-    parts: list[tuple[Tensor, ...]] = []
-    for start in range(0, student_S_V.shape[0], chunk_size):
-        chunk = slice(start, start + chunk_size)
-        logp_S_V, logq_S_V = (torch.log_softmax(x_S_V[chunk].to(dtype), -1) for x_S_V in (student_S_V, teacher_S_V))
-        logp_S_E, logq_S_E = on_support(logp_S_V, logq_S_V, support, top_k)
-        p_S_E = logp_S_E.exp()
-        kept_S_E = p_S_E.detach() > 0
-        log_u_S_E = torch.where(kept_S_E, logq_S_E - logp_S_E.detach(), 0.0)
-        divergence_S = torch.where(kept_S_E, p_S_E.detach() * divergence.f(log_u_S_E), 0.0).sum(-1)
-        advantage_S_E = torch.where(kept_S_E, estimator.own_advantage(divergence, log_u_S_E), 0.0)
-        surrogate_S = divergence_S - (advantage_S_E * (p_S_E - p_S_E.detach())).sum(-1)
-        mean_advantage_S = (p_S_E.detach() * advantage_S_E).sum(-1)
-        logp_token_S, logq_token_S = (x_S_V.gather(-1, tokens_S[chunk]).squeeze(-1) for x_S_V in (logp_S_V, logq_S_V))
-        parts.append((surrogate_S, divergence_S, mean_advantage_S, logp_token_S, logq_token_S))
+    left out (as ``Divergence.full``).
+
+    States go ``chunk_size`` at a time, both models' logits made for the chunk alone from their
+    hidden states (``DenseScores.chunk``) and let go once the chunk's [C] terms are taken. With
+    grad, the student's logits come out of a non-reentrant ``torch.utils.checkpoint`` of its head
+    (which keeps nothing but the hidden states it reads) into ``_ChunkTerms``, which keeps nothing
+    of size V either and writes their gradient out in backward; so the loss's extra memory,
+    forward and backward, is a few float32 [chunk_size, V] tensors whatever S is
+    (``scripts/bench_loss.py``)."""
+    tokens_S = tokens_S.reshape(-1)
+    parts = []
+    for start in range(0, len(tokens_S), chunk_size):
+        chunk = (student, teacher, tokens_S, divergence, estimator, start, start + chunk_size)
+        if torch.is_grad_enabled():
+            logits_C_V = torch.utils.checkpoint.checkpoint(
+                student.chunk, start, start + chunk_size, use_reentrant=False
+            )
+            parts.append(_ChunkTerms.apply(logits_C_V, *chunk))
+        else:
+            parts.append(_ChunkTerms.forward(None, student.chunk(start, start + chunk_size), *chunk))
     return StateTerms(*(torch.cat(column) for column in zip(*parts, strict=True)))
+
+
+class _ChunkTerms(torch.autograd.Function):
+    """The five [C] terms of ``dense_state_terms`` for states ``start`` to ``end`` from the
+    student's logits z [C, V] there: the own surrogate S, D^S, b, the sampled token's log p and
+    log q. Nothing is kept for backward but the arguments; there the logits are made again
+    (``student.chunk``, without grad) and the gradient with respect to z written out rather than
+    taped: with p_k = softmax(z)_k and a_k the own advantage of token k's category (one of the
+    teacher's top-k: its own; any other token: the tail's),
+
+        dS/dz_k = -p_k (a_k - b),     d log p_y / dz_k = [k = y] - p_k,
+
+    since sum_e a_e dp_e/dz_k = p_k (a_k - sum_e p_e a_e) for categories that partition the
+    vocabulary. ``ctx`` None: the forward alone, without autograd."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx | None,
+        logits_C_V: Tensor,
+        student: DenseScores,
+        teacher: DenseScores,
+        tokens_S: Tensor,
+        divergence: Divergence,
+        estimator: Estimator,
+        start: int,
+        end: int,
+    ) -> tuple[Tensor, ...]:
+        args = (teacher, tokens_S, divergence, estimator, start, end)
+        with torch.no_grad():
+            _, terms = _category_terms(logits_C_V, *args)
+            surrogate_C = terms.divergence_C.clone()  # its value is D^S; its gradient comes in backward
+        if ctx is not None:
+            ctx.args, ctx.student, ctx.dtype = args, student, logits_C_V.dtype
+            ctx.mark_non_differentiable(terms.divergence_C, terms.mean_advantage_C, terms.logq_token_C)
+        return surrogate_C, terms.divergence_C, terms.mean_advantage_C, terms.logp_token_C, terms.logq_token_C
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        grad_surrogate_C, _, _, grad_logp_token_C, _ = grads
+        _, tokens_S, _, _, start, end = ctx.args
+        with torch.no_grad():
+            logp_C_V, terms = _category_terms(ctx.student.chunk(start, end), *ctx.args, backward=True)
+            p_C_V = logp_C_V.exp_()
+            grad_C_V = torch.zeros_like(p_C_V)
+            if grad_surrogate_C is not None:
+                advantage_C_V = terms.token_advantage_C_V.sub_(terms.mean_advantage_C.unsqueeze(-1))
+                grad_C_V.addcmul_(advantage_C_V.mul_(p_C_V), -grad_surrogate_C.unsqueeze(-1))
+                del advantage_C_V
+            del terms
+            if grad_logp_token_C is not None:
+                tokens_C = tokens_S[start:end].to(grad_C_V.device).unsqueeze(-1)
+                grad_C_V.addcmul_(p_C_V, -grad_logp_token_C.unsqueeze(-1))
+                grad_C_V.scatter_add_(-1, tokens_C, grad_logp_token_C.unsqueeze(-1).to(grad_C_V))
+        return grad_C_V.to(ctx.dtype), *(None,) * 8
+
+
+@dataclass(frozen=True)
+class _CategoryTerms:
+    """A chunk's D^S, b, the sampled token's log p and log q, [C] each, and for the backward each
+    token's own advantage [C, V] (its category's a_k)."""
+
+    divergence_C: Tensor
+    mean_advantage_C: Tensor
+    logp_token_C: Tensor
+    logq_token_C: Tensor
+    token_advantage_C_V: Tensor | None
+
+
+def _category_terms(
+    logits_C_V: Tensor,
+    teacher: DenseScores,
+    tokens_S: Tensor,
+    divergence: Divergence,
+    estimator: Estimator,
+    start: int,
+    end: int,
+    backward: bool = False,
+) -> tuple[Tensor, _CategoryTerms]:
+    """The student's log-probs [C, V] (float32 at least) and the ``_CategoryTerms`` of states
+    ``start`` to ``end`` from the student's logits there, without grad: for the forward D^S (each
+    token's own advantage left out, None), for the ``backward`` each token's own advantage (D^S
+    left out, 0). Each [C, V] intermediate is let go as soon as it is used."""
+    logp_C_V = torch.log_softmax(logits_C_V.detach().to(torch.promote_types(logits_C_V.dtype, torch.float32)), -1)
+    del logits_C_V
+    tokens_C = tokens_S[start:end].to(logp_C_V.device).unsqueeze(-1)
+    teacher_C = teacher.chunk(start, end)
+    if isinstance(teacher_C, TopK):
+        logq_token_C, ids_C_J = teacher_C.logq_token.to(logp_C_V), teacher_C.ids
+    else:
+        teacher_C, ids_C_J = torch.log_softmax(teacher_C.to(logp_C_V), -1), None
+        logq_token_C = teacher_C.gather(-1, tokens_C).squeeze(-1)
+    logp_C_E, logq_C_E = on_support(logp_C_V, teacher_C)
+    del teacher_C
+    p_C_E = logp_C_E.exp()
+    dropped_C_E = p_C_E == 0
+    log_u_C_E = logq_C_E.sub(logp_C_E).masked_fill_(dropped_C_E, 0.0)
+    del logq_C_E, logp_C_E
+    divergence_C = (
+        p_C_E.new_zeros(()) if backward else divergence.f(log_u_C_E).mul_(p_C_E).masked_fill_(dropped_C_E, 0.0).sum(-1)
+    )
+    advantage_C_E = estimator.own_advantage(divergence, log_u_C_E).masked_fill_(dropped_C_E, 0.0)
+    del log_u_C_E, dropped_C_E
+    mean_advantage_C = (p_C_E * advantage_C_E).sum(-1)
+    del p_C_E
+    token_advantage_C_V = advantage_C_E if backward else None
+    if backward and ids_C_J is not None:  # a token's own advantage: the tail's unless it is one of the k
+        token_advantage_C_V = advantage_C_E[:, -1:].expand_as(logp_C_V).clone()
+        token_advantage_C_V.scatter_(-1, ids_C_J, advantage_C_E[:, :-1])
+    logp_token_C = logp_C_V.gather(-1, tokens_C).squeeze(-1)
+    return logp_C_V, _CategoryTerms(divergence_C, mean_advantage_C, logp_token_C, logq_token_C, token_advantage_C_V)
 
 
 def on_rows(values_S: Tensor, mask_B_T: Tensor) -> Tensor:
@@ -363,12 +474,15 @@ def on_rows(values_S: Tensor, mask_B_T: Tensor) -> Tensor:
     return values_S.new_zeros(mask_B_T.shape).index_put((mask_B_T,), values_S)
 
 
-def build_estimator(config: EstimatorConfig, plain_sampling: bool = True) -> Estimator:
-    """The estimator ``config.name`` with its switches checked; ValueError names a bad name and the
-    valid ones, or the switch that does not apply."""
+def build_estimator(
+    config: EstimatorConfig, plain_sampling: bool = True, chunk_size: int = RuntimeConfig.dense_chunk
+) -> Estimator:
+    """The estimator ``config.name`` with its switches checked, its dense supports' logits made
+    ``chunk_size`` states at a time; ValueError names a bad name and the valid ones, or the switch
+    that does not apply."""
     if config.name not in ESTIMATORS:
         raise ValueError(f"estimator={config.name!r} is unknown; valid: {', '.join(ESTIMATORS)}")
-    estimator = ESTIMATORS[config.name](config)
+    estimator = ESTIMATORS[config.name](config, chunk_size)
     estimator.check(plain_sampling)
     return estimator
 

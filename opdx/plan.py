@@ -12,7 +12,7 @@ phase makes:
 - ``teacher``: the teacher's no-grad forward over one micro-batch and a chunk of its logits;
 - ``update``: the student's with-grad forward and backward over one micro-batch (activations,
   each layer's input alone under ``trainer.gradient_checkpointing``), its gradients, a logits chunk
-  with its gradient (or a dense support's full [B, T, V] tensors);
+  with its gradient (for a dense support, both models' logits chunks and the teacher's hidden states);
 - ``eval``: the teacher's and the student's eval ``generate`` of ``eval.batch_size`` sequences.
 
 Sizes come from each model's ``config.json`` (a local directory, the hub cache, or the config the
@@ -40,7 +40,9 @@ from opdx.config import ConfigError, RunConfig, SetupConfig
 
 GIB = 2**30
 CPU_KV_CACHE_BYTES = 1 << 28  # a vLLM engine's least KV cache on the CPU (kv_cache_memory_bytes null): 256 MiB
-DENSE_LOGITS_COPIES = 8  # float32 [B, T, V] tensors a dense support's step holds at its peak (docs/faults.md)
+# float32 [dense_chunk, V] tensors a dense support's loss + backward holds at its peak (scripts/bench_loss.py:
+# 5.0 for reverse_kl, 6.1 forward_kl, 9.1 js, whose f makes the most temporaries)
+DENSE_CHUNK_COPIES = 10
 CHUNK_COPIES_GRAD = 4  # float32 [chunk, V]: the recomputed logits, their log-softmax, and the two gradients
 CHUNK_COPIES = 2  # float32 [chunk, V] without grad: the logits and their log-softmax
 DECODE_COPIES = 4  # float32 [rows, V] per decoding step: the logits, the processed scores, probabilities, a copy
@@ -131,6 +133,7 @@ class Workload:
     eval_rows: int  # sequences per eval generate call
     eval_new_tokens: int
     logprob_chunk: int  # tokens per logits chunk
+    dense_chunk: int  # states per logits chunk of a dense support
     compute_bytes: int  # the student's matmul dtype
     master_bytes: int  # the student's weights, gradients and AdamW state
     teacher_bytes: int
@@ -159,6 +162,14 @@ def forward_tokens(rows: int, group: int, prompt: int, new: int, shared: bool) -
     ``group`` samples of one prompt runs the prompt once where it is ``shared``
     (``opdx.policy.shared_prompt_cache``)."""
     return (-(-rows // group) if shared else rows) * prompt + rows * new
+
+
+def dense_loss_bytes(states: int, vocab: int) -> int:
+    """The peak extra bytes of a dense support's loss + backward over chunks of ``states`` states
+    (``opdx.objective.dense_state_terms``): DENSE_CHUNK_COPIES float32 [states, V] tensors (both
+    models' logits and log-probs, the categories' terms, their gradients), measured by
+    ``scripts/bench_loss.py``."""
+    return DENSE_CHUNK_COPIES * states * vocab * 4
 
 
 def attention_bytes(rows: int, tokens: int) -> int:
@@ -209,10 +220,9 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
         return {
             "forward": layer + positions * teacher.hidden * w.teacher_bytes,
             "attention": attention_bytes(rows, length),
-            # a dense support keeps the micro-batch's logits
-            "logits chunk": rows * new_tokens * teacher.vocab * 4
-            if dense
-            else CHUNK_COPIES * chunk * teacher.vocab * 4 + upcast,
+            # a dense support keeps the hidden states, whose logits the loss makes chunk by chunk
+            **({"hidden states": rows * new_tokens * teacher.hidden * 4} if dense else {}),
+            "logits chunk": 0 if dense else CHUNK_COPIES * chunk * teacher.vocab * 4 + upcast,
         }
 
     if teacher is not None:
@@ -232,8 +242,9 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
         "logits chunk": CHUNK_COPIES_GRAD * min(w.logprob_chunk, micro * w.new_tokens) * student.vocab * 4,
         **({"bf16 weight casts": autocast} if autocast else {}),
     }
-    if w.dense:
-        update["logits chunk"] = DENSE_LOGITS_COPIES * micro * w.new_tokens * student.vocab * 4
+    if w.dense:  # both models' logits, chunk by chunk from the hidden states; the teacher's kept for it
+        update["logits chunk"] = dense_loss_bytes(min(w.dense_chunk, micro * w.new_tokens), student.vocab)
+        update["teacher hidden states"] = micro * w.new_tokens * (teacher.hidden if teacher else 0) * 4
     result.append(Phase("update", resident | update))
     # the student's eval samples, then the teacher scores them (its reverse KL); the teacher's own
     # eval samples at step 0, before AdamW's lazy state exists
@@ -409,6 +420,7 @@ def plan_run(
         eval_rows=min(e.batch_size, max(e.n, 1) * e.problems),
         eval_new_tokens=e.max_new_tokens or config.sampling.max_new_tokens,
         logprob_chunk=config.runtime.logprob_chunk,
+        dense_chunk=config.runtime.dense_chunk,
         compute_bytes=compute,
         master_bytes=master,
         teacher_bytes=getattr(torch, m.teacher_dtype).itemsize,

@@ -23,13 +23,15 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from opdx.compat import vocab_logits
+from opdx.logits import HeadLogits
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, gather_logprobs
 
 
 class TokenScores(nn.Module):
     """log p(response token | prefix) of a rollout under a causal LM, [B, T] on the CPU,
-    or with ``logits=True`` the next-token logits at each response position, [B, T, V], both in
-    float32 at least (float64 for a float64 model).
+    or with ``logits=True`` the next-token logits at each response position as ``HeadLogits``
+    (the final hidden states [B, T, D] and the head that makes [C, V] logits of any C of them: the
+    dense supports make them chunk by chunk), both in float32 at least (float64 for a float64 model).
     Both are over the tokenizer's ``vocab_size`` ids (output rows beyond it are padding: left out,
     ``opdx.compat.vocab_logits``) and warped by ``params`` (the distribution sampled from; the
     teacher uses the plain one).
@@ -62,16 +64,17 @@ class TokenScores(nn.Module):
         on = self.compute_dtype is not None and self.compute_dtype != weights
         return torch.autocast(self.model.device.type, dtype=self.compute_dtype or weights, enabled=on)
 
-    def forward(self, rollout: Rollout, params: SamplingParams = PLAIN_SAMPLING, logits: bool = False) -> Tensor:
+    def forward(
+        self, rollout: Rollout, params: SamplingParams = PLAIN_SAMPLING, logits: bool = False
+    ) -> Tensor | HeadLogits:
         with self.autocast():
             return self._scores(rollout, params, logits)
 
-    def _scores(self, rollout: Rollout, params: SamplingParams, logits: bool) -> Tensor:
+    def _scores(self, rollout: Rollout, params: SamplingParams, logits: bool) -> Tensor | HeadLogits:
         hidden_B_T_D = self._hidden_states(rollout)
         lm_head = self.model.get_output_embeddings()
         if logits:
-            logits_B_T_V = vocab_logits(head_logits(lm_head, hidden_B_T_D), self.vocab_size)
-            return params.warp(logits_B_T_V.flatten(0, 1)).view_as(logits_B_T_V)
+            return HeadLogits(hidden_B_T_D, partial(_chunk_logits, lm_head, params, self.vocab_size))
         tokens_B_T = rollout.response_tokens_B_T.to(hidden_B_T_D.device)
         hidden_S_D, tokens_S = hidden_B_T_D.flatten(0, 1), tokens_B_T.flatten()
         chunks = []
@@ -188,7 +191,12 @@ def head_logits(lm_head: nn.Module, hidden: Tensor) -> Tensor:
     it is; a bfloat16 or float16 one is computed in float32 from upcast operands, not rounded to its
     own dtype first (a bfloat16 logit near 16 has a step of 0.125 nat), so u = q/p compares two
     float32 heads (ScaleRL's fp32 head; vLLM's ``head_dtype`` override does the same on an engine)."""
-    if lm_head.weight.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(hidden.device.type):
+    weight = lm_head.weight.dtype
+    if (
+        weight in (torch.float32, torch.float64)
+        and hidden.dtype == weight
+        and not torch.is_autocast_enabled(hidden.device.type)
+    ):
         return lm_head(hidden)
     return _float32_linear(lm_head, hidden)
 
@@ -213,8 +221,12 @@ def float32_head(lm_head: nn.Module) -> Iterator[None]:
         del lm_head.forward
 
 
+def _chunk_logits(lm_head: nn.Module, params: SamplingParams, vocab_size: int, hidden_C_D: Tensor) -> Tensor:
+    """The warped float32 logits [C, V] of the tokenizer's ids at ``hidden_C_D``."""
+    return params.warp(vocab_logits(head_logits(lm_head, hidden_C_D), vocab_size))
+
+
 def _chunk_logprobs(
     lm_head: nn.Module, params: SamplingParams, vocab_size: int, hidden_C_D: Tensor, tokens_C: Tensor
 ) -> Tensor:
-    logits_C_V = params.warp(vocab_logits(head_logits(lm_head, hidden_C_D), vocab_size))
-    return gather_logprobs(logits_C_V, tokens_C)
+    return gather_logprobs(_chunk_logits(lm_head, params, vocab_size, hidden_C_D), tokens_C)

@@ -68,6 +68,9 @@ class Run(Setup):
     estimator: Estimator
 
 
+SUPPORT_NEEDS = {"sampled": "log-probs of the sampled tokens", "topk": "top-k log-probs", "full": "full logits"}
+
+
 def validate(cfg: DictConfig) -> Run:
     """The composed ``opdx train`` config as typed objects, every name checked against its
     registry; raises ConfigError with the bad value and the valid choices."""
@@ -80,15 +83,23 @@ def validate(cfg: DictConfig) -> Run:
     setup = validate_setup(config)
     try:
         divergence = build_divergence(config.divergence)
-        estimator = build_estimator(config.estimator, setup.sampling.is_plain)
+        estimator = build_estimator(config.estimator, setup.sampling.is_plain, config.runtime.dense_chunk)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    needed = estimator.teacher_support
     for key, (_, node) in teacher_nodes(config, setup.benchmark).items():
+        supports = getattr(get_object(node["_target_"]), "supports", ("sampled", "topk", "full"))
+        baseline = estimator.config.state_baseline
+        what, instead = (
+            ("estimator.state_baseline", "estimator.state_baseline=false")
+            if baseline
+            else (f"estimator.support={needed}", f"estimator.support={supports[-1]}")
+        )
         check(
-            not estimator.needs_teacher_logits or getattr(get_object(node["_target_"]), "supports_logits", True),
-            f"estimator.support={estimator.config.support} needs the teacher's full [B, T, V] logits, and "
-            f"{key}._target_={node['_target_']} returns only the log-probs of given tokens (a server's prompt "
-            "log-probs). Use estimator.support=sampled: it needs only each sampled token's log-prob (exact with it)",
+            needed in supports,
+            f"{what} needs the teacher's {SUPPORT_NEEDS[needed]}, and {key}._target_={node['_target_']} scores only "
+            f"the supports {', '.join(supports)} (a server returns the log-probs of given tokens and its top-k, not "
+            f"full logits). Use a local teacher (teacher=hf) or {instead}",
         )
     return Run(config, setup.benchmark, setup.sampling, divergence, estimator)
 
@@ -276,7 +287,7 @@ def memory_plan(run: Run, device: torch.device, world: int, prompt_tokens: int, 
         if backend_memory(node) == "local"
     }
     rollout = backend_memory(run.config.rollout)
-    dense = run.estimator.needs_teacher_logits
+    dense = run.estimator.needs_dense
     return plan_run(run.config, device, world, prompt_tokens, dense, rollout, teachers, notes)
 
 

@@ -4,12 +4,13 @@
     opdx train divergence=forward_kl estimator=stopgrad trainer.steps=600
 
 ``train_step``: sample G responses to each of P prompts from the student (the ``rollout``
-backend), score the sampled tokens with the teacher (their log-probs, or full logits for the
-dense estimator supports), recompute the student's log-probs with grad through ``Learner.policy`` (the
-one module a data-parallel wrapper wraps), take the estimator's loss, backward, clip the gradient
-norm, AdamW step, LR schedule, and hand the new weights to the sampler. ``train`` runs the steps,
-evaluates every ``eval_every`` steps on the held-out split and writes an atomic checkpoint every
-``checkpoint_every`` steps that ``trainer.resume=<run dir>`` continues from.
+backend), score the sampled tokens with the teacher (their log-probs, or for the dense estimator
+supports its next-token distributions, made chunk by chunk in the loss), recompute the student's
+scores with grad through ``Learner.policy`` (the one module a data-parallel wrapper wraps), take
+the estimator's loss, backward, clip the gradient norm, AdamW step, LR schedule, and hand the new
+weights to the sampler. ``train`` runs the steps, evaluates every ``eval_every`` steps on the
+held-out split and writes an atomic checkpoint every ``checkpoint_every`` steps that
+``trainer.resume=<run dir>`` continues from.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
-from opdx.backends import Sampler, Scorer
+from opdx.backends import Sampler, Scorer, teacher_scores
 from opdx.benchmarks import Benchmark, Problem
 from opdx.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, save_checkpoint, usable_checkpoint
 from opdx.config import TrainerConfig
 from opdx.dist import Ranks, accumulating, barrier, broadcast, drop_unsynced_gradients, global_sum, micro_batches, wrap
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
+from opdx.logits import DenseScores
 from opdx.metrics import LOGGERS, SilentLogger, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
 from opdx.objective import LossInputs, LossTerms, batch_totals
@@ -164,7 +166,7 @@ def accumulate_gradients(
     a no-grad pass over the batch for its advantages first. Returns the batch's terms (the loss
     summed, the rest [B, T] in the rollout's row order) and what was not finite (then the [B, T]
     terms are None and nothing was applied: the gradients are partial)."""
-    estimator, logits = run.estimator, run.estimator.needs_teacher_logits
+    estimator, dense = run.estimator, run.estimator.needs_dense
     mask = rollout.response_mask_B_T
     rows = micro_batches(mask.shape[0], run.config.trainer.micro_batch_size)
     order_B = rollout.longest_first() if len(rows) > 1 else torch.arange(mask.shape[0])
@@ -175,14 +177,14 @@ def accumulate_gradients(
         joined_B_T = torch.cat([nn.functional.pad(x_b_t, (0, mask.shape[1] - x_b_t.shape[1])) for x_b_t in tensors_b_t])
         return joined_B_T[order_B.argsort()]
 
-    def teacher_scores(part: Rollout) -> Tensor:
-        with timed(metrics, "teacher"), torch.no_grad():
-            return teacher.logits(part) if logits else teacher.logprobs(part)
+    def scores_of(part: Rollout) -> Tensor | DenseScores:
+        with timed(metrics, "teacher"):
+            return teacher_scores(teacher, part, estimator.teacher_support, estimator.config.top_k)
 
     def inputs(part: Rollout, student: Tensor, scores: Tensor) -> LossInputs:
         return LossInputs(student, scores, part.response_mask_B_T, part.response_tokens_B_T, part.logp_sampling_B_T)
 
-    scores = [teacher_scores(part) for part in parts] if not logits else [None] * len(parts)
+    scores = [scores_of(part) for part in parts] if not dense else [None] * len(parts)
     advantages_B_T = None
     prepass = estimator.needs_advantage_totals and len(parts) > 1  # a sampled estimator: log-probs only
     if prepass:
@@ -196,9 +198,9 @@ def accumulate_gradients(
     each: list[LossTerms] = []
     bad: dict[str, int] = {}
     for i, (part, score) in enumerate(zip(parts, scores, strict=True)):
-        score = teacher_scores(part) if score is None else score  # logits: one micro-batch's at a time
+        score = scores_of(part) if score is None else score  # hidden states: one micro-batch's at a time
         with timed(metrics, "update"), accumulating(policy, last=i == len(parts) - 1):
-            student = policy(part, run.sampling, logits=logits)
+            student = policy(part, run.sampling, logits=dense)
             if totals is None:  # one micro-batch: the advantages' statistics from this very forward
                 advantages_B_T = estimator.advantages(inputs(part, student, score), run.divergence)
                 totals = batch_totals(mask, advantages_B_T, global_sum)
@@ -209,7 +211,7 @@ def accumulate_gradients(
                 break
             terms.loss.backward()
         each.append(terms)
-        del student, score  # a micro-batch's logits are not kept while the next one's are made
+        del student, score  # a micro-batch's hidden states are not kept while the next one's are made
     loss = torch.stack([terms.loss.detach() for terms in each]).sum() if each else torch.tensor(torch.nan)
     joined = [None if bad else in_row_order([getattr(terms, key) for terms in each]) for key in TERMS]
     return LossTerms(loss, *joined), bad

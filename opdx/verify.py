@@ -53,6 +53,7 @@ from torch import Tensor
 
 from opdx.config import SUPPORTS, EstimatorConfig, load_option
 from opdx.divergences import DIVERGENCES, Divergence, build_divergence, parameters
+from opdx.logits import HeadLogits, TopKOfLogits
 from opdx.objective import ESTIMATORS, LossInputs
 from opdx.rollout import gather_logprobs
 
@@ -159,9 +160,11 @@ def per_response_gradients(
     est = ESTIMATORS[estimator](config)
 
     def loss_of(student_1_T_V: Tensor, teacher_1_T_V: Tensor, tokens_1_T: Tensor, mask_1_T: Tensor) -> Tensor:
-        student, teacher = student_1_T_V, teacher_1_T_V
-        if not est.needs_teacher_logits:  # the sampled tokens' log-probs
+        if not est.needs_dense:  # the sampled tokens' log-probs
             student, teacher = (gather_logprobs(logits, tokens_1_T) for logits in (student_1_T_V, teacher_1_T_V))
+        else:
+            student, teacher = HeadLogits(student_1_T_V), HeadLogits(teacher_1_T_V)
+            teacher = TopKOfLogits(teacher, tokens_1_T, TOP_K) if est.teacher_support == "topk" else teacher
         return est.loss(LossInputs(student, teacher, mask_1_T, tokens_1_T), div).loss
 
     return response_gradients(problem, loss_of)

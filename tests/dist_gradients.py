@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from opdx.backends import teacher_scores
 from opdx.backends.hf import HFModel
 from opdx.config import CONF_DIR, asset_path, register_resolvers, register_schema
 from opdx.dist import Ranks, global_max, init, wrap
@@ -33,7 +34,8 @@ SETTINGS = [  # estimator overrides, and the micro-batch size of each rank's sha
     (["estimator=unbiased", "estimator.token_mean=true", "estimator.batch_baseline=true"], 2),
     (["estimator=stopgrad", "estimator.whiten=true", "estimator.gamma=1"], 4),
     (["estimator=unbiased"], None),
-    (["estimator=analytic", "estimator.token_mean=true"], 2),
+    (["estimator=analytic", "estimator.token_mean=true", "runtime.dense_chunk=5"], 2),
+    (["estimator=unbiased", "estimator.support=topk", "estimator.top_k=3", "estimator.gamma=1"], 2),
 ]
 
 
@@ -147,11 +149,11 @@ def largest_difference(strategy: str, ranks: Ranks, teacher: HFModel, rollout: R
     worst, scale = 0.0, 0.0
     for overrides, micro_batch_size in SETTINGS:
         run = composed_run(overrides)  # the reference: the estimator's loss of the whole batch, in one forward
-        logits = run.estimator.needs_teacher_logits
+        estimator = run.estimator
         whole = TokenScores(student())
-        scores = teacher.logits(rollout) if logits else teacher.logprobs(rollout)
+        scores = teacher_scores(teacher, rollout, estimator.teacher_support, estimator.config.top_k)
         inputs = LossInputs(
-            whole(rollout, logits=logits), scores, rollout.response_mask_B_T, rollout.response_tokens_B_T
+            whole(rollout, logits=estimator.needs_dense), scores, rollout.response_mask_B_T, rollout.response_tokens_B_T
         )
         run.estimator.loss(inputs, run.divergence).loss.backward()
         expected = {name: p.grad for name, p in whole.named_parameters()}

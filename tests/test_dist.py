@@ -30,7 +30,8 @@ def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_give_the_one_process_gradient_of_the_whole_batch(strategy):
     """For fixed rollouts (distinct prompts; groups sharing a prompt's forward): token_mean with the
-    batch baseline, whitening with gamma = 1, the plain loss and the full-support one, micro-batched on
+    batch baseline, whitening with gamma = 1, the plain loss, the full support (in chunks of 5 states) and
+    top-k with gamma = 1, micro-batched on
     each rank; float64, so any normaliser taken per rank or micro-batch would show. A step skipped
     at its second micro-batch leaves nothing in the next."""
     result = torchrun("tests/dist_gradients.py", strategy)

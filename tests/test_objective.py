@@ -5,6 +5,7 @@ import torch
 
 from opdx.config import EstimatorConfig
 from opdx.divergences import DIVERGENCES, get_divergence
+from opdx.logits import HeadLogits, TopK, TopKOfLogits
 from opdx.objective import ESTIMATORS, LossInputs, discounted_future_sum, on_support, opd_loss, token_advantages
 from opdx.verify import divergence_for  # each divergence with the parameters of its YAML
 
@@ -149,7 +150,9 @@ def test_rollout_correction_weighs_by_the_ratio_truncated_or_clipped():
 def dense_loss(estimator: str, support: str, logits_p, logits_q, mask, div, gamma: float = 0.0, top_k: int = 16):
     config = EstimatorConfig(estimator, gamma=gamma, support=support, top_k=top_k)
     tokens = logits_p.detach().argmax(-1)
-    return ESTIMATORS[estimator](config).loss(LossInputs(logits_p, logits_q, mask, tokens), div).loss
+    teacher = HeadLogits(logits_q) if support == "full" else TopKOfLogits(HeadLogits(logits_q), tokens, top_k)
+    inputs = LossInputs(HeadLogits(logits_p), teacher, mask, tokens)
+    return ESTIMATORS[estimator](config, chunk_size=2).loss(inputs, div).loss
 
 
 def test_the_full_support_gradient_is_the_exact_per_state_gradient():
@@ -184,10 +187,11 @@ def test_a_dense_loss_value_is_the_states_divergence_on_its_support_and_masked()
 def test_on_support_keeps_the_teachers_top_k_and_a_tail_of_the_rest():
     logits_p = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64))
     logits_q = torch.log(torch.tensor([[0.5, 0.05, 0.4, 0.05]], dtype=torch.float64))
-    logp, logq = on_support(logits_p, logits_q, "topk", 2)
+    token = torch.tensor([1])
+    logp, logq = on_support(logits_p, TopK.of(logits_q, 2, token))
     torch.testing.assert_close(logp.exp(), torch.tensor([[0.1, 0.3, 0.6]], dtype=torch.float64))
     torch.testing.assert_close(logq.exp(), torch.tensor([[0.5, 0.4, 0.1]], dtype=torch.float64))
-    everything, _ = on_support(logits_p, logits_q, "topk", 9)  # more than V: an empty tail of log-prob -inf
+    everything, _ = on_support(logits_p, TopK.of(logits_q, 9, token))  # more than V: an empty tail of log-prob -inf
     assert everything.shape == (1, 5) and everything[0, -1] == -math.inf
 
 
@@ -221,3 +225,37 @@ def test_huge_but_finite_advantages_are_applied_as_computed_not_clipped():
     assert advantages[0, 0].item() == pytest.approx(-((math.exp(20) - 1) ** 2), rel=1e-12)
     (grad,) = torch.autograd.grad(opd_loss(logp, logq, torch.ones(1, 2), "pearson", "stopgrad"), logp)
     assert torch.isfinite(grad).all() and grad[0, 0].item() == pytest.approx((math.exp(20) - 1) ** 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("support", ["full", "topk"])
+def test_a_dense_loss_holds_a_few_chunks_of_logits_never_the_whole_batchs(support):
+    """Student and teacher logits made from hidden states [S, D] by output heads, 2,048 states of a
+    4,096-token vocabulary in float64: the whole [S, V] is 64 MiB a model, a chunk of 64 states 2 MiB. The
+    loss + backward holds a few chunks at a time (``LiveTensorBytes``) and gives the gradient of one
+    unchunked computation."""
+    from opdx.memory_tracking import LiveTensorBytes
+
+    torch.manual_seed(0)
+    states, hidden, vocab, chunk = 2048, 16, 4096, 64
+    head_p = torch.nn.Linear(hidden, vocab, dtype=torch.float64)
+    head_q = torch.nn.Linear(hidden, vocab, dtype=torch.float64).requires_grad_(False)
+    hidden_p = torch.randn(states, hidden, dtype=torch.float64, requires_grad=True)
+    hidden_q = torch.randn(states, hidden, dtype=torch.float64)
+    tokens, mask = torch.randint(vocab, (1, states)), torch.ones(1, states, dtype=torch.bool)
+    config = EstimatorConfig("unbiased", gamma=1.0, support=support, top_k=16)
+    teacher = HeadLogits(hidden_q.unsqueeze(0), head_q)
+    teacher = teacher if support == "full" else TopKOfLogits(teacher, tokens, 16)
+
+    def gradients(chunk_size: int) -> list[torch.Tensor]:
+        inputs = LossInputs(HeadLogits(hidden_p.unsqueeze(0), head_p), teacher, mask, tokens)
+        loss = ESTIMATORS["unbiased"](config, chunk_size).loss(inputs, get_divergence("js")).loss
+        return torch.autograd.grad(loss, [hidden_p, head_p.weight])
+
+    with LiveTensorBytes() as live:
+        before = live.current
+        chunked = gradients(chunk)
+        held = live.peak - before
+    whole = states * vocab * 8
+    assert held < whole / 2, f"{held / 2**20:.1f} MiB held; one [S, V] is {whole / 2**20:.0f} MiB"
+    for a, b in zip(chunked, gradients(states), strict=True):
+        torch.testing.assert_close(a, b)

@@ -45,7 +45,7 @@ def test_chunked_logprobs_backprop_like_full_logits(student):
     mask = rollout.response_mask_B_T
     chunked = (TokenScores(model, 2)(rollout) * mask).sum()
     grads_chunked = torch.autograd.grad(chunked, list(model.parameters()))
-    logits = TokenScores(model)(rollout, logits=True)
+    logits = TokenScores(model)(rollout, logits=True).chunk(0, None)  # every position's at once
     full = (logits.log_softmax(-1).gather(-1, rollout.response_tokens_B_T[..., None]).squeeze(-1) * mask).sum()
     grads_full = torch.autograd.grad(full, list(model.parameters()))
     for a, b in zip(grads_chunked, grads_full, strict=True):

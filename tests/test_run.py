@@ -117,16 +117,28 @@ def test_prompts_longer_than_the_context_are_refused_or_dropped(opdx_cli, tmp_pa
     assert 0 < summary["eval_problems"] < 200 and summary["final_eval"]["step"] == 2
 
 
-def test_the_planner_counts_a_dense_supports_full_logits():
-    """A dense support (estimator=analytic: the full one) keeps about 8 float32 [B, T, V] tensors at
-    its update (``opdx plan``'s "logits chunk" of the update: 8 x 8 rows x 24 new tokens x 24 ids x
-    4 bytes); the sampled ones a chunk of 4 [chunk, V] tensors (here every one of the 192 tokens),
-    and the teacher 2."""
+def test_the_planner_counts_a_dense_supports_chunks_not_its_whole_logits():
+    """A dense support (estimator=analytic: the full one) makes both models' logits chunk by chunk
+    from their hidden states: the update holds DENSE_CHUNK_COPIES float32 [chunk, V] tensors (here
+    the 8 rows x 24 new tokens = 192 states in one chunk of ``runtime.dense_chunk``, then chunks of
+    64) and the teacher's hidden states; the teacher phase no logits. The sampled support holds a
+    chunk of 4 [chunk, V] tensors (every one of the 192 tokens) in the update, 2 in the teacher."""
     from opdx.cli import plan_of
+    from opdx.plan import DENSE_CHUNK_COPIES
 
-    def chunks(estimator: str) -> dict[str, int]:
-        phases = plan_of([*TINY, f"estimator={estimator}"]).phases
-        return {p.name: p.parts["logits chunk"] for p in phases if p.name in ("teacher", "update")}
+    def parts(*overrides: str) -> dict[str, dict[str, int]]:
+        return {p.name: p.parts for p in plan_of([*TINY, *overrides]).phases if p.name in ("teacher", "update")}
 
-    assert chunks("analytic") == {"teacher": 8 * 24 * 24 * 4, "update": 8 * 8 * 24 * 24 * 4}
-    assert chunks("unbiased") == {"teacher": 2 * 8 * 24 * 24 * 4, "update": 4 * 8 * 24 * 24 * 4}
+    dense, chunked, sampled = (
+        parts("estimator=analytic"),
+        parts("estimator=analytic", "runtime.dense_chunk=64"),
+        parts(),
+    )
+    assert dense["update"]["logits chunk"] == DENSE_CHUNK_COPIES * 192 * 24 * 4
+    assert chunked["update"]["logits chunk"] == DENSE_CHUNK_COPIES * 64 * 24 * 4
+    teacher_hidden = dense["teacher"]["hidden states"]
+    assert dense["teacher"]["logits chunk"] == 0 and teacher_hidden == dense["update"]["teacher hidden states"] > 0
+    assert (sampled["teacher"]["logits chunk"], sampled["update"]["logits chunk"]) == (
+        2 * 192 * 24 * 4,
+        4 * 192 * 24 * 4,
+    )

@@ -60,6 +60,22 @@ def test_bench_memory_sets_the_planner_beside_measured_peaks():
         assert float(measured) > 1 and 0.5 <= float(ratio) <= 2.0, (phase, planned, measured)
 
 
+@pytest.mark.parametrize("support", ["full", "topk"])
+def test_bench_loss_holds_a_few_chunks_not_the_whole_logits(support: str):
+    """2,048 states of an 8,192-token vocabulary in chunks of 32: everything the step makes (both
+    forwards, the loss's chunks, the student's gradients) stays under a quarter of one [B, T, V]
+    tensor, and the planner counts 10 chunks."""
+    args = ["--batch", "2", "--tokens", "1024", "--vocab", "8192", "--hidden", "16", "--chunk", "32", "--repeats", "1"]
+    out = script("scripts/bench_loss.py", "--support", support, "--divergence", "js", *args)
+    figure = {
+        name: float(re.search(rf"{name}.*?({FIGURE}) MiB", out).group(1))
+        for name in ("of which the step's", "unchunked", "planner's figure")
+    }
+    assert figure["unchunked"] == pytest.approx(2 * 1024 * 8192 * 4 / 2**20, abs=0.1)
+    assert figure["planner's figure"] == pytest.approx(10 * 32 * 8192 * 4 / 2**20, abs=0.1)
+    assert 0 < figure["of which the step's"] < figure["unchunked"] / 4, out
+
+
 @pytest.mark.slow
 def test_gpu_smoke_runs_end_to_end_on_the_cpu_at_small_sizes():
     """scripts/gpu_smoke.sh --small: the planner's lines, each phase's planned beside its measured

@@ -2,8 +2,9 @@
 
 A *sampler* turns problems into a ``Rollout`` (token ids, masks, and the log-probs of the
 distribution actually sampled from) and takes new student weights after an optimizer step; a
-*scorer* returns the log-prob of each given response token and, where it can, full logits (the
-dense estimator supports need them). The student's rollouts come from the ``rollout`` config group,
+*scorer* returns the log-prob of each given response token and, where it can, its next-token
+distribution at each of them (``opdx.logits``: logits made chunk by chunk, or the top-k), which the
+dense estimator supports need. The student's rollouts come from the ``rollout`` config group,
 the teacher from the ``teacher`` group, whose YAML names the backend class (``_target_``) and its
 options; a backend is one module and one YAML, and the trainer never sees which it is.
 
@@ -27,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from opdx.benchmarks import Problem
 from opdx.compat import PairError
 from opdx.config import ModelConfig
+from opdx.logits import DenseScores
 from opdx.models import load_tokenizer_of
 from opdx.rollout import Rollout, SamplingParams
 
@@ -62,17 +64,29 @@ class Sampler(Protocol):
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Scores given response tokens at temperature 1 (q is the model itself)."""
+    """Scores given response tokens at temperature 1 (q is the model itself). ``supports`` are the
+    estimator supports (``estimator.support``) it can score: ``sampled`` always, ``topk`` where it
+    gives its top-k, ``full`` where it gives its logits."""
 
-    supports_logits: bool
+    supports: tuple[str, ...]
 
     def logprobs(self, rollout: Rollout) -> Tensor:
         """log q(response token | prefix), [B, T] float32 on the CPU."""
         ...
 
-    def logits(self, rollout: Rollout) -> Tensor:
-        """Next-token logits at each response position, [B, T, V] float32 (when ``supports_logits``)."""
+    def dense(self, rollout: Rollout, top_k: int | None = None) -> DenseScores:
+        """The next-token distribution at each response position, [B, T]: its logits (``top_k``
+        None; ``full`` in ``supports``) or its ``top_k`` most likely tokens (``opdx.logits.TopK``)."""
         ...
+
+
+def teacher_scores(teacher: Scorer, rollout: Rollout, support: str, top_k: int) -> Tensor | DenseScores:
+    """What an estimator whose ``teacher_support`` is ``support`` reads of the teacher: the sampled
+    tokens' log-probs [B, T], its top-``top_k``, or its full logits; without grad."""
+    with torch.no_grad():
+        if support == "sampled":
+            return teacher.logprobs(rollout)
+        return teacher.dense(rollout, top_k if support == "topk" else None)
 
 
 @runtime_checkable

@@ -29,6 +29,7 @@ from opdx.benchmarks import Problem
 from opdx.compat import PairError
 from opdx.config import ModelConfig, check
 from opdx.dist import gathered
+from opdx.logits import HeadLogits, TopKOfLogits
 from opdx.models import load_model
 from opdx.policy import TokenScores, cache_argument, shared_prompt_cache, upcast
 from opdx.prompts import encode_prompts
@@ -117,7 +118,7 @@ class HFModel:
     prompt + max new tokens, which transformers compiles on GPUs: its first call compiles).
     """
 
-    supports_logits = True
+    supports = ("sampled", "topk", "full")
 
     def __init__(
         self,
@@ -212,8 +213,9 @@ class HFModel:
         return self.scores(self._own_prompts(rollout))
 
     @torch.no_grad()
-    def logits(self, rollout: Rollout) -> Tensor:
-        return self.scores(self._own_prompts(rollout), logits=True)
+    def dense(self, rollout: Rollout, top_k: int | None = None) -> HeadLogits | TopKOfLogits:
+        logits = self.scores(self._own_prompts(rollout), logits=True)
+        return logits if top_k is None else TopKOfLogits(logits, rollout.response_tokens_B_T, top_k)
 
     def _own_prompts(self, rollout: Rollout) -> Rollout:
         """The rollout with its prompts rendered by this model's own chat template (same responses)."""

@@ -5,8 +5,9 @@
 ``RoutedTeacher`` is the teacher backend of a ``benchmark=mixture`` run (``opdx.run`` builds it
 from each component's teacher, every distinct one loaded once). It splits a rollout's rows by
 ``Problem.source``, hands each teacher its rows (``Rollout.select``) and puts the results back
-in the rows' places, so the trainer and the estimators see one [B, T] (or [B, T, V]) tensor as
-from a single teacher. Any backend may serve a component (``teacher=hf``, ``teacher=server``).
+in the rows' places, so the trainer and the estimators see one [B, T] tensor (or one
+``DenseScores``, ``opdx.logits.RoutedScores``) as from a single teacher. Any backend may serve a
+component (``teacher=hf``, ``teacher=server``).
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ from torch import Tensor, nn
 
 from opdx.backends import Teacher
 from opdx.benchmarks import Problem
+from opdx.logits import RoutedScores
 from opdx.rollout import Rollout, SamplingParams
 
 
 class RoutedTeacher:
     """The teacher of each problem's component: ``teachers`` maps a component's name to its
     backend (the same object for components that share a teacher). ``context`` is the smallest
-    of the teachers'; ``supports_logits`` holds when every teacher gives logits."""
+    of the teachers'; ``supports`` are those every teacher supports."""
 
     def __init__(self, teachers: Mapping[str, Teacher]) -> None:
         self.teachers = dict(teachers)
         distinct = {id(teacher): teacher for teacher in self.teachers.values()}
         self.distinct = list(distinct.values())
         self.context = min(teacher.context for teacher in self.distinct)
-        self.supports_logits = all(teacher.supports_logits for teacher in self.distinct)
+        self.supports = tuple(s for s in self.distinct[0].supports if all(s in t.supports for t in self.distinct))
 
     def _rows_by_teacher(self, problems: Sequence[Problem | str] | None) -> list[tuple[Teacher, list[int]]]:
         """Each distinct teacher with the indices of the problems it serves; ValueError naming a
@@ -58,26 +60,29 @@ class RoutedTeacher:
         return ids
 
     def _scatter(self, rollout: Rollout, score: Callable[[Teacher, Rollout], Tensor]) -> Tensor:
-        """Each teacher's ``score`` of its rows ([b, T] or [b, T, V]) put in those rows of one
-        [B, T] (or [B, T, V]) tensor, in the widest dtype of the teachers' (float64 where one is)."""
+        """Each teacher's ``score`` of its rows ([b, T]) put in those rows of one [B, T] tensor, in
+        the widest dtype of the teachers' (float64 where one is)."""
         scored = [
             (rows, score(teacher, rollout.select(rows))) for teacher, rows in self._rows_by_teacher(rollout.problems)
         ]
         shape, dtype = scored[0][1].shape[1:], functools.reduce(torch.promote_types, (s.dtype for _, s in scored))
-        device = scored[0][1].device  # logits stay on the teachers' device (CUDA), log-probs come to the CPU
-        merged = torch.empty((len(rollout.response_tokens_B_T), *shape), dtype=dtype, device=device)
+        merged = torch.empty((len(rollout.response_tokens_B_T), *shape), dtype=dtype)
         for rows, scores in scored:
-            merged[torch.tensor(rows, device=device)] = scores.to(device, dtype)
+            merged[torch.tensor(rows)] = scores.to(dtype)
         return merged
 
     def logprobs(self, rollout: Rollout) -> Tensor:
         """log q_c(response token | prefix) of each row under its component c's teacher, [B, T]."""
         return self._scatter(rollout, lambda teacher, rows: teacher.logprobs(rows))
 
-    def logits(self, rollout: Rollout) -> Tensor:
-        """Each row's next-token logits under its component's teacher, [B, T, V]; every teacher
-        must give logits (``supports_logits``) over the same vocabulary (the shared tokenizer)."""
-        return self._scatter(rollout, lambda teacher, rows: teacher.logits(rows))
+    def dense(self, rollout: Rollout, top_k: int | None = None) -> RoutedScores:
+        """Each row's next-token distribution under its component's teacher (over the pair's shared
+        tokenizer), as that teacher gives it (``dense``)."""
+        parts = [
+            (torch.tensor(rows), teacher.dense(rollout.select(rows), top_k))
+            for teacher, rows in self._rows_by_teacher(rollout.problems)
+        ]
+        return RoutedScores(parts, len(rollout.response_tokens_B_T))
 
     def sample(
         self,

