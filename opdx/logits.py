@@ -39,20 +39,20 @@ class DenseScores(Protocol):
 
 @dataclass(frozen=True)
 class HeadLogits:
-    """Logits kept as the last hidden states ``hidden_N_D`` ([B, T, D], or [S, D] after ``at``)
+    """Logits kept as the last hidden states ``hidden`` ([B, T, D], or [S, D] after ``at``)
     and the ``head`` that maps rows of them to logits, [C, D] -> [C, V] (the output layer, in
     float32, the tokenizer's ids only, warped as sampled: ``opdx.policy.TokenScores``). With grad
-    where the hidden states have it. ``HeadLogits(logits_N_V)`` (the identity head) wraps logits
+    where the hidden states have it. ``HeadLogits(logits)`` (the identity head) wraps logits
     already made."""
 
-    hidden_N_D: Tensor
+    hidden: Tensor
     head: Callable[[Tensor], Tensor] = lambda logits_C_V: logits_C_V
 
     def at(self, mask_B_T: Tensor) -> HeadLogits:
-        return HeadLogits(self.hidden_N_D[mask_B_T.to(self.hidden_N_D.device).bool()], self.head)
+        return HeadLogits(self.hidden[mask_B_T.to(self.hidden.device).bool()], self.head)
 
     def chunk(self, start: int, end: int) -> Tensor:
-        return self.head(self.hidden_N_D[start:end])
+        return self.head(self.hidden[start:end])
 
 
 @dataclass(frozen=True)
@@ -67,21 +67,21 @@ class TopK:
     logq_token: Tensor
 
     @classmethod
-    def of(cls, logq_N_V: Tensor, top_k: int, tokens_N: Tensor) -> TopK:
-        """The top-k of full log-probs [..., V]: the tail a log-sum-exp over the other tokens
-        (exact however close the k come to 1), the sampled ``tokens_N`` [...] looked up."""
-        logq_N_J, ids_N_J = logq_N_V.topk(min(top_k, logq_N_V.shape[-1]), dim=-1)
-        others_N_V = logq_N_V.scatter(-1, ids_N_J, -math.inf)
-        logq_token_N = logq_N_V.gather(-1, tokens_N.unsqueeze(-1).to(logq_N_V.device)).squeeze(-1)
-        return cls(ids_N_J, logq_N_J, torch.logsumexp(others_N_V, dim=-1), logq_token_N)
+    def of(cls, logq: Tensor, top_k: int, tokens: Tensor) -> TopK:
+        """The top-k of full log-probs ``logq`` [..., V]: the tail a log-sum-exp over the other
+        tokens (exact however close the k come to 1), the sampled ``tokens`` [...] looked up."""
+        top_logq, ids = logq.topk(min(top_k, logq.shape[-1]), dim=-1)
+        others = logq.scatter(-1, ids, -math.inf)
+        logq_token = logq.gather(-1, tokens.unsqueeze(-1).to(logq.device)).squeeze(-1)
+        return cls(ids, top_logq, torch.logsumexp(others, dim=-1), logq_token)
 
     @classmethod
-    def served(cls, ids_N_J: Tensor, logq_N_J: Tensor, logq_token_N: Tensor) -> TopK:
+    def served(cls, ids: Tensor, logq: Tensor, logq_token: Tensor) -> TopK:
         """The top-k a server returns: the tail log(1 - sum_j q_j), computed as log(-expm1(.)) of
         the log-sum-exp, so a tail far below 1 keeps its digits (float32; 0 when the k hold every
         bit of the mass: -inf)."""
-        mass_N = torch.logsumexp(logq_N_J, dim=-1).clamp(max=0.0)
-        return cls(ids_N_J, logq_N_J, torch.log(-torch.expm1(mass_N)), logq_token_N)
+        mass = torch.logsumexp(logq, dim=-1).clamp(max=0.0)  # [...]
+        return cls(ids, logq, torch.log(-torch.expm1(mass)), logq_token)
 
     def at(self, mask_B_T: Tensor) -> TopK:
         mask_B_T = mask_B_T.to(self.ids.device).bool()
@@ -97,22 +97,20 @@ TOPK_FIELDS = ("ids", "logq", "logq_tail", "logq_token")
 @dataclass(frozen=True)
 class TopKOfLogits:
     """The ``top_k`` of a model whose full logits are at hand (``logits``), made chunk by chunk
-    (``TopK.of`` of their log-softmax), the sampled ``tokens_N`` ([B, T], or [S] after ``at``)
+    (``TopK.of`` of their log-softmax), the sampled ``tokens`` ([B, T], or [S] after ``at``)
     looked up: what a local teacher gives for ``estimator.support=topk``."""
 
     logits: DenseScores
-    tokens_N: Tensor
+    tokens: Tensor
     top_k: int
 
     def at(self, mask_B_T: Tensor) -> TopKOfLogits:
-        return TopKOfLogits(
-            self.logits.at(mask_B_T), self.tokens_N[mask_B_T.to(self.tokens_N.device).bool()], self.top_k
-        )
+        return TopKOfLogits(self.logits.at(mask_B_T), self.tokens[mask_B_T.to(self.tokens.device).bool()], self.top_k)
 
     def chunk(self, start: int, end: int) -> TopK:
         logits_C_V = self.logits.chunk(start, end)
         logq_C_V = torch.log_softmax(logits_C_V.to(torch.promote_types(logits_C_V.dtype, torch.float32)), dim=-1)
-        return TopK.of(logq_C_V, self.top_k, self.tokens_N[start:end])
+        return TopK.of(logq_C_V, self.top_k, self.tokens[start:end])
 
 
 @dataclass(frozen=True)
