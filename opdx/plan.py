@@ -244,7 +244,7 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
     }
     if w.dense:  # both models' logits, chunk by chunk from the hidden states; the teacher's kept for it
         update["logits chunk"] = dense_loss_bytes(min(w.dense_chunk, micro * w.new_tokens), student.vocab)
-        update["teacher hidden states"] = micro * w.new_tokens * (teacher.hidden if teacher else 0) * 4
+        update["teacher hidden"] = micro * w.new_tokens * (teacher.hidden if teacher else 0) * 4
     result.append(Phase("update", resident | update))
     # the student's eval samples, then the teacher scores them (its reverse KL); the teacher's own
     # eval samples at step 0, before AdamW's lazy state exists

@@ -16,8 +16,9 @@ positions is on the mask. A step runs as ``opdx train`` runs it: the teacher's s
 (``runtime.dense_chunk``; the sampled support's log-probs ``--logprob-chunk`` tokens at a time,
 ``runtime.logprob_chunk``).
 
-Printed: the peak bytes of live tensors over the step (``opdx.memory_tracking.LiveTensorBytes``:
-models, hidden states, logits chunks and gradients), the same less what is alive before it (the
+Printed: the peak bytes of live tensors over the step (``opdx.memory_tracking.LiveTensorBytes``;
+with ``--device cuda`` the CUDA allocator's peak: models, hidden states, logits chunks and
+gradients), the same less what is alive before it (the
 models and the batch), the process's peak RSS (Python, torch and the allocator's slack included),
 the step's median seconds over ``--repeats`` (timed without the tracker, which slows every
 operator), the size of one float32 [B, T, V] tensor, and the memory planner's figure for the loss's
@@ -90,12 +91,15 @@ def main() -> None:
     parser.add_argument("--logprob-chunk", type=int, default=RuntimeConfig.logprob_chunk, help="sampled support")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps (at least 1)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the CUDA allocator's peak")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: time at least one step")
     torch.set_num_threads(args.threads)
 
-    student, teacher_model = model(args.vocab, args.hidden, 0), model(args.vocab, args.hidden, 1).requires_grad_(False)
+    device = torch.device(args.device)
+    student = model(args.vocab, args.hidden, 0).to(device)
+    teacher_model = model(args.vocab, args.hidden, 1).requires_grad_(False).to(device)
     policy, teacher = (
         TokenScores(student, args.logprob_chunk, vocab_size=args.vocab),
         TeacherOf(TokenScores(teacher_model, args.logprob_chunk, vocab_size=args.vocab)),
@@ -110,12 +114,14 @@ def main() -> None:
     estimator, divergence = build_estimator(config, chunk_size=args.chunk), get_divergence(args.divergence)
 
     def step() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         scores = teacher_scores(teacher, rollout, estimator.teacher_support, args.top_k)
         student_scores = policy(rollout, logits=estimator.needs_dense)
         terms = estimator.loss(LossInputs(student_scores, scores, rollout.response_mask_B_T, tokens_B_T), divergence)
         terms.loss.backward()
         student.zero_grad(set_to_none=True)
-        return terms.loss.item()
+        return terms.loss.item()  # waits for the device
 
     step()  # warm-up (allocator, lazy inits)
     seconds = []
@@ -123,9 +129,16 @@ def main() -> None:
         started = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - started)
-    with LiveTensorBytes() as live:
-        before = live.current
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         loss = step()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with LiveTensorBytes() as live:
+            before = live.current
+            loss = step()
+        peak = live.peak
     whole = args.batch * args.tokens * args.vocab * 4
     shape = f"B={args.batch} T={args.tokens} V={args.vocab:,} D={args.hidden}"
     dense = args.support != "sampled"
@@ -133,8 +146,8 @@ def main() -> None:
     print(f"support={args.support}{f' K={args.top_k}' if args.support == 'topk' else ''}, {shape}, {chunking}, "
           f"{args.divergence}, gamma={args.gamma}: loss {loss:.4f}")  # fmt: skip
     mib = 2**20
-    print(f"  peak live tensors:                        {live.peak / mib:9.1f} MiB")
-    print(f"  of which the step's (above models, batch): {(live.peak - before) / mib:9.1f} MiB")
+    print(f"  peak live tensors:                        {peak / mib:9.1f} MiB ({device.type})")
+    print(f"  of which the step's (above models, batch): {(peak - before) / mib:9.1f} MiB")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"  process peak RSS:                         {rss / mib:9.1f} MiB")
     print(f"  one float32 [B, T, V] tensor (unchunked): {whole / mib:9.1f} MiB")

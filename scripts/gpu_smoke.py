@@ -2,8 +2,9 @@
 (a 1.7B teacher and a 0.6B student, the real 151,936-row vocabulary, nothing downloaded) trained
 for a few steps by ``opdx train`` on the HF path, with the micro-batch the memory planner picks.
 It prints each phase's planned peak beside the measured one (``memory/<phase>_gib``: CUDA's
-allocator peak; on a CPU ``runtime.track_memory``), the step time and the tokens/s, then the same
-shapes through TRL's ``DistillationTrainer`` (``scripts/bench_gpu.py``) when TRL is importable.
+allocator peak; on a CPU ``runtime.track_memory``), the step time and the tokens/s; on a GPU then
+the full and top-k supports' loss at that vocabulary (``scripts/bench_loss.py --device cuda``) and
+the same shapes through TRL's ``DistillationTrainer`` (``scripts/bench_gpu.py``) when TRL is importable.
 
     python scripts/gpu_smoke.py                 # one GPU, bf16 (about 5 minutes on an H100)
     python scripts/gpu_smoke.py --small         # a small pair on the CPU, in about a minute
@@ -110,6 +111,11 @@ def main() -> None:
     for i, record in enumerate(steps, 1):
         times = [record[f"time/{phase}"] for phase in ("rollout", "teacher", "update")]
         print(f"{i:<5} {times[0]:10.2f} {times[1]:10.2f} {times[2]:10.2f} {record['perf/tokens_per_s']:10.1f}")
+    if gpu:  # a dense support's loss at a real vocabulary: chunks, never a [B, T, V] tensor
+        shape = ["--batch", "4", "--tokens", "2048", "--vocab", str(vocab), "--hidden", "2048", "--device", "cuda"]
+        for support in ("full", "topk"):
+            loss = [sys.executable, str(Path(__file__).parent / "bench_loss.py"), "--support", support, *shape]
+            subprocess.run(loss, check=False)
     if importlib.util.find_spec("trl") is None:
         print("\nTRL: not importable here (its datasets and pyarrow dependencies do not fit the wheel folder)")
     elif gpu:

@@ -137,7 +137,7 @@ def test_the_planner_counts_a_dense_supports_chunks_not_its_whole_logits():
     assert dense["update"]["logits chunk"] == DENSE_CHUNK_COPIES * 192 * 24 * 4
     assert chunked["update"]["logits chunk"] == DENSE_CHUNK_COPIES * 64 * 24 * 4
     teacher_hidden = dense["teacher"]["hidden states"]
-    assert dense["teacher"]["logits chunk"] == 0 and teacher_hidden == dense["update"]["teacher hidden states"] > 0
+    assert dense["teacher"]["logits chunk"] == 0 and teacher_hidden == dense["update"]["teacher hidden"] > 0
     assert (sampled["teacher"]["logits chunk"], sampled["update"]["logits chunk"]) == (
         2 * 192 * 24 * 4,
         4 * 192 * 24 * 4,
