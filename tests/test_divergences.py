@@ -6,7 +6,15 @@ import torch
 from opdx.divergences import DIVERGENCES, get_divergence
 from opdx.verify import divergence_for  # each divergence with the parameters of its YAML
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 for every tensor made in this module's tests, restored after each (a worker runs other
+    modules' tests next)."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
 
 LOG_U = torch.linspace(-4.0, 4.0, 41, dtype=torch.float64)
 U = LOG_U.exp()

@@ -229,9 +229,9 @@ class ServedTeacher:
                 ) from None
             raise
         shape_B_T = rollout.response_tokens_B_T.shape
-        logq_token_B_T = torch.zeros(shape_B_T)
+        logq_token_B_T = torch.zeros(shape_B_T, dtype=torch.float32)
         ids_B_T_J = torch.zeros((*shape_B_T, top_k), dtype=torch.long)
-        logq_B_T_J = torch.full((*shape_B_T, top_k), -math.inf)
+        logq_B_T_J = torch.full((*shape_B_T, top_k), -math.inf, dtype=torch.float32)
         for row, (choice, prompt, response) in enumerate(zip(choices, prompts_B, responses_B, strict=True)):
             prompt_logprobs = self._field(choice, "prompt_logprobs", "/completions")
             try:
@@ -315,7 +315,7 @@ def top_logprobs(prompt_logprobs: list[dict[str, dict[str, float]]], top_k: int)
             raise ValueError(f"the server's prompt_logprobs entry {position} has {len(ranked)} tokens, not {top_k}")
         ids.append([int(token) for token, _ in ranked])
         values.append([float(value["logprob"]) for _, value in ranked])
-    logq_T_J = torch.tensor(values)
+    logq_T_J = torch.tensor(values, dtype=torch.float32)
     return torch.tensor(ids, dtype=torch.long), logq_T_J.masked_fill(logq_T_J <= NEG_INF_SENTINEL, -math.inf)
 
 
