@@ -2,6 +2,7 @@
 
     opdx table multirun/2026-11-26/10-00-00              # rows divergence, columns estimator
     opdx table outputs/ --rows divergence --cols estimator --facet benchmark --format latex
+    opdx table multirun/supports --rows support --step-time  # sampled, topk K=4, full; seconds per step
     opdx plot multirun/2026-11-26/10-00-00 --out plots/
 
 A run directory is any directory holding `.hydra/config.yaml`. Finished runs have a
@@ -99,6 +100,7 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
         row: dict[str, Any] = {"run_dir": str(run_dir), **pd.json_normalize(config, sep=".").iloc[0].to_dict()}
         metrics = read_metrics(run_dir)
         row["steps_done"] = metrics[-1]["step"] if metrics else 0
+        row["support"] = support_label(config)
         row |= {"status": "incomplete", "collapsed": False, "collapse": None, "below_start": False, "change": None}
         summary_path = run_dir / "summary.json"
         if summary_path.exists():
@@ -111,11 +113,20 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
                     if benchmark != "mixture" and "/" not in key and key != "step":  # as a mixture's component
                         row[f"{stage}/{benchmark}/{key}"] = value
             row |= outcome(summary, metrics, config)
+            row["step_time_s"] = sum(summary.get("mean_step_time_s", {}).values()) or math.nan
         rows.append(row)
     runs = pd.DataFrame(rows)
     if runs.empty:
         raise FileNotFoundError(f"no run directories (with .hydra/config.yaml) under {', '.join(map(str, paths))}")
     return runs
+
+
+def support_label(config: dict[str, Any]) -> str:
+    """Where a run's divergence is taken, as one table key: ``sampled``, ``topk K=<top_k>`` or
+    ``full`` (runs saved before ``estimator.support`` existed are ``sampled``)."""
+    estimator = config.get("estimator", {})
+    support = estimator.get("support", "sampled")
+    return f"topk K={estimator['top_k']}" if support == "topk" else support
 
 
 def outcome(summary: dict[str, Any], metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
@@ -154,14 +165,19 @@ def format_cell(mean: float, half: float, n: int, percent: bool = True, flags: s
 
 
 def ablation_table(
-    runs: pd.DataFrame, rows: str = "divergence", cols: str = "estimator", metric: str = "greedy_acc"
+    runs: pd.DataFrame,
+    rows: str = "divergence",
+    cols: str = "estimator",
+    metric: str = "greedy_acc",
+    step_time: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(display table of strings, numeric table of means) over complete runs.
 
     Columns: for each value of ``cols``, the final and the best ``metric`` (mean ± 95% CI over
     seeds; ``†k``: k of the cell's runs collapsed, ``↓k``: k others ended below their initial
-    student beyond eval noise); when ``cols`` is the estimator, the paired OPD+ minus OPD
-    difference of the final metric, matched by seed.
+    student beyond eval noise), with ``step_time`` the mean seconds per training step (rollout,
+    teacher and update, evals excluded; ``summary.json``'s ``mean_step_time_s``); when ``cols`` is
+    the estimator, the paired OPD+ minus OPD difference of the final metric, matched by seed.
     """
     row_key, col_key = config_key(rows), config_key(cols)
     complete = runs[runs["status"] == "complete"]
@@ -175,6 +191,9 @@ def ablation_table(
             flags = flags if stage == "final" else ""
             display.setdefault((str(col_value), stage), {})[str(row_value)] = format_cell(mean, half, n, flags=flags)
             numeric.setdefault((str(col_value), stage), {})[str(row_value)] = mean
+        if step_time:
+            seconds = group["step_time_s"].mean()
+            display.setdefault((str(col_value), "s/step"), {})[str(row_value)] = f"{seconds:.2f}"
     if col_key == "estimator.name":
         for row_value, group in complete.groupby(row_key, sort=False):
             by_seed = group.pivot_table(index="seed", columns=col_key, values=f"final/{metric}")
@@ -209,7 +228,10 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     return flat.to_markdown()
 
 
-RUN_COLUMNS = ("run_dir", "status", "steps_done", "collapsed", "collapse", "below_start", "change", "seed")
+RUN_COLUMNS = (
+    *("run_dir", "status", "steps_done", "collapsed", "collapse", "below_start", "change", "seed"),
+    *("support", "step_time_s"),
+)
 NOT_A_SETTING = ("trainer.resume", "runtime.threads", "runtime.device", *RENAMED)
 
 
@@ -243,7 +265,7 @@ def load_with_keys(paths: list[Path], keys: list[str], prog: str) -> pd.DataFram
         return None
     missing = [key for key in keys if config_key(key) not in runs]
     if missing:
-        print(f"{prog}: no config key {missing[0]!r}; e.g. divergence, estimator, seed, estimator.gamma, trainer.lr")
+        print(f"{prog}: no config key {missing[0]!r}; e.g. divergence, estimator, seed, support, estimator.gamma, trainer.lr")
         return None
     return runs
 
@@ -251,11 +273,14 @@ def load_with_keys(paths: list[Path], keys: list[str], prog: str) -> pd.DataFram
 def table_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="opdx table", description="Ablation table of opdx runs")
     parser.add_argument("paths", nargs="+", type=Path, help="run or multirun directories")
-    parser.add_argument("--rows", default="divergence", help="config key of the rows (default: divergence)")
+    parser.add_argument("--rows", default="divergence", help="config key of the rows, or support (sampled, topk K=<k>, full) (default: divergence)")
     parser.add_argument("--cols", default="estimator", help="config key of the columns (default: estimator)")
     parser.add_argument("--facet", default="benchmark", help="one table per value of this key")
     parser.add_argument("--metric", default="greedy_acc", help="eval metric: greedy_acc, avg@4, ...")
     parser.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex"))
+    parser.add_argument(
+        "--step-time", action="store_true", help="add each cell's mean seconds per training step (evals excluded)"
+    )
     args = parser.parse_args(argv)
     runs = load_with_keys(args.paths, [args.rows, args.cols, args.facet], "opdx table")
     if runs is None:
@@ -266,7 +291,7 @@ def table_main(argv: list[str]) -> int:
         return 2
     bold = {"markdown": ("**", "**"), "latex": (r"\textbf{", "}"), "csv": ("", " (best)")}[args.format]
     for facet_value, facet_runs in runs.groupby(config_key(args.facet), sort=False):
-        table, numeric = ablation_table(facet_runs, args.rows, args.cols, args.metric)
+        table, numeric = ablation_table(facet_runs, args.rows, args.cols, args.metric, args.step_time)
         if args.format == "markdown":
             n_complete = int((facet_runs["status"] == "complete").sum())
             print(

@@ -201,3 +201,26 @@ def test_the_pooling_warning_names_keys_that_differ_within_a_cell(tmp_path, caps
     config_path.write_text(config_path.read_text().replace("lr: 0.001", "lr: 0.01"))
     assert table_main([str(tmp_path)]) == 0
     assert "warning: cells pool runs that differ in trainer.lr\n" in capsys.readouterr().out
+
+
+def test_support_rows_name_top_k_and_the_step_time_is_the_mean_of_the_cells_runs(tmp_path, capsys):
+    supports = {"sampled": ({}, [0.2, 0.3]), "topk4": ({"support": "topk", "top_k": 4}, [0.4, 0.6])}
+    supports |= {"full": ({"support": "full", "top_k": 16}, [0.5, 0.5])}
+    for name, (estimator, finals) in supports.items():
+        for seed, final in enumerate(finals):
+            path = tmp_path / f"{name}_s{seed}"
+            write_run(path, "forward_kl", "unbiased", seed, final)
+            config = OmegaConf.load(path / ".hydra" / "config.yaml")
+            config.estimator = {**config.estimator, **estimator}
+            (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+            summary = json.loads((path / "summary.json").read_text())
+            summary["mean_step_time_s"] = {"rollout": 0.1 * (seed + 1), "teacher": 0.2, "update": 0.3}
+            (path / "summary.json").write_text(json.dumps(summary))
+    runs = load_runs([tmp_path])
+    assert sorted(set(runs["support"])) == ["full", "sampled", "topk K=4"]
+    table, _ = ablation_table(runs, rows="support", step_time=True)
+    assert table.at["topk K=4", ("unbiased", "final")] == "50.0 ± 127.1"  # t(1) = 12.706 x 0.1 / sqrt(2)
+    assert table.at["full", ("unbiased", "s/step")] == "0.65"  # (0.6 + 0.7) / 2
+    assert table_main([str(tmp_path), "--rows", "support", "--step-time"]) == 0
+    out = capsys.readouterr().out
+    assert "unbiased (s/step)" in out and "warning" not in out
