@@ -158,6 +158,9 @@ class EstimatorConfig:
     - ``rollout_correction``: ``tis`` or ``ppo`` weighs each token by the importance ratio
       p_train / p_rollout of the trainer's and the sampler's log-probs, truncated at ``tis_cap``
       (truncated importance sampling) or PPO-clipped to [1 - ``ppo_clip``, 1 + ``ppo_clip``];
+      ``per_decision`` weighs each reward by the product of the ratios up to its token (per-decision
+      importance sampling), truncated at ``per_decision_cap`` (null: not truncated, and then unbiased
+      for the trainer's policy whatever policy sampled: a stale one, another engine's arithmetic);
       null leaves the loss exactly as docs/opd-math.md writes it.
     """
 
@@ -170,6 +173,7 @@ class EstimatorConfig:
     rollout_correction: str | None = None
     tis_cap: float = 2.0
     ppo_clip: float = 0.2
+    per_decision_cap: float | None = None
     support: str = "sampled"
     top_k: int = 16
     state_baseline: bool = False
@@ -184,13 +188,18 @@ class EstimatorConfig:
         )
         check(
             self.rollout_correction in ROLLOUT_CORRECTIONS,
-            f"estimator.rollout_correction={self.rollout_correction!r} is invalid; valid: null, tis, ppo",
+            f"estimator.rollout_correction={self.rollout_correction!r} is invalid; valid: null, "
+            + ", ".join(ROLLOUT_CORRECTIONS[1:]),
+        )
+        check(
+            self.per_decision_cap is None or self.per_decision_cap >= 1,
+            f"estimator.per_decision_cap={self.per_decision_cap!r} is invalid; use null or a number of at least 1",
         )
         check(self.tis_cap >= 1, f"estimator.tis_cap={self.tis_cap!r} is invalid; it must be at least 1")
         check(0 < self.ppo_clip < 1, f"estimator.ppo_clip={self.ppo_clip!r} is invalid; it must lie in (0, 1)")
 
 
-ROLLOUT_CORRECTIONS = (None, "tis", "ppo")
+ROLLOUT_CORRECTIONS = (None, "tis", "ppo", "per_decision")
 SUPPORTS = ("sampled", "topk", "full")
 
 

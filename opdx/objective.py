@@ -156,6 +156,12 @@ class Estimator(ABC):
         """Raise ValueError if the config's switches (or warped sampling) do not apply to this
         estimator on its support."""
         c = self.config
+        if c.rollout_correction == "per_decision" and (c.batch_baseline or c.whiten or c.state_baseline):
+            raise ValueError(
+                "estimator.rollout_correction=per_decision weighs each reward by its prefix's importance ratio: "
+                "a baseline subtracted after it (batch_baseline, whiten, state_baseline) is no longer unbiased; "
+                "leave them off"
+            )
         if not self.needs_dense:
             return
         dense = c.support != "sampled"
@@ -227,7 +233,7 @@ class Estimator(ABC):
                 for values_S in (terms.logp_token_S, terms.logq_token_S, terms.mean_advantage_S)
             )
         advantages_B_T, log_u_B_T = token_advantages(
-            logp_student_B_T, logp_teacher_B_T, inputs.mask_B_T, divergence, self
+            logp_student_B_T, logp_teacher_B_T, inputs.mask_B_T, divergence, self, inputs.logp_sampling_B_T
         )
         advantages_B_T = torch.where(inputs.mask_B_T.bool(), advantages_B_T - baseline_B_T, 0.0)
         return logp_student_B_T, advantages_B_T, log_u_B_T
@@ -505,20 +511,47 @@ def token_advantages(
     mask_B_T: Tensor,
     divergence: Divergence,
     estimator: Estimator,
+    logp_sampling_B_T: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Advantages A_B_T (detached, 0 off the mask) of ``estimator`` (its own term, its config's
     ``gamma`` and ``log_ratio_clip``) and the per-token log u_B_T they come from.
 
-    ``logp_student_B_T`` are the log-probs of the distribution the tokens were sampled from.
+    ``logp_student_B_T`` are the trainer's log-probs of the tokens, u = q / p with them. With
+    ``rollout_correction=per_decision``, ``logp_sampling_B_T`` are those of the policy that sampled
+    them (mu), and each reward is weighed by the product of the ratios up to its own token
+    (``per_decision_weights``): A_n = rho_1:n a(u_n) + sum_{m>n} gamma^(m-n) rho_1:m (-f(u_m)).
     """
     config = estimator.config
     mask_B_T = mask_B_T.bool()
     log_u_B_T = torch.where(mask_B_T, logp_teacher_B_T.detach() - logp_student_B_T.detach(), 0.0)
     if config.log_ratio_clip is not None:
         log_u_B_T = log_u_B_T.clamp(-config.log_ratio_clip, config.log_ratio_clip)
+    own_B_T = estimator.own_advantage(divergence, log_u_B_T)
     rewards_B_T = torch.where(mask_B_T, divergence.opd_advantage(log_u_B_T), 0.0)
-    advantages_B_T = estimator.own_advantage(divergence, log_u_B_T) + discounted_future_sum(rewards_B_T, config.gamma)
+    if config.rollout_correction == "per_decision":
+        if logp_sampling_B_T is None:
+            raise ValueError("rollout_correction='per_decision' needs the sampler's log-probs of the tokens")
+        rho_B_T = per_decision_weights(logp_student_B_T, logp_sampling_B_T, mask_B_T, config.per_decision_cap)
+        own_B_T, rewards_B_T = rho_B_T * own_B_T, rho_B_T * rewards_B_T
+    advantages_B_T = own_B_T + discounted_future_sum(rewards_B_T, config.gamma)
     return torch.where(mask_B_T, advantages_B_T, 0.0), log_u_B_T
+
+
+def per_decision_weights(
+    logp_student_B_T: Tensor, logp_sampling_B_T: Tensor, mask_B_T: Tensor, cap: float | None = None
+) -> Tensor:
+    """rho_1:n = prod_{k<=n} p(y_k | s_k) / mu(y_k | s_k) over the response tokens up to n, [B, T]
+    (detached; 1 where p = mu), at most ``cap`` (None: not truncated).
+
+    The reward of token n depends on y_1..y_n alone, so E_{y~mu}[rho_1:n g(y_1:n)] =
+    E_{y~p}[g(y_1:n)] for any g of them: weighing each term of the on-policy gradient by the
+    ratio of its own prefix makes the samples of mu count as samples of p (per-decision importance
+    sampling: Precup, Sutton & Singh 2000). The current token's ratio alone (``tis``) leaves
+    the states distributed as under mu. docs/opd-math.md, "Samples from another policy".
+    """
+    log_ratio_B_T = torch.where(mask_B_T.bool(), logp_student_B_T.detach() - logp_sampling_B_T.detach(), 0.0)
+    rho_B_T = log_ratio_B_T.cumsum(-1).exp()
+    return rho_B_T if cap is None else rho_B_T.clamp(max=cap)
 
 
 def normalise_advantages(
@@ -555,7 +588,7 @@ def policy_gradient_loss(
     advantages_B_T = advantages_B_T.detach()
     logp_B_T = torch.where(mask_B_T, logp_student_B_T, 0.0)
     correction = config.rollout_correction
-    if correction is None:
+    if correction in (None, "per_decision"):  # per_decision weighs the advantages themselves
         objective_B_T = advantages_B_T * logp_B_T
     else:
         if logp_rollout_B_T is None:
@@ -591,6 +624,7 @@ def opd_loss(
     rollout_correction: str | None = None,
     tis_cap: float = 2.0,
     ppo_clip: float = 0.2,
+    per_decision_cap: float | None = None,
 ) -> Tensor:
     """The OPD / OPD+ surrogate loss of the sampled tokens; a scalar.
 
@@ -614,7 +648,10 @@ def opd_loss(
         rollout_correction=rollout_correction,
         tis_cap=tis_cap,
         ppo_clip=ppo_clip,
+        per_decision_cap=per_decision_cap,
     )
     div = divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
     inputs = LossInputs(student_logprobs, teacher_logprobs, mask, logp_sampling_B_T=rollout_logprobs)
-    return cls(config).loss(inputs, div).loss
+    estimator_ = cls(config)
+    estimator_.check(plain_sampling=True)
+    return estimator_.loss(inputs, div).loss

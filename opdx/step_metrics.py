@@ -14,6 +14,8 @@ sampled token):
 - ``div/f_mean`` (mean f(u)), ``div/reverse_kl`` (mean -log u, an estimate of KL(p || q) per
   token), ``div/forward_kl`` (mean u log u, of KL(q || p)), ``div/log_u_mean``;
 - ``rollout/logprob_mismatch``: the largest |log p_sampler - log p_trainer| of a sampled token;
+  ``rollout/sequence_log_ratio_max``: the largest |log rho| of a response, rho = p_trainer(y) /
+  p_sampler(y) its whole importance ratio (what ``rollout_correction=per_decision`` weighs by);
 - ``rollout/len_mean``, ``rollout/eos_rate``; and per mixture component c ``reward/<c>/token_mean``,
   ``adv/<c>/mean``, ``adv/<c>/std``, ``div/<c>/reverse_kl``, ``rollout/<c>/len_mean``,
   ``rollout/<c>/share``.
@@ -77,7 +79,7 @@ def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict
         log_u.sum(), -per_sequence, log_u.new_tensor(float(mask_B_T.shape[0])),
     ])  # fmt: skip
     tokens, reward, neg_log_u, u_log_u, log_u_sum, sequence_reward, sequences = global_sum(sums).tolist()
-    mismatch_B_T = (rollout.logp_sampling_B_T - terms.logp_student_B_T).abs()
+    log_ratio_B_T = torch.where(mask_B_T, terms.logp_student_B_T - rollout.logp_sampling_B_T, 0.0)
     return {
         "reward/token_mean": reward / tokens,
         "reward/sequence_mean": sequence_reward / sequences,
@@ -89,7 +91,8 @@ def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict
         "div/reverse_kl": neg_log_u / tokens,
         "div/forward_kl": u_log_u / tokens,
         "div/log_u_mean": log_u_sum / tokens,
-        "rollout/logprob_mismatch": global_max(mismatch_B_T[mask_B_T].max()).item(),
+        "rollout/logprob_mismatch": global_max(log_ratio_B_T.abs().max()).item(),
+        "rollout/sequence_log_ratio_max": global_max(log_ratio_B_T.sum(-1).abs().max()).item(),
     }
 
 

@@ -265,7 +265,8 @@ def load_with_keys(paths: list[Path], keys: list[str], prog: str) -> pd.DataFram
         return None
     missing = [key for key in keys if config_key(key) not in runs]
     if missing:
-        print(f"{prog}: no config key {missing[0]!r}; e.g. divergence, estimator, seed, support, estimator.gamma, trainer.lr")
+        examples = "divergence, estimator, seed, support, estimator.gamma, trainer.lr"
+        print(f"{prog}: no config key {missing[0]!r}; e.g. {examples}")
         return None
     return runs
 
@@ -273,7 +274,11 @@ def load_with_keys(paths: list[Path], keys: list[str], prog: str) -> pd.DataFram
 def table_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="opdx table", description="Ablation table of opdx runs")
     parser.add_argument("paths", nargs="+", type=Path, help="run or multirun directories")
-    parser.add_argument("--rows", default="divergence", help="config key of the rows, or support (sampled, topk K=<k>, full) (default: divergence)")
+    parser.add_argument(
+        "--rows",
+        default="divergence",
+        help="config key of the rows, or support: sampled, topk K=<k>, full (default: divergence)",
+    )
     parser.add_argument("--cols", default="estimator", help="config key of the columns (default: estimator)")
     parser.add_argument("--facet", default="benchmark", help="one table per value of this key")
     parser.add_argument("--metric", default="greedy_acc", help="eval metric: greedy_acc, avg@4, ...")

@@ -19,6 +19,11 @@ categorical state (T = 1) checks the per-state identity (1) of docs/opd-math.md 
 must match to float64 round-off for every support, f and gamma; stop-gradient OPD only for
 reverse_kl. Results go to stdout and to outputs/verify/ as markdown and CSV.
 
+A second table samples from the student as it was one and two updates earlier and takes the
+loss and the true gradient at the current one (``stale_table``): with
+``rollout_correction=per_decision`` the estimators must match as above; the current token's ratio
+alone (``tis``, uncapped) and no correction are shown beside, biased.
+
 ``--loss module:function`` checks anyone's OPD loss the same way (``conformance_table``). The
 function is called once per response with
 
@@ -43,8 +48,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -136,38 +142,64 @@ def true_gradient(problem: TabularProblem, div: Divergence, gamma: float, suppor
     return grad
 
 
-def response_gradients(problem: TabularProblem, loss_of: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+def response_gradients(
+    problem: TabularProblem, loss_of: Callable[..., Tensor], logp_sampling_Y_T: Tensor | None = None
+) -> Tensor:
     """grad L(y) for every response y, [Y, S, V]: L(y) = ``loss_of(student_logits_1_T_V,
     teacher_logits_1_T_V, tokens_1_T, mask_1_T)`` of the response's rows of the logit tables (the
-    student's with grad), its tokens and an all-True mask."""
+    student's with grad), its tokens and an all-True mask; with ``logp_sampling_Y_T`` also the log-probs
+    [1, T] of its tokens under the policy that sampled it."""
     grads = []
     for y in range(problem.responses_Y_T.shape[0]):
         theta = problem.logits_student_S_V.clone().requires_grad_(True)
         states_1_T, tokens_1_T = problem.states_Y_T[y : y + 1], problem.responses_Y_T[y : y + 1]
         mask_1_T = torch.ones_like(tokens_1_T, dtype=torch.bool)
-        loss = loss_of(theta[states_1_T], problem.logits_teacher_S_V[states_1_T], tokens_1_T, mask_1_T)
+        sampling = () if logp_sampling_Y_T is None else (logp_sampling_Y_T[y : y + 1],)
+        loss = loss_of(theta[states_1_T], problem.logits_teacher_S_V[states_1_T], tokens_1_T, mask_1_T, *sampling)
         grads.append(torch.autograd.grad(loss, theta)[0])
     return torch.stack(grads)
 
 
 def per_response_gradients(
-    problem: TabularProblem, div: Divergence, estimator: str, gamma: float, variant: str = "sampled"
+    problem: TabularProblem,
+    div: Divergence,
+    estimator: str,
+    gamma: float,
+    variant: str = "sampled",
+    correction: str | None = None,
+    logp_sampling_Y_T: Tensor | None = None,
 ) -> Tensor:
     """grad L(y) of the one-response surrogate of ``estimator`` on a support of ``VARIANTS`` for
-    every response y, [Y, S, V]."""
+    every response y, [Y, S, V]; with a ``correction`` (``rollout_correction``: ``tis`` uncapped,
+    or ``per_decision``) for responses sampled by another policy, whose log-probs of their tokens
+    are ``logp_sampling_Y_T``."""
     support, baseline = VARIANTS[variant]
-    config = EstimatorConfig(name=estimator, gamma=gamma, support=support, top_k=TOP_K, state_baseline=baseline)
+    config = EstimatorConfig(
+        name=estimator,
+        gamma=gamma,
+        support=support,
+        top_k=TOP_K,
+        state_baseline=baseline,
+        rollout_correction=correction,
+        tis_cap=math.inf,
+    )
     est = ESTIMATORS[estimator](config)
 
-    def loss_of(student_1_T_V: Tensor, teacher_1_T_V: Tensor, tokens_1_T: Tensor, mask_1_T: Tensor) -> Tensor:
+    def loss_of(
+        student_1_T_V: Tensor,
+        teacher_1_T_V: Tensor,
+        tokens_1_T: Tensor,
+        mask_1_T: Tensor,
+        logp_sampling_1_T: Tensor | None = None,
+    ) -> Tensor:
         if not est.needs_dense:  # the sampled tokens' log-probs
             student, teacher = (gather_logprobs(logits, tokens_1_T) for logits in (student_1_T_V, teacher_1_T_V))
         else:
             student, teacher = HeadLogits(student_1_T_V), HeadLogits(teacher_1_T_V)
             teacher = TopKOfLogits(teacher, tokens_1_T, TOP_K) if est.teacher_support == "topk" else teacher
-        return est.loss(LossInputs(student, teacher, mask_1_T, tokens_1_T), div).loss
+        return est.loss(LossInputs(student, teacher, mask_1_T, tokens_1_T, logp_sampling_1_T), div).loss
 
-    return response_gradients(problem, loss_of)
+    return response_gradients(problem, loss_of, logp_sampling_Y_T)
 
 
 def compare(estimate: Tensor, truth: Tensor) -> tuple[float, float]:
@@ -175,6 +207,14 @@ def compare(estimate: Tensor, truth: Tensor) -> tuple[float, float]:
     rel_error = ((estimate - truth).norm() / truth.norm()).item()
     cosine = torch.nn.functional.cosine_similarity(estimate.flatten(), truth.flatten(), dim=0).item()
     return rel_error, cosine
+
+
+def checked(estimate: Tensor, truth: Tensor, must_be_exact: bool, **keys: object) -> dict[str, object]:
+    """A table row: ``keys``, the relative error and cosine of ``estimate`` against ``truth``, and
+    whether it is ``ok`` (within ``TOLERANCE`` where it ``must_be_exact``)."""
+    rel_error, cosine = compare(estimate, truth)
+    ok = rel_error < TOLERANCE if must_be_exact else True
+    return keys | {"rel_error": rel_error, "cosine": cosine, "must_be_exact": must_be_exact, "ok": ok}
 
 
 def divergence_for(name: str, params: dict[str, float] | None = None) -> Divergence:
@@ -197,21 +237,55 @@ def exact_table(vocab: int = 3, length: int = 3, seed: int = 0, params: dict[str
             truth = true_gradient(problem, div, gamma, VARIANTS[variant][0])
             for estimator, cls in ESTIMATORS.items():
                 grads_Y_S_V = per_response_gradients(problem, div, estimator, gamma, variant)
-                rel_error, cosine = compare(torch.einsum("y,ysv->sv", weight_Y, grads_Y_S_V), truth)
-                exact = cls.is_exact(name, gamma)
-                rows.append(
-                    {
-                        "setting": setting,
-                        "divergence": name,
-                        "gamma": gamma,
-                        "support": variant,
-                        "estimator": estimator,
-                        "rel_error": rel_error,
-                        "cosine": cosine,
-                        "must_be_exact": exact,
-                        "ok": rel_error < TOLERANCE if exact else True,
-                    }
+                estimate = torch.einsum("y,ysv->sv", weight_Y, grads_Y_S_V)
+                keys = {"setting": setting, "divergence": name, "gamma": gamma, "support": variant}
+                rows.append(checked(estimate, truth, cls.is_exact(name, gamma), **keys, estimator=estimator))
+    return pd.DataFrame(rows)
+
+
+STALE_UPDATES = (1, 2)  # how many updates older than the trained policy the sampling policy is
+STALE_STEP = 1.0  # step size of each update (gradient descent on reverse_kl's J^f over the logit table)
+# the weightings compared on stale samples, by rollout_correction: None treats them as the current
+# policy's; tis (uncapped) weighs by the current token's ratio alone
+STALE_CORRECTIONS = {"none": None, "token ratio": "tis", "per_decision": "per_decision"}
+
+
+def policy_versions(problem: TabularProblem, updates: int) -> list[Tensor]:
+    """The student's logit table [S, V] before and after each of ``updates`` updates:
+    theta_k+1 = theta_k - STALE_STEP grad J(theta_k), J reverse_kl's sequence objective."""
+    div = divergence_for("reverse_kl")
+    versions = [problem.logits_student_S_V]
+    for _ in range(updates):
+        step_S_V = true_gradient(replace(problem, logits_student_S_V=versions[-1]), div, 1.0)
+        versions.append(versions[-1] - STALE_STEP * step_S_V)
+    return versions
+
+
+def stale_table(vocab: int = 3, length: int = 3, seed: int = 0, params: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per update lag x divergence x gamma x weighting x estimator: the responses sampled by
+    the tabular student theta_0, the loss and the true gradient taken at theta_k, k in
+    ``STALE_UPDATES`` (E[grad L] = sum_y mu(y) grad L(y), mu = p_theta_0). ``per_decision`` must be
+    exact wherever the estimator is on its own samples."""
+    problem = TabularProblem.random(vocab, length, seed)
+    versions = policy_versions(problem, max(STALE_UPDATES))
+    logp_sampling_Y_T = problem.token_logprobs(versions[0])
+    weight_Y = logp_sampling_Y_T.sum(-1).exp()
+    rows = []
+    for updates in STALE_UPDATES:
+        current = replace(problem, logits_student_S_V=versions[updates])
+        for name, gamma in itertools.product(DIVERGENCES, (0.0, 1.0)):
+            div = divergence_for(name, params)
+            truth = true_gradient(current, div, gamma)
+            for (weighting, correction), (estimator, cls) in itertools.product(
+                STALE_CORRECTIONS.items(), ESTIMATORS.items()
+            ):
+                grads_Y_S_V = per_response_gradients(
+                    current, div, estimator, gamma, correction=correction, logp_sampling_Y_T=logp_sampling_Y_T
                 )
+                estimate = torch.einsum("y,ysv->sv", weight_Y, grads_Y_S_V)
+                exact = correction == "per_decision" and cls.is_exact(name, gamma)
+                keys = {"updates": updates, "divergence": name, "gamma": gamma, "weighting": weighting}
+                rows.append(checked(estimate, truth, exact, **keys, estimator=estimator))
     return pd.DataFrame(rows)
 
 
@@ -350,6 +424,29 @@ def run(
         f"reverse_kl OPD max rel.err {reverse_kl_error:.1e}; stop-gradient OPD of the other "
         f"divergences: rel.err {biased.min():.2f} to {biased.max():.2f} (biased)."
     )
+    stale = stale_table(seed=seed, params=params)
+    stale_wide = stale.pivot_table(
+        index=["updates", "divergence", "gamma"], columns=["weighting", "estimator"], values="rel_error", sort=False
+    )
+    stale_wide.columns = [f"{weighting} {estimator}" for weighting, estimator in stale_wide.columns]
+    stale_wide = stale_wide.reset_index().assign(gamma=lambda t: t["gamma"].map("{:g}".format))
+    stale_markdown = stale_wide.to_markdown(index=False, floatfmt=[""] * 3 + [".1e"] * (len(stale_wide.columns) - 3))
+    print(
+        "\nSamples from a stale policy: responses sampled by the student as it was 1 or 2 updates before, the "
+        "loss and the true gradient at the current one; relative error of E[grad L] per weighting of the "
+        "samples (rollout_correction: none, the current token's ratio, per_decision)\n"
+    )
+    print(stale_markdown)
+    (out_dir / "stale.md").write_text(stale_markdown + "\n")
+    stale.to_csv(out_dir / "stale.csv", index=False)
+    per_decision = stale[(stale.weighting == "per_decision") & stale.must_be_exact].rel_error.max()
+    token_ratio = stale[(stale.weighting == "token ratio") & (stale.estimator == "unbiased")].rel_error
+    print(
+        f"\nOPD+ with per_decision weights max rel.err {per_decision:.1e}; with the current token's ratio alone "
+        f"{token_ratio.min():.2f} to {token_ratio.max():.2f} (biased: the states stay distributed as under the "
+        "sampling policy)."
+    )
+    failures = pd.concat([failures, stale[~stale["ok"]]])
     if samples:
         mc = monte_carlo_table(samples, seed=seed, gamma=gamma, params=params)
         mc_wide = mc.pivot_table(

@@ -117,7 +117,7 @@ def test_log_ratio_clip():
     assert advantages[1, 0].item() == pytest.approx(0.5)  # log(0.3/0.1) = 1.10 clipped to 0.5
 
 
-@pytest.mark.parametrize("correction", ["tis", "ppo"])
+@pytest.mark.parametrize("correction", ["tis", "ppo", "per_decision"])
 def test_rollout_correction_is_the_identity_when_the_log_probs_agree(correction):
     logp = LOGP.clone().requires_grad_(True)
     corrected = opd_loss(logp, LOGQ, MASK, "js", "unbiased", rollout_logprobs=LOGP, rollout_correction=correction)
@@ -125,7 +125,7 @@ def test_rollout_correction_is_the_identity_when_the_log_probs_agree(correction)
     plain = opd_loss(logp, LOGQ, MASK, "js", "unbiased")
     (grad_plain,) = torch.autograd.grad(plain, logp)
     torch.testing.assert_close(grad_corrected, grad_plain, rtol=1e-12, atol=1e-12)
-    if correction == "tis":
+    if correction != "ppo":
         assert corrected.item() == pytest.approx(plain.item(), rel=1e-12)
 
 
@@ -145,6 +145,28 @@ def test_rollout_correction_weighs_by_the_ratio_truncated_or_clipped():
     assert bool((grad_ppo[advantages > 0] == 0).all())  # ratio e > 1.2 clipped where A > 0: no gradient
     negative = (advantages < 0) & MASK.bool()
     torch.testing.assert_close(grad_ppo[negative], -(math.e * advantages / 2)[negative])
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_per_decision_weighs_each_reward_by_its_prefixs_ratio(cap):
+    """rho_1:n = e^n when the trainer's log-probs are the sampler's plus 1 on every token: by hand,
+    A_n = rho_1:n w(u_n) + gamma rho_1:n+1 (-f(u_n+1)) + gamma^2 rho_1:n+2 (-f(u_n+2)), rho at most cap."""
+    div, gamma = get_divergence("js"), 0.5
+    moved = LOGP + 1.0
+    config = {"gamma": gamma, "rollout_correction": "per_decision", "per_decision_cap": cap}
+    advantages, log_u = token_advantages(moved, LOGQ, MASK, div, sampled("unbiased", **config), LOGP)
+    rho = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 2.0]], dtype=torch.float64).exp().clamp(max=cap or math.inf)
+    own, reward = div.unbiased_advantage(log_u), div.opd_advantage(log_u)
+    for b, n in MASK.nonzero().tolist():
+        expected = rho[b, n] * own[b, n] + sum(
+            gamma ** (m - n) * rho[b, m] * reward[b, m] for m in range(n + 1, 3) if MASK[b, m]
+        )
+        assert advantages[b, n].item() == pytest.approx(expected.item(), rel=1e-12)
+    assert advantages[1, 2] == 0  # off the mask
+    logp = moved.clone().requires_grad_(True)
+    loss = opd_loss(logp, LOGQ, MASK, div, "unbiased", rollout_logprobs=LOGP, **config)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, -advantages / 2)  # the weights sit in A; log p carries the gradient
 
 
 def dense_loss(estimator: str, support: str, logits_p, logits_q, mask, div, gamma: float = 0.0, top_k: int = 16):
@@ -206,8 +228,14 @@ def test_errors_name_the_bad_value_and_the_valid_ones():
         opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", gamma=2)
     with pytest.raises(ValueError, match="rollout_correction='tis' needs the sampler's log-probs"):
         opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", rollout_correction="tis")
-    with pytest.raises(ValueError, match="rollout_correction='is' is invalid; valid: null, tis, ppo"):
+    with pytest.raises(ValueError, match="rollout_correction='is' is invalid; valid: null, tis, ppo, per_decision"):
         opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", rollout_correction="is")
+    with pytest.raises(ValueError, match="per_decision_cap=0.5 is invalid"):
+        opd_loss(LOGP, LOGQ, MASK, "js", "unbiased", rollout_correction="per_decision", per_decision_cap=0.5)
+    with pytest.raises(ValueError, match="per_decision weighs each reward.*batch_baseline, whiten, state_baseline"):
+        opd_loss(
+            LOGP, LOGQ, MASK, "js", "unbiased", rollout_logprobs=LOGP, rollout_correction="per_decision", whiten=True
+        )
 
 
 def test_whitening_a_single_token_stays_finite():

@@ -39,6 +39,16 @@ def test_rollout_metrics_equal_their_plain_formulas():
         "div/forward_kl": (log_u.exp() * log_u).mean(),
         "div/log_u_mean": log_u.mean(),
         "rollout/logprob_mismatch": (rollout.logp_sampling_B_T - terms.logp_student_B_T)[mask].abs().max(),
+        "rollout/sequence_log_ratio_max": max(
+            abs(
+                sum(
+                    terms.logp_student_B_T[b, n] - rollout.logp_sampling_B_T[b, n]
+                    for n in range(mask.shape[1])
+                    if mask[b, n]
+                )
+            )
+            for b in range(mask.shape[0])
+        ),
     }
     assert set(metrics) == set(expected)
     for key, value in expected.items():

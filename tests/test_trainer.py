@@ -323,6 +323,7 @@ MICRO_SETTINGS = [
     ["estimator=stopgrad", "estimator.whiten=true", "estimator.log_ratio_clip=2"],
     ["estimator=unbiased", "estimator.rollout_correction=tis"],
     ["estimator=unbiased", "estimator.rollout_correction=ppo"],
+    ["estimator=unbiased", "estimator.rollout_correction=per_decision", "estimator.gamma=1"],
     ["estimator=analytic"],
     ["estimator=analytic", "estimator.token_mean=true"],
     ["estimator=unbiased", "estimator.support=topk", "estimator.top_k=3", "estimator.gamma=1"],

@@ -12,6 +12,7 @@ from opdx.verify import (
     main,
     monte_carlo_table,
     per_response_gradients,
+    stale_table,
     true_gradient,
 )
 
@@ -87,8 +88,8 @@ def test_monte_carlo_unbiased_error_shrinks_like_inverse_sqrt_and_stopgrad_plate
 def test_cli_writes_tables_and_exits_zero(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--samples", "64"]) == 0
     out = capsys.readouterr().out
-    assert "forward_kl" in out and "OK:" in out and "Monte-Carlo" in out
-    for name in ("exact.md", "exact.csv", "monte_carlo.md", "monte_carlo.csv"):
+    assert "forward_kl" in out and "OK:" in out and "Monte-Carlo" in out and "stale policy" in out
+    for name in ("exact.md", "exact.csv", "stale.md", "stale.csv", "monte_carlo.md", "monte_carlo.csv"):
         assert (tmp_path / name).stat().st_size > 100
 
 
@@ -146,3 +147,19 @@ def test_anyones_loss_is_checked_against_the_exact_gradient(tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         main(["--loss", "user_losses:nothing_here"])
     assert "cannot be loaded" in capsys.readouterr().err
+
+
+def test_per_decision_weights_make_a_stale_policys_samples_exact_and_the_token_ratio_alone_does_not():
+    stale = stale_table(length=2, seed=1)
+    exact = stale[stale.must_be_exact]
+    # OPD+ for every f and stop-gradient OPD for reverse_kl, gamma 0 and 1, one and two updates old
+    assert len(exact) == 2 * 2 * (len(DIVERGENCES) + 1)
+    assert set(exact.weighting) == {"per_decision"} and exact.rel_error.max() < 1e-12
+    unbiased = (
+        stale[stale.estimator == "unbiased"].set_index(["weighting", "updates", "divergence", "gamma"]).sort_index()
+    )
+    assert unbiased.loc["token ratio"].rel_error.min() > 1e-3  # the states are still the old policy's
+    assert unbiased.loc["none"].rel_error.min() > 1e-3
+    # two updates old is further off than one when nothing or the token's ratio alone corrects it
+    for weighting in ("none", "token ratio"):
+        assert unbiased.loc[(weighting, 2)].rel_error.mean() > unbiased.loc[(weighting, 1)].rel_error.mean()
