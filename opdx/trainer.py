@@ -52,6 +52,21 @@ class NonFiniteError(Exception):
     """``trainer.max_bad_steps`` steps in a row had non-finite values; the message names them."""
 
 
+def nonfinite_advice(parts: str) -> str:
+    """The likely cause of non-finite ``parts`` (``nonfinite_parts``' names, comma-separated) and
+    what to change: non-finite log-probs come from a model's arithmetic, non-finite advantages or
+    loss with finite log-probs from an advantage that grew without bound."""
+    if "teacher_logprobs" in parts:
+        return "A float16 teacher that overflows is a common cause (model.teacher_dtype=bfloat16 or float32)"
+    if "student_logprobs" in parts:
+        return "The student's weights may have diverged (a lower trainer.lr or trainer.grad_clip)"
+    return (
+        "Both models' log-probs were finite: the advantages overflowed, as when a run diverges under a biased "
+        "estimator (stop-gradient forward_kl or pearson, whose -f(u) grows without bound in u = q/p); "
+        "estimator=unbiased removes the bias that drives such runs apart, estimator.log_ratio_clip bounds u"
+    )
+
+
 # trainer.schedule -> transformers' scheduler: linear warmup over trainer.warmup_steps, then this
 SCHEDULERS = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -290,8 +305,8 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
             raise NonFiniteError(
                 f"{state.bad_streak} steps in a row (to step {done}) were skipped because {postfix['skipped']} "
                 f"were not finite (trainer.max_bad_steps={t.max_bad_steps}). Nothing of them was applied; the last "
-                f"checkpoint in {run_dir / CHECKPOINT_DIR} is intact. A float16 teacher that overflows is a common "
-                f"cause (model.teacher_dtype=bfloat16 or float32); resume with trainer.resume={run_dir}"
+                f"checkpoint in {run_dir / CHECKPOINT_DIR} is intact. {nonfinite_advice(postfix['skipped'])}; "
+                f"resume with trainer.resume={run_dir}"
             )
         if done % t.eval_every == 0 or done == t.steps:
             with timed(metrics, "eval"):

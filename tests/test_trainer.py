@@ -253,8 +253,18 @@ def test_a_non_finite_teacher_log_prob_skips_the_step_and_too_many_stop_the_run(
     result = opdx_cli("train", *common, "trainer.max_bad_steps=1", f"hydra.run.dir={tmp_path / 'stop'}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"1 steps in a row (to step {first_bad}) were skipped because teacher_logprobs" in result.stderr
+    assert "A float16 teacher that overflows" in result.stderr
     assert read_metrics(tmp_path / "stop")[-1]["step"] == first_bad
     assert read_extra(usable_checkpoint(tmp_path / "stop"))["step"] == first_bad - 1
+
+
+def test_the_advice_on_non_finite_steps_follows_what_was_not_finite():
+    from opdx.trainer import nonfinite_advice
+
+    assert "teacher_dtype" in nonfinite_advice("teacher_logprobs,advantages,loss")
+    assert "trainer.lr" in nonfinite_advice("student_logprobs,loss")
+    advice = nonfinite_advice("advantages,loss")
+    assert "log-probs were finite" in advice and "estimator=unbiased" in advice and "teacher_dtype" not in advice
 
 
 def test_a_skipped_step_changes_no_parameter_optimizer_or_schedule(tmp_path):
