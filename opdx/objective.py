@@ -583,6 +583,7 @@ def policy_gradient_loss(
     importance ratio r = p / p_rollout of the trainer's and the sampler's distributions: ``tis``
     uses stopgrad(min(r, tis_cap)) * A * log p (truncated importance sampling), ``ppo`` the clipped
     surrogate min(r A, clip(r, 1 - ppo_clip, 1 + ppo_clip) A). Both have the plain gradient when r = 1.
+    ``per_decision`` weighs the advantages themselves (``token_advantages``): the loss is the plain one.
     """
     mask_B_T = mask_B_T.bool()
     advantages_B_T = advantages_B_T.detach()
@@ -652,6 +653,6 @@ def opd_loss(
     )
     div = divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
     inputs = LossInputs(student_logprobs, teacher_logprobs, mask, logp_sampling_B_T=rollout_logprobs)
-    estimator_ = cls(config)
-    estimator_.check(plain_sampling=True)
-    return estimator_.loss(inputs, div).loss
+    checked_estimator = cls(config)
+    checked_estimator.check(plain_sampling=True)
+    return checked_estimator.loss(inputs, div).loss

@@ -14,8 +14,8 @@ sampled token):
 - ``div/f_mean`` (mean f(u)), ``div/reverse_kl`` (mean -log u, an estimate of KL(p || q) per
   token), ``div/forward_kl`` (mean u log u, of KL(q || p)), ``div/log_u_mean``;
 - ``rollout/logprob_mismatch``: the largest |log p_sampler - log p_trainer| of a sampled token;
-  ``rollout/sequence_log_ratio_max``: the largest |log rho| of a response, rho = p_trainer(y) /
-  p_sampler(y) its whole importance ratio (what ``rollout_correction=per_decision`` weighs by);
+  ``rollout/sequence_log_ratio_max``: the largest |log rho_1:n| of a response prefix, rho_1:n =
+  prod_{k<=n} p_trainer / p_sampler (the weights of ``rollout_correction=per_decision``);
 - ``rollout/len_mean``, ``rollout/eos_rate``; and per mixture component c ``reward/<c>/token_mean``,
   ``adv/<c>/mean``, ``adv/<c>/std``, ``div/<c>/reverse_kl``, ``rollout/<c>/len_mean``,
   ``rollout/<c>/share``.
@@ -69,7 +69,8 @@ def mean_std_min_max(values: Tensor) -> tuple[float, float, float, float]:
 
 def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict[str, float]:
     """Reward, advantage and sampled divergence statistics over the response tokens of all ranks,
-    and the largest gap between the sampler's and the trainer's log-probs of a sampled token."""
+    the largest gap between the sampler's and the trainer's log-probs of a sampled token, and of
+    their sums over a response prefix."""
     mask_B_T = rollout.response_mask_B_T
     log_u = terms.log_u_B_T[mask_B_T].double()
     adv_mean, adv_std, adv_min, adv_max = mean_std_min_max(terms.advantages_B_T[mask_B_T])
@@ -92,7 +93,7 @@ def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict
         "div/forward_kl": u_log_u / tokens,
         "div/log_u_mean": log_u_sum / tokens,
         "rollout/logprob_mismatch": global_max(log_ratio_B_T.abs().max()).item(),
-        "rollout/sequence_log_ratio_max": global_max(log_ratio_B_T.sum(-1).abs().max()).item(),
+        "rollout/sequence_log_ratio_max": global_max(log_ratio_B_T.cumsum(-1).abs().max()).item(),
     }
 
 

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, get_scheduler
 from opdx.backends import Sampler, Scorer, teacher_scores
 from opdx.benchmarks import Benchmark, Problem
 from opdx.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, save_checkpoint, usable_checkpoint
-from opdx.config import TrainerConfig
+from opdx.config import EstimatorConfig, TrainerConfig
 from opdx.dist import Ranks, accumulating, barrier, broadcast, drop_unsynced_gradients, global_sum, micro_batches, wrap
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
@@ -52,18 +52,26 @@ class NonFiniteError(Exception):
     """``trainer.max_bad_steps`` steps in a row had non-finite values; the message names them."""
 
 
-def nonfinite_advice(parts: str) -> str:
+def nonfinite_advice(parts: str, estimator: EstimatorConfig) -> str:
     """The likely cause of non-finite ``parts`` (``nonfinite_parts``' names, comma-separated) and
-    what to change: non-finite log-probs come from a model's arithmetic, non-finite advantages or
-    loss with finite log-probs from an advantage that grew without bound."""
+    what to change: non-finite log-probs come from a model's arithmetic (or a token the trainer's
+    warped distribution excludes), non-finite advantages or loss with finite log-probs from an
+    untruncated importance weight or an advantage that grew without bound in u."""
     if "teacher_logprobs" in parts:
         return "A float16 teacher that overflows is a common cause (model.teacher_dtype=bfloat16 or float32)"
     if "student_logprobs" in parts:
-        return "The student's weights may have diverged (a lower trainer.lr or trainer.grad_clip)"
+        return (
+            "Common causes: a float16 student that overflows, or a sampled token outside the trainer's "
+            "sampling.top_k / top_p (a sampler that warps differently)"
+        )
+    if estimator.rollout_correction == "per_decision" and estimator.per_decision_cap is None:
+        return (
+            "Both models' log-probs were finite: the per_decision importance weight may have overflowed "
+            "(rollout/sequence_log_ratio_max); estimator.per_decision_cap truncates it"
+        )
     return (
-        "Both models' log-probs were finite: the advantages overflowed, as when a run diverges under a biased "
-        "estimator (stop-gradient forward_kl or pearson, whose -f(u) grows without bound in u = q/p); "
-        "estimator=unbiased removes the bias that drives such runs apart, estimator.log_ratio_clip bounds u"
+        "Both models' log-probs were finite: an advantage grew without bound in u = q/p (as in a diverging "
+        "run: stop-gradient forward_kl or pearson); estimator.log_ratio_clip bounds u"
     )
 
 
@@ -302,10 +310,11 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
             postfix = {"loss": f"{metrics['train/loss']:.3f}", "rkl": f"{metrics['div/reverse_kl']:.2f}"}
         if state.bad_streak >= t.max_bad_steps:
             logger.log(metrics, step=done)
+            advice = nonfinite_advice(postfix["skipped"], run.estimator.config)
             raise NonFiniteError(
                 f"{state.bad_streak} steps in a row (to step {done}) were skipped because {postfix['skipped']} "
                 f"were not finite (trainer.max_bad_steps={t.max_bad_steps}). Nothing of them was applied; the last "
-                f"checkpoint in {run_dir / CHECKPOINT_DIR} is intact. {nonfinite_advice(postfix['skipped'])}; "
+                f"checkpoint in {run_dir / CHECKPOINT_DIR} is intact. {advice}; "
                 f"resume with trainer.resume={run_dir}"
             )
         if done % t.eval_every == 0 or done == t.steps:

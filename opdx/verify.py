@@ -442,11 +442,12 @@ def run(
     per_decision = stale[(stale.weighting == "per_decision") & stale.must_be_exact].rel_error.max()
     token_ratio = stale[(stale.weighting == "token ratio") & (stale.estimator == "unbiased")].rel_error
     print(
-        f"\nOPD+ with per_decision weights max rel.err {per_decision:.1e}; with the current token's ratio alone "
+        f"\nper_decision weights, where exact (OPD+; OPD for reverse_kl): max rel.err {per_decision:.1e}; OPD+ with "
+        "the current token's ratio alone "
         f"{token_ratio.min():.2f} to {token_ratio.max():.2f} (biased: the states stay distributed as under the "
         "sampling policy)."
     )
-    failures = pd.concat([failures, stale[~stale["ok"]]])
+    failures = pd.concat([frame for frame in (failures, stale[~stale["ok"]]) if len(frame)] or [failures])
     if samples:
         mc = monte_carlo_table(samples, seed=seed, gamma=gamma, params=params)
         mc_wide = mc.pivot_table(

@@ -155,6 +155,7 @@ def test_per_decision_weighs_each_reward_by_its_prefixs_ratio(cap):
     moved = LOGP + 1.0
     config = {"gamma": gamma, "rollout_correction": "per_decision", "per_decision_cap": cap}
     advantages, log_u = token_advantages(moved, LOGQ, MASK, div, sampled("unbiased", **config), LOGP)
+    torch.testing.assert_close(log_u, torch.where(MASK.bool(), LOGQ - moved, 0.0))  # u from the trainer's p
     rho = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 2.0]], dtype=torch.float64).exp().clamp(max=cap or math.inf)
     own, reward = div.unbiased_advantage(log_u), div.opd_advantage(log_u)
     for b, n in MASK.nonzero().tolist():

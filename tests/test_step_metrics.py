@@ -40,14 +40,9 @@ def test_rollout_metrics_equal_their_plain_formulas():
         "div/log_u_mean": log_u.mean(),
         "rollout/logprob_mismatch": (rollout.logp_sampling_B_T - terms.logp_student_B_T)[mask].abs().max(),
         "rollout/sequence_log_ratio_max": max(
-            abs(
-                sum(
-                    terms.logp_student_B_T[b, n] - rollout.logp_sampling_B_T[b, n]
-                    for n in range(mask.shape[1])
-                    if mask[b, n]
-                )
-            )
+            abs(sum(terms.logp_student_B_T[b, k] - rollout.logp_sampling_B_T[b, k] for k in range(n + 1) if mask[b, k]))
             for b in range(mask.shape[0])
+            for n in range(mask.shape[1])
         ),
     }
     assert set(metrics) == set(expected)

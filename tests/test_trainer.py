@@ -259,12 +259,18 @@ def test_a_non_finite_teacher_log_prob_skips_the_step_and_too_many_stop_the_run(
 
 
 def test_the_advice_on_non_finite_steps_follows_what_was_not_finite():
+    from opdx.config import EstimatorConfig
     from opdx.trainer import nonfinite_advice
 
-    assert "teacher_dtype" in nonfinite_advice("teacher_logprobs,advantages,loss")
-    assert "trainer.lr" in nonfinite_advice("student_logprobs,loss")
-    advice = nonfinite_advice("advantages,loss")
-    assert "log-probs were finite" in advice and "estimator=unbiased" in advice and "teacher_dtype" not in advice
+    plain = EstimatorConfig("unbiased")
+    assert "teacher_dtype" in nonfinite_advice("teacher_logprobs,advantages,loss", plain)
+    assert "float16 student" in nonfinite_advice("student_logprobs,loss", plain)
+    advice = nonfinite_advice("advantages,loss", plain)
+    assert "log-probs were finite" in advice and "log_ratio_clip" in advice and "teacher_dtype" not in advice
+    weighted = EstimatorConfig("unbiased", rollout_correction="per_decision")
+    assert "per_decision_cap" in nonfinite_advice("advantages,loss", weighted)
+    capped = EstimatorConfig("unbiased", rollout_correction="per_decision", per_decision_cap=10.0)
+    assert "per_decision_cap" not in nonfinite_advice("advantages,loss", capped)
 
 
 def test_a_skipped_step_changes_no_parameter_optimizer_or_schedule(tmp_path):
@@ -344,7 +350,7 @@ MICRO_SETTINGS = [
 @pytest.fixture(scope="module")
 def float64_pair():
     """The tiny pair in float64 and a rollout of 9 distinct prompts whose sampler log-probs are
-    moved off the trainer's (so the importance ratios of tis / ppo are not 1)."""
+    moved off the trainer's (so the importance ratios of tis, ppo and per_decision are not 1)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opdx.backends.hf import HFModel

@@ -10,7 +10,7 @@ process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), then its prefix cache is reset s
 keys and values computed with the old weights are reused. It records the *processed* log-prob of
 each sampled token (``logprobs_mode="processed_logprobs"``: after temperature, top-k and top-p,
 the distribution actually sampled from), which ``rollout/logprob_mismatch`` compares with the
-trainer's recompute; ``estimator.rollout_correction=tis|ppo`` corrects for what remains.
+trainer's recompute; ``estimator.rollout_correction=tis|ppo|per_decision`` corrects for what remains.
 """
 
 from __future__ import annotations
