@@ -100,6 +100,8 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
         row: dict[str, Any] = {"run_dir": str(run_dir), **pd.json_normalize(config, sep=".").iloc[0].to_dict()}
         metrics = read_metrics(run_dir)
         row["steps_done"] = metrics[-1]["step"] if metrics else 0
+        last = metrics[-1] if metrics else {}
+        row["last_nonfinite"] = ",".join(k.removeprefix("nonfinite/") for k in last if k.startswith("nonfinite/"))
         row["support"] = support_label(config)
         row |= {"status": "incomplete", "collapsed": False, "collapse": None, "below_start": False, "change": None}
         summary_path = run_dir / "summary.json"
@@ -230,7 +232,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 
 RUN_COLUMNS = (
     *("run_dir", "status", "steps_done", "collapsed", "collapse", "below_start", "change", "seed"),
-    *("support", "step_time_s"),
+    *("support", "step_time_s", "last_nonfinite"),
 )
 NOT_A_SETTING = ("trainer.resume", "runtime.threads", "runtime.device", *RENAMED)
 
@@ -247,7 +249,10 @@ def status_report(runs: pd.DataFrame) -> str:
     lines = []
     for _, run in runs[runs["status"] != "complete"].iterrows():
         total = run.get("trainer.steps", "?")
-        lines.append(f"- incomplete (crashed or running): {run['run_dir']} at step {run['steps_done']} of {total}")
+        line = f"- incomplete (crashed or running): {run['run_dir']} at step {run['steps_done']} of {total}"
+        if run["last_nonfinite"]:  # the trainer stops after trainer.max_bad_steps of these
+            line += f", whose last step was skipped for non-finite {run['last_nonfinite']}"
+        lines.append(line)
     for _, run in runs[runs["collapsed"]].iterrows():
         lines.append(f"- collapsed: {run['run_dir']} ({run['collapse']})")
     for _, run in runs[runs["below_start"]].iterrows():
@@ -290,6 +295,9 @@ def table_main(argv: list[str]) -> int:
     runs = load_with_keys(args.paths, [args.rows, args.cols, args.facet], "opdx table")
     if runs is None:
         return 2
+    if not (runs["status"] == "complete").any():
+        print(f"opdx table: none of the {len(runs)} runs is complete\n\n{status_report(runs)}")
+        return 1
     if f"final/{args.metric}" not in runs:
         logged = sorted(c.removeprefix("final/") for c in runs if c.startswith("final/") and c != "final/step")
         print(f"opdx table: no eval metric {args.metric!r} in these runs; logged: {', '.join(logged) or 'none'}")

@@ -92,7 +92,7 @@ def test_cli_markdown_marks_best_and_reports_incomplete_runs(sweep, capsys):
     out = capsys.readouterr().out
     assert "**55.0 ± 12.4**" in out  # forward_kl / unbiased: the best final mean
     assert "12 of 13 runs complete" in out
-    assert "incomplete (crashed or running): " in out and "crashed at step 5 of 10" in out
+    assert "incomplete (crashed or running): " in out and "crashed at step 5 of 10\n" in out
     assert "collapsed: " in out
     assert table_main([str(sweep), "--format", "latex"]) == 0
     assert r"\textbf{55.0 ± 12.4}" in capsys.readouterr().out
@@ -224,3 +224,14 @@ def test_support_rows_name_top_k_and_the_step_time_is_the_mean_of_the_cells_runs
     assert table_main([str(tmp_path), "--rows", "support", "--step-time"]) == 0
     out = capsys.readouterr().out
     assert "unbiased (s/step)" in out and "warning" not in out
+
+
+def test_a_run_stopped_for_non_finite_steps_says_what_was_not_finite(tmp_path, capsys):
+    write_run(tmp_path / "diverged", "forward_kl", "stopgrad", 0, 0.0, complete=False)
+    metrics = tmp_path / "diverged" / "metrics.jsonl"
+    last = {"step": 6, "train/skipped": 1.0, "nonfinite/advantages": 2.0, "nonfinite/loss": 1.0}
+    metrics.write_text(metrics.read_text() + json.dumps(last) + "\n")
+    assert table_main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("opdx table: none of the 1 runs is complete")
+    assert "diverged at step 6 of 10, whose last step was skipped for non-finite advantages,loss" in out
