@@ -28,6 +28,12 @@ GIB = 2**30
 _track_cpu_memory = False
 
 
+def nonfinite_names(record: dict[str, Any]) -> str:
+    """The parts a skipped step's metrics name as not finite (its ``nonfinite/<part>`` keys),
+    comma-separated; "" for a step that was not skipped."""
+    return ",".join(key.removeprefix("nonfinite/") for key in record if key.startswith("nonfinite/"))
+
+
 def track_cpu_memory(on: bool) -> None:
     """``runtime.track_memory``: ``timed`` blocks on a CPU also record their peak memory (slow)."""
     global _track_cpu_memory

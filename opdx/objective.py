@@ -589,7 +589,7 @@ def policy_gradient_loss(
     advantages_B_T = advantages_B_T.detach()
     logp_B_T = torch.where(mask_B_T, logp_student_B_T, 0.0)
     correction = config.rollout_correction
-    if correction in (None, "per_decision"):  # per_decision weighs the advantages themselves
+    if correction in (None, "per_decision"):
         objective_B_T = advantages_B_T * logp_B_T
     else:
         if logp_rollout_B_T is None:

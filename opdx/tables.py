@@ -27,7 +27,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from opdx.config import RENAMED, upgrade
-from opdx.metrics import read_metrics
+from opdx.metrics import nonfinite_names, read_metrics
 from opdx.outcome import accuracy_change, collapse_reason
 
 GROUP_KEYS = ("model", "divergence", "estimator", "benchmark", "logger")
@@ -100,8 +100,7 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
         row: dict[str, Any] = {"run_dir": str(run_dir), **pd.json_normalize(config, sep=".").iloc[0].to_dict()}
         metrics = read_metrics(run_dir)
         row["steps_done"] = metrics[-1]["step"] if metrics else 0
-        last = metrics[-1] if metrics else {}
-        row["last_nonfinite"] = ",".join(k.removeprefix("nonfinite/") for k in last if k.startswith("nonfinite/"))
+        row["last_nonfinite"] = nonfinite_names(metrics[-1]) if metrics else ""
         row["support"] = support_label(config)
         row |= {"status": "incomplete", "collapsed": False, "collapse": None, "below_start": False, "change": None}
         summary_path = run_dir / "summary.json"

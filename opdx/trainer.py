@@ -37,7 +37,7 @@ from opdx.dist import Ranks, accumulating, barrier, broadcast, drop_unsynced_gra
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
 from opdx.logits import DenseScores
-from opdx.metrics import LOGGERS, SilentLogger, timed, track_cpu_memory
+from opdx.metrics import LOGGERS, SilentLogger, nonfinite_names, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
 from opdx.objective import LossInputs, LossTerms, batch_totals
 from opdx.policy import TokenScores
@@ -305,7 +305,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         state.bad_streak = state.bad_streak + 1 if skipped else 0
         metrics["train/skipped_steps"] = state.skipped_steps
         if skipped:
-            postfix = {"skipped": ",".join(k.removeprefix("nonfinite/") for k in metrics if k.startswith("nonfinite/"))}
+            postfix = {"skipped": nonfinite_names(metrics)}
         else:
             postfix = {"loss": f"{metrics['train/loss']:.3f}", "rkl": f"{metrics['div/reverse_kl']:.2f}"}
         if state.bad_streak >= t.max_bad_steps:
