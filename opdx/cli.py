@@ -120,13 +120,13 @@ def run_errors() -> tuple[type[Exception], ...]:
     pair, a config value found at start, a teacher's server."""
     # The commands' modules load torch and transformers: imported when a command runs, so that
     # `opdx --help`, `opdx table` and a config error answer without that cost.
-    from opdx.backends import TeacherServerError
+    from opdx.backends import ServerError
     from opdx.benchmarks.data import BenchmarkDataError
     from opdx.checkpoint import CheckpointError
     from opdx.compat import PairError
     from opdx.pairs import WeightFilesError
 
-    return (BenchmarkDataError, WeightFilesError, CheckpointError, PairError, ConfigError, TeacherServerError)
+    return (BenchmarkDataError, WeightFilesError, CheckpointError, PairError, ConfigError, ServerError)
 
 
 def train_task(cfg: DictConfig) -> float | None:

@@ -47,7 +47,7 @@ def run_eval(run: Setup, out_dir: Path) -> dict[str, Any]:
     if checkpoint is not None:
         student = TokenScores(parts.student)
         load_weights(checkpoint, student)
-        parts.rollout.update_weights(student)  # a sampler holding its own copy (rollout=vllm) takes them
+        parts.rollout.update_weights(student, 0)  # a sampler holding its own copy (rollout=vllm) takes them
     load_seconds = time.perf_counter() - began
     results, seconds = {}, {}
     for role, sampler, teacher in (("teacher", parts.teacher, None), ("student", parts.rollout, parts.teacher)):

@@ -19,6 +19,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
@@ -230,3 +232,14 @@ def _chunk_logprobs(
     lm_head: nn.Module, params: SamplingParams, vocab_size: int, hidden_C_D: Tensor, tokens_C: Tensor
 ) -> Tensor:
     return gather_logprobs(_chunk_logits(lm_head, params, vocab_size, hidden_C_D), tokens_C)
+
+
+def full_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """The trainer's student module's tensors by checkpoint name, whole and in ``dtype``, one at a
+    time: under FSDP2 each parameter is gathered as it is read (a collective every rank joins in the
+    same order), so no rank holds the whole gathered model at once. Tied embeddings come under both
+    names, as ``state_dict`` gives them."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    for name, tensor in module.state_dict().items():
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield name.removeprefix("model."), whole.detach().to(dtype)

@@ -62,7 +62,10 @@ PLAIN_SAMPLING = SamplingParams()
 class Rollout:
     """Left-padded prompts and right-padded responses; ``response_mask_B_T`` marks tokens up to
     and including the first EOS (all of a response that hit the length limit). ``problems`` holds
-    the problem of each sequence, for a scorer that renders prompts with its own chat template."""
+    the problem of each sequence, for a scorer that renders prompts with its own chat template.
+    ``weight_version_B`` (int64), where the sampler records it, is the version of the weights that
+    sampled each row (``Sampler.update_weights``: the training steps they had taken; the oldest,
+    were a row's tokens to span several)."""
 
     prompt_tokens_B_L: Tensor
     prompt_mask_B_L: Tensor
@@ -71,6 +74,7 @@ class Rollout:
     logp_sampling_B_T: Tensor | None = None
     finished_B: Tensor | None = None
     problems: list[Problem | str] | None = None
+    weight_version_B: Tensor | None = None
 
     @classmethod
     def from_token_lists(
@@ -89,10 +93,11 @@ class Rollout:
         finished_B: Sequence[bool],
         pad_id: int,
         logps_B: Sequence[Sequence[float]] | None = None,
+        versions_B: Sequence[int] | None = None,
     ) -> Rollout:
         """A rollout from an engine's samples: G = B / P responses per prompt (prompt-major), each
         whole (up to and including its EOS, or cut at the length limit), with the sampled tokens'
-        log-probs when given (0 beyond a response's end)."""
+        log-probs (0 beyond a response's end) and the weight version of each row when given."""
         samples = len(responses_B) // max(len(prompts_P), 1)
         if not prompts_P or samples * len(prompts_P) != len(responses_B) or len(finished_B) != len(responses_B):
             raise ValueError(
@@ -107,6 +112,8 @@ class Rollout:
             rollout.logp_sampling_B_T = torch.zeros(rollout.response_tokens_B_T.shape)
             for row, logps in enumerate(logps_B):
                 rollout.logp_sampling_B_T[row, : len(logps)] = torch.tensor(logps)
+        if versions_B is not None:
+            rollout.weight_version_B = torch.tensor(list(versions_B), dtype=torch.long)
         return rollout
 
     @classmethod
@@ -125,15 +132,21 @@ class Rollout:
             pads = [(width - tensor.shape[-1], 0) if left else (0, width - tensor.shape[-1]) for tensor in tensors]
             return torch.cat([torch.nn.functional.pad(tensor, pad) for tensor, pad in zip(tensors, pads, strict=True)])
 
-        problems, finished = [rollout.problems for rollout in rollouts], [rollout.finished_B for rollout in rollouts]
+        problems = [rollout.problems for rollout in rollouts]
+
+        def rows(name: str) -> Tensor | None:
+            tensors = [getattr(rollout, name) for rollout in rollouts]
+            return None if any(tensor is None for tensor in tensors) else torch.cat(tensors)
+
         return cls(
             joined("prompt_tokens_B_L", left=True),
             joined("prompt_mask_B_L", left=True),
             joined("response_tokens_B_T"),
             joined("response_mask_B_T"),
             joined("logp_sampling_B_T"),
-            None if any(flags is None for flags in finished) else torch.cat(finished),
+            rows("finished_B"),
             None if None in problems else [problem for part in problems for problem in part],
+            rows("weight_version_B"),
         )
 
     def select(self, rows: Sequence[int]) -> Rollout:
@@ -150,6 +163,7 @@ class Rollout:
             None if self.logp_sampling_B_T is None else self.logp_sampling_B_T[rows_b],
             None if self.finished_B is None else self.finished_B[rows_b],
             None if self.problems is None else [self.problems[i] for i in rows],
+            None if self.weight_version_B is None else self.weight_version_B[rows_b],
         )
 
     def trimmed(self) -> Rollout:

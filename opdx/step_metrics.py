@@ -16,7 +16,10 @@ sampled token):
 - ``rollout/logprob_mismatch``: the largest |log p_sampler - log p_trainer| of a sampled token;
   ``rollout/sequence_log_ratio_max``: the largest |log rho_1:n| of a response prefix, rho_1:n =
   prod_{k<=n} p_trainer / p_sampler (the weights of ``rollout_correction=per_decision``);
-- ``rollout/len_mean``, ``rollout/eos_rate``; and per mixture component c ``reward/<c>/token_mean``,
+- ``rollout/len_mean``, ``rollout/eos_rate``;
+- ``rollout/staleness_mean``, ``rollout/staleness_max``: where the sampler records the weight
+  version of each row, how many updates older than the step's weights the rows' are;
+- and per mixture component c ``reward/<c>/token_mean``,
   ``adv/<c>/mean``, ``adv/<c>/std``, ``div/<c>/reverse_kl``, ``rollout/<c>/len_mean``,
   ``rollout/<c>/share``.
 """
@@ -54,6 +57,20 @@ def sequence_metrics(rollout: Rollout) -> dict[str, float]:
     sums = torch.stack([rollout.lengths_B.sum(), rollout.finished_B.sum(), torch.tensor(len(rollout.lengths_B))])
     lengths, finished, sequences = global_sum(sums.double()).tolist()
     return {"rollout/len_mean": lengths / sequences, "rollout/eos_rate": finished / sequences}
+
+
+def staleness_metrics(rollout: Rollout, version: int) -> dict[str, float]:
+    """``rollout/staleness_mean`` and ``rollout/staleness_max`` over all ranks: ``version`` (the
+    updates the trained weights have taken) less each row's ``weight_version_B``; nothing where
+    the sampler does not record versions."""
+    if rollout.weight_version_B is None:
+        return {}
+    staleness_B = (version - rollout.weight_version_B).double()
+    total = global_sum(torch.stack([staleness_B.sum(), staleness_B.new_tensor(float(len(staleness_B)))]))
+    return {
+        "rollout/staleness_mean": (total[0] / total[1]).item(),
+        "rollout/staleness_max": global_max(staleness_B.max()).item(),
+    }
 
 
 def mean_std_min_max(values: Tensor) -> tuple[float, float, float, float]:

@@ -44,7 +44,14 @@ from opdx.policy import TokenScores
 from opdx.rollout import Rollout
 from opdx.run import Parts, Run, start
 from opdx.seeding import generator, isolated, seed_global
-from opdx.step_metrics import component_metrics, eval_metrics, nonfinite_parts, rollout_metrics, sequence_metrics
+from opdx.step_metrics import (
+    component_metrics,
+    eval_metrics,
+    nonfinite_parts,
+    rollout_metrics,
+    sequence_metrics,
+    staleness_metrics,
+)
 from opdx.summary import SUMMARY_FILE, LoopState, make_summary, print_summary
 
 
@@ -105,7 +112,7 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     layers = getattr(parts.student.get_decoder(), "layers", [])
     mixed = compute_dtype if t.precision == "bf16-mixed" else None  # FSDP2 gathers bf16 copies of the weights
     policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",), param_dtype=mixed)
-    parts.rollout.update_weights(policy)
+    parts.rollout.update_weights(policy, 0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t)
     return Learner(run, parts.rollout, parts.teacher, parts.student, policy, optimizer, scheduler, parts.ranks)
@@ -158,9 +165,8 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
             learner.scheduler.step()
         # freed before the rollout and eval (the optimizer's sharded parameters: not the module's views)
         learner.optimizer.zero_grad(set_to_none=True)
-        if not bad:
-            learner.rollout.update_weights(learner.policy)
-    metrics |= sequence_metrics(rollout)
+        learner.rollout.update_weights(learner.policy, step + 1)  # a skipped step's too: versions count steps
+    metrics |= sequence_metrics(rollout) | staleness_metrics(rollout, step)
     metrics["train/skipped"] = float(bool(bad))
     if bad:
         return metrics | {f"nonfinite/{name}": float(count) for name, count in bad.items()}
@@ -268,7 +274,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     checkpoint = usable_checkpoint(run_dir, ranks) if t.resume else None
     if checkpoint:
         extra = load_checkpoint(checkpoint, learner.policy, learner.optimizer)
-        learner.rollout.update_weights(learner.policy)  # a sampler holding its own copy takes the loaded weights
+        learner.rollout.update_weights(learner.policy, extra["step"])  # a sampler with its own copy takes them
         learner.scheduler.load_state_dict(extra["scheduler"])
         try:
             start_step, state = extra["step"], LoopState.from_dict(extra["state"])

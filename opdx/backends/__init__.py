@@ -18,6 +18,7 @@ share of it) or ``"remote"`` (another machine).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -27,10 +28,15 @@ from transformers import PreTrainedTokenizerBase
 
 from opdx.benchmarks import Problem
 from opdx.compat import PairError
-from opdx.config import ModelConfig
+from opdx.config import ConfigError, ModelConfig
 from opdx.logits import DenseScores
 from opdx.models import load_tokenizer_of
 from opdx.rollout import Rollout, SamplingParams
+
+# vLLM 0.32's GPU model runner (V2, the default on CUDA) takes at most this many logit_bias entries and
+# as many allowed_token_ids per request (MAX_NUM_LOGIT_BIAS_TOKENS, MAX_NUM_ALLOWED_TOKEN_IDS in
+# vllm/v1/worker/gpu/sample/logit_bias.py); more raises inside the engine step.
+MAX_LOGIT_BIAS_TOKENS = 1024
 
 
 @runtime_checkable
@@ -57,8 +63,10 @@ class Sampler(Protocol):
         with ``logp_sampling_B_T`` recorded; ``on_step`` is called after each decoding step."""
         ...
 
-    def update_weights(self, model: nn.Module) -> None:
-        """Take the weights of ``model`` (the student after an optimizer step) for the next samples."""
+    def update_weights(self, model: nn.Module, version: int) -> None:
+        """Take the weights of ``model`` (the trainer's student module) for the next samples;
+        ``version`` counts the training steps they have taken (0: the initial student), which a
+        sampler that records it stamps on each rollout row (``Rollout.weight_version_B``)."""
         ...
 
 
@@ -101,9 +109,10 @@ def request_seeds(count: int) -> list[int]:
     return torch.randint(2**31 - 1, (count,)).tolist()
 
 
-class TeacherServerError(RuntimeError):
-    """The teacher's server is down, answers with an error or in another shape, or serves another
-    model or tokenizer; the message names the URL. ``status`` is the HTTP status of an error answer.
+class ServerError(RuntimeError):
+    """An inference server (a served teacher's or student's) is down, answers with an error or in
+    another shape, serves another model or tokenizer, or (one opdx started) exited; the message
+    names the URL. ``status`` is the HTTP status of an error answer.
     (Here, not in ``server.py``, so that the CLI reports it without importing a concrete backend.)"""
 
     def __init__(self, message: str, status: int | None = None) -> None:
@@ -132,3 +141,21 @@ def teacher_prompt_tokenizer(
         return tokenizer
     print("teacher: prompts rendered with its own chat template, not the student's (the responses stay the student's)")
     return own
+
+
+def padding_rows_off(rows: int, vocab_size: int) -> dict[int, float] | None:
+    """The logit bias that keeps the output rows beyond the tokenizer (padding: Qwen3 has 151,936
+    rows for 151,669 ids) from being sampled: -inf on each, so the processed log-probs are
+    normalised over the tokenizer's ids as the trainer's are. None without padding rows: no
+    restriction at all. An allow-list of every real id would be 151,669 entries, which vLLM's GPU
+    runner refuses (``MAX_LOGIT_BIAS_TOKENS``); ConfigError when even the padding rows are more."""
+    padding = rows - vocab_size
+    if padding <= 0:
+        return None
+    if padding > MAX_LOGIT_BIAS_TOKENS:
+        raise ConfigError(
+            f"vLLM rollouts: the student has {rows:,} output rows for {vocab_size:,} tokenizer ids; the {padding:,} "
+            f"padding rows must be masked with a logit bias, and vLLM's GPU runner takes at most "
+            f"{MAX_LOGIT_BIAS_TOKENS} entries per request. Use rollout=hf for this model"
+        )
+    return dict.fromkeys(range(vocab_size, rows), -math.inf)

@@ -201,7 +201,7 @@ class HFModel:
             prompt_tokens_B_L, prompt_mask_B_L, response_tokens_B_T, mask_B_T, logp_sampling_B_T, finished_B, problems_B
         )
 
-    def update_weights(self, model: nn.Module) -> None:
+    def update_weights(self, model: nn.Module, version: int) -> None:
         """Nothing to copy: this sampler generates with the trained module itself; handed the
         trainer's student module (``TokenScores``, maybe in DDP or FSDP2) it generates through it."""
         module = model.module if isinstance(model, DistributedDataParallel) else model

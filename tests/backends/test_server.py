@@ -16,7 +16,7 @@ from test_config import composed
 
 from opdx.backends import Teacher
 from opdx.backends.hf import HFModel, load_teacher
-from opdx.backends.server import ServedTeacher, TeacherServerError, token_logprobs, top_logprobs
+from opdx.backends.server import ServedTeacher, ServerError, token_logprobs, top_logprobs
 from opdx.benchmarks import get_benchmark
 from opdx.config import ConfigError, ModelConfig, asset_path
 from opdx.models import load_model, load_tokenizer
@@ -50,7 +50,7 @@ def test_token_logprobs_look_tokens_up_by_id_past_the_prompt_and_read_minus_9999
 def test_a_server_that_is_down_fails_naming_its_url():
     url = f"http://127.0.0.1:{free_port()}/v1"
     tokenizer = load_tokenizer(PAIR)
-    with pytest.raises(TeacherServerError, match=f"no answer from {url}/models .*teacher.url={url}"):
+    with pytest.raises(ServerError, match=f"no answer from {url}/models .*teacher.url={url}"):
         ServedTeacher(url, PAIR, tokenizer, retries=0, timeout=5)
 
 
@@ -165,7 +165,7 @@ def test_the_servers_top_k_equals_the_local_teachers(server, tokenizer):
     torch.testing.assert_close(top_served.logq_token, top_local.logq_token, atol=1e-4, rtol=0)
     tail = top_local.logq_tail > -8  # where the tail holds enough mass for float32's 1 - sum to keep digits
     torch.testing.assert_close(top_served.logq_tail[tail], top_local.logq_tail[tail], atol=1e-3, rtol=0)
-    with pytest.raises(TeacherServerError, match="estimator.top_k=21 .* --max-logprobs 21"):
+    with pytest.raises(ServerError, match="estimator.top_k=21 .* --max-logprobs 21"):
         served.dense(rollout, top_k=21)
 
 
@@ -203,10 +203,10 @@ def test_the_teachers_own_answers_come_from_the_server_reproducibly(server, toke
 @server_test
 def test_a_server_of_another_model_or_tokenizer_is_refused_naming_it(server, tokenizer):
     wrong_model = f"the server at {server} serves .*teacher, not teacher.model='Qwen/Qwen3-8B'"
-    with pytest.raises(TeacherServerError, match=wrong_model):
+    with pytest.raises(ServerError, match=wrong_model):
         ServedTeacher(server, PAIR, tokenizer, model="Qwen/Qwen3-8B")
     other = build_char_tokenizer("9876543210abc=+-*/(); #")
-    with pytest.raises(TeacherServerError, match=f"the server at {server} serves .* with another tokenizer"):
+    with pytest.raises(ServerError, match=f"the server at {server} serves .* with another tokenizer"):
         ServedTeacher(server, PAIR, other)
 
 

@@ -61,7 +61,7 @@ def test_every_step_syncs_the_weights_and_a_skipped_sync_shows(learner):
     mismatches = [train_step(learner, step)["rollout/logprob_mismatch"] for step in range(5)]
     assert max(mismatches) < 1e-3
     push = learner.rollout.update_weights
-    learner.rollout.update_weights = lambda model: None  # the canary: no sync
+    learner.rollout.update_weights = lambda model, version: None  # the canary: no sync
     try:
         stale = [train_step(learner, step)["rollout/logprob_mismatch"] for step in range(5, 10)]
     finally:
@@ -117,7 +117,7 @@ def test_a_push_after_the_engine_cached_the_prompts_serves_the_new_weights(learn
 
     def gap_after_push(module: torch.nn.Module) -> float:
         learner.rollout.sample(LONG_PROMPTS, 2, 8)  # the prompts' first 32 tokens now sit in the cache
-        learner.rollout.update_weights(module)
+        learner.rollout.update_weights(module, 1)
         rollout = learner.rollout.sample(LONG_PROMPTS, 2, 8)
         with torch.no_grad():
             recomputed_B_T = module(rollout)
@@ -126,12 +126,12 @@ def test_a_push_after_the_engine_cached_the_prompts_serves_the_new_weights(learn
     try:
         assert min(len(ids) for ids in learner.rollout.prompt_ids(LONG_PROMPTS)) >= 32
         assert gap_after_push(TokenScores(moved)) < 1e-3
-        learner.rollout.update_weights(learner.policy)
+        learner.rollout.update_weights(learner.policy, 1)
         monkeypatch.setattr(learner.rollout.engine, "reset_prefix_cache", lambda: True)
         assert gap_after_push(TokenScores(moved)) > 1e-2
     finally:
         monkeypatch.undo()
-        learner.rollout.update_weights(learner.policy)
+        learner.rollout.update_weights(learner.policy, 1)
 
 
 def test_a_tied_students_embedding_push_reaches_the_engines_head(learner):
@@ -140,9 +140,9 @@ def test_a_tied_students_embedding_push_reaches_the_engines_head(learner):
         moved.model.embed_tokens.weight.add_(torch.randn_like(moved.model.embed_tokens.weight) * 0.1)
     assert moved.lm_head.weight is moved.model.embed_tokens.weight
     assert mismatch(learner.rollout, TokenScores(moved)) > 1e-2  # before the push
-    learner.rollout.update_weights(TokenScores(moved))
+    learner.rollout.update_weights(TokenScores(moved), 1)
     assert mismatch(learner.rollout, TokenScores(moved)) < 1e-3
-    learner.rollout.update_weights(learner.policy)
+    learner.rollout.update_weights(learner.policy, 1)
 
 
 def test_a_resumed_run_pushes_the_checkpoints_weights_into_the_engine(tmp_path):
@@ -199,7 +199,7 @@ def test_an_untied_bfloat16_engine_takes_float32_weights_cast_embedding_and_head
     for moved in (update.model.embed_tokens.weight, update.lm_head.weight):
         with torch.no_grad():
             moved.add_(torch.randn_like(moved) * 0.1)
-        sampler.update_weights(TokenScores(update))
+        sampler.update_weights(TokenScores(update), 1)
         after = engine_weights(sampler)
         assert after.keys() == before.keys() and all(value.dtype == torch.bfloat16 for value in after.values())
         assert torch.equal(after["model.embed_tokens.weight"][:vocab], update.model.embed_tokens.weight.bfloat16())
@@ -212,7 +212,8 @@ def test_padding_rows_are_biased_off_without_an_allow_list():
     runner takes at most 1,024 of either); a pair without padding rows sends no restriction."""
     import vllm
 
-    from opdx.backends.vllm import padding_rows_off, request
+    from opdx.backends import padding_rows_off
+    from opdx.backends.vllm import request
 
     bias = padding_rows_off(151_936, 151_669)
     assert len(bias) == 267 and min(bias) == 151_669 and set(bias.values()) == {float("-inf")}
