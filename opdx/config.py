@@ -279,6 +279,9 @@ class TrainerConfig:
     export_dtype: str | None = None  # the saved student's dtype (e.g. bfloat16); null: the master weights'
     max_bad_steps: int = 3  # stop after this many steps in a row skipped for non-finite values
     strategy: str = "none"  # data parallelism under torchrun: ddp (a replica per rank) or fsdp2 (sharded)
+    # asynchronous rollouts (rollout=server): the batch of step n + k is sampled, by the weights of step n,
+    # while step n trains (opdx.pipeline); null: each step samples its own batch first
+    max_staleness: int | None = None
     # old names, kept working (each warns once): sampling.* and runtime.* are where these live now
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -294,6 +297,11 @@ class TrainerConfig:
         for key in (*positive, "checkpoint_every"):
             check(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)!r} is invalid; it must be positive")
         check(self.lr > 0, f"trainer.lr={self.lr!r} is invalid; it must be positive")
+        check(
+            self.max_staleness is None or self.max_staleness >= 0,
+            f"trainer.max_staleness={self.max_staleness!r} is invalid; use 0 or more steps, or null (no sampling "
+            "ahead)",
+        )
         for key in ("micro_batch_size", "rollout_batch_size"):
             size = getattr(self, key)
             check(

@@ -86,6 +86,11 @@ def validate(cfg: DictConfig) -> Run:
         estimator = build_estimator(config.estimator, setup.sampling.is_plain, config.runtime.dense_chunk)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    check(
+        config.trainer.max_staleness is None or backend_memory(config.rollout) == "remote",
+        f"trainer.max_staleness={config.trainer.max_staleness} samples ahead while the trainer trains, which needs a "
+        f"sampler in another process: rollout=server, not {config.rollout['_target_']}",
+    )
     needed = estimator.teacher_support
     for key, (_, node) in teacher_nodes(config, setup.benchmark).items():
         supports = getattr(get_object(node["_target_"]), "supports", ("sampled", "topk", "full"))

@@ -11,6 +11,7 @@ uninterrupted run drew, with no generator state to save.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,10 +35,14 @@ def seed_global(seed: int, purpose: str, *indices: int) -> None:
     torch.manual_seed(derive_seed(seed, purpose, *indices))
 
 
+ISOLATED = threading.RLock()  # the generators are the process's: one isolated block at a time
+
+
 @contextmanager
 def isolated(seed: int, purpose: str, *indices: int) -> Iterator[None]:
     """Run the block on the global generators seeded for (seed, purpose, indices), then restore
-    their state: the block's draws neither depend on nor change anything outside it."""
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+    their state: the block's draws neither depend on nor change anything outside it. Blocks in
+    several threads (a rollout sampled ahead, ``opdx.pipeline``, and an eval) run one at a time."""
+    with ISOLATED, torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         seed_global(seed, purpose, *indices)
         yield

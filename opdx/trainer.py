@@ -40,10 +40,11 @@ from opdx.logits import DenseScores
 from opdx.metrics import LOGGERS, SilentLogger, nonfinite_names, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
 from opdx.objective import LossInputs, LossTerms, batch_totals
+from opdx.pipeline import Ahead, InStep
 from opdx.policy import TokenScores
 from opdx.rollout import Rollout
 from opdx.run import Parts, Run, start
-from opdx.seeding import generator, isolated, seed_global
+from opdx.seeding import generator, isolated
 from opdx.step_metrics import (
     component_metrics,
     eval_metrics,
@@ -99,6 +100,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ranks: Ranks
+    rollouts: InStep | None = None  # where each step's batch comes from (opdx.pipeline); set by build_learner
 
 
 def build_learner(run: Run, parts: Parts) -> Learner:
@@ -115,7 +117,28 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     parts.rollout.update_weights(policy, 0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t)
-    return Learner(run, parts.rollout, parts.teacher, parts.student, policy, optimizer, scheduler, parts.ranks)
+    learner = Learner(run, parts.rollout, parts.teacher, parts.student, policy, optimizer, scheduler, parts.ranks)
+    learner.rollouts = InStep(parts.rollout, lambda step: sample_batch(learner, step), rollout_seed(learner))
+    return learner
+
+
+def rollout_seed(learner: Learner) -> tuple[int, ...]:
+    """What a step's rollout seeds its generator with, besides the step: the run's seed, and the
+    rank when there are several."""
+    ranks = learner.ranks
+    return (learner.run.config.seed, *([ranks.rank] if ranks.world > 1 else []))
+
+
+def sample_batch(learner: Learner, step: int) -> Rollout:
+    """Step ``step``'s rollout: this rank's share of its prompts, ``trainer.samples_per_prompt``
+    samples each, ``trainer.rollout_batch_size`` sequences per sampling call, on the global
+    generator as seeded by the caller (``opdx.pipeline``)."""
+    run, t = learner.run, learner.run.config.trainer
+    problems = learner.ranks.share(prompts_for_step(run.benchmark, run.config.seed, step, t.prompts_per_step))
+    group, new_tokens = t.samples_per_prompt, run.config.sampling.max_new_tokens
+    per_call = max(1, (t.rollout_batch_size or group * len(problems)) // group)  # prompts per sampling call
+    calls = [problems[i : i + per_call] for i in range(0, len(problems), per_call)]
+    return Rollout.concat([learner.rollout.sample(c, group, new_tokens, run.sampling) for c in calls])
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, trainer: TrainerConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -132,9 +155,10 @@ def prompts_for_step(benchmark: Benchmark, seed: int, step: int, count: int) -> 
 
 
 def train_step(learner: Learner, step: int) -> dict[str, float]:
-    """Step ``step`` of OPD: the step's prompts (this rank's share) -> rollout -> teacher scores ->
-    loss -> backward -> clip -> optimizer and LR step. Returns the step's metrics, over all ranks
-    (``time/*``: this rank's seconds).
+    """Step ``step`` of OPD: the step's rollout (``sample_batch``, from ``learner.rollouts``: sampled
+    now or ahead, ``opdx.pipeline``) -> teacher scores -> loss -> backward -> clip -> optimizer and
+    LR step -> the new weights to the sampler. Returns the step's metrics, over all ranks
+    (``time/*``: this rank's seconds; ``time/rollout`` is the time the step waited for its batch).
 
     The rollout samples with the global generator seeded for (seed, "rollout", step, and the rank
     when there are several). The loss's normalisers are the global batch's, so the summed gradients
@@ -142,16 +166,11 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     is not finite on any rank (log-probs on response tokens, advantages, loss, gradient norm)
     changes nothing (no parameter, optimizer or schedule update): its metrics say ``train/skipped``
     1 and which part was not finite (``nonfinite/*``, the count of tokens)."""
-    run, t, ranks = learner.run, learner.run.config.trainer, learner.ranks
-    problems = ranks.share(prompts_for_step(run.benchmark, run.config.seed, step, t.prompts_per_step))
-    seed_global(run.config.seed, "rollout", step, *([ranks.rank] if ranks.world > 1 else []))
+    run, t = learner.run, learner.run.config.trainer
     metrics: dict[str, float] = {}
     learner.policy.train()
     with timed(metrics, "rollout"):
-        group, new_tokens = t.samples_per_prompt, run.config.sampling.max_new_tokens
-        per_call = max(1, (t.rollout_batch_size or group * len(problems)) // group)  # prompts per sampling call
-        calls = [problems[i : i + per_call] for i in range(0, len(problems), per_call)]
-        rollout = Rollout.concat([learner.rollout.sample(c, group, new_tokens, run.sampling) for c in calls])
+        rollout = learner.rollouts.take(step)
     terms, bad = accumulate_gradients(learner.policy, learner.teacher, run, rollout, metrics)
     with timed(metrics, "update"):
         if not bad:
@@ -165,7 +184,7 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
             learner.scheduler.step()
         # freed before the rollout and eval (the optimizer's sharded parameters: not the module's views)
         learner.optimizer.zero_grad(set_to_none=True)
-        learner.rollout.update_weights(learner.policy, step + 1)  # a skipped step's too: versions count steps
+        learner.rollouts.push(learner.policy, step + 1)  # a skipped step's too: versions count steps
     metrics |= sequence_metrics(rollout) | staleness_metrics(rollout, step)
     metrics["train/skipped"] = float(bool(bad))
     if bad:
@@ -249,6 +268,9 @@ def accumulate_gradients(
 TERMS = ("logp_student_B_T", "log_u_B_T", "advantages_B_T")  # the [B, T] fields of LossTerms
 
 
+PENDING = "pending_rollouts"  # a checkpoint's batches sampled ahead of its step (opdx.pipeline.Ahead), by step
+
+
 def train(run: Run, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) one distillation run into ``run_dir``; returns the summary. Under torchrun
     every rank runs this; rank 0 alone writes the metrics, the summary and the final student."""
@@ -298,46 +320,58 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         initial = {k: v for k, v in state.initial_eval.items() if k != "step"}
         logger.log(eval_metrics(initial, bench) | eval_metrics(state.teacher_eval, bench, "teacher/"), step=0)
 
+    restored = extra.get(PENDING, {}) if checkpoint else {}
+    if t.max_staleness is not None:
+        sampled = learner.rollouts
+        learner.rollouts = Ahead(
+            sampled.sampler, sampled.sample, sampled.seed, t.max_staleness, start_step, t.steps, restored
+        )
+    elif restored:
+        print(f"the {len(restored)} batches the run had sampled ahead are sampled again (trainer.max_staleness=null)")
     started = time.perf_counter() - state.elapsed
     progress = tqdm(
         range(start_step, t.steps), initial=start_step, total=t.steps, desc="opdx train", mininterval=1,
         disable=not ranks.main,
     )  # fmt: skip
-    for step in progress:
-        metrics = train_step(learner, step)
-        done = step + 1
-        skipped = bool(metrics["train/skipped"])
-        state.skipped_steps += skipped
-        state.bad_streak = state.bad_streak + 1 if skipped else 0
-        metrics["train/skipped_steps"] = state.skipped_steps
-        if skipped:
-            postfix = {"skipped": nonfinite_names(metrics)}
-        else:
-            postfix = {"loss": f"{metrics['train/loss']:.3f}", "rkl": f"{metrics['div/reverse_kl']:.2f}"}
-        if state.bad_streak >= t.max_bad_steps:
+    try:
+        for step in progress:
+            metrics = train_step(learner, step)
+            done = step + 1
+            skipped = bool(metrics["train/skipped"])
+            state.skipped_steps += skipped
+            state.bad_streak = state.bad_streak + 1 if skipped else 0
+            metrics["train/skipped_steps"] = state.skipped_steps
+            if skipped:
+                postfix = {"skipped": nonfinite_names(metrics)}
+            else:
+                postfix = {"loss": f"{metrics['train/loss']:.3f}", "rkl": f"{metrics['div/reverse_kl']:.2f}"}
+            if state.bad_streak >= t.max_bad_steps:
+                logger.log(metrics, step=done)
+                advice = nonfinite_advice(postfix["skipped"], run.estimator.config)
+                raise NonFiniteError(
+                    f"{state.bad_streak} steps in a row (to step {done}) were skipped because {postfix['skipped']} "
+                    f"were not finite (trainer.max_bad_steps={t.max_bad_steps}). Nothing of them was applied; the last "
+                    f"checkpoint in {run_dir / CHECKPOINT_DIR} is intact. {advice}; "
+                    f"resume with trainer.resume={run_dir}"
+                )
+            if done % t.eval_every == 0 or done == t.steps:
+                with timed(metrics, "eval"):
+                    result = evaluate("student", done)
+                metrics |= eval_metrics(result, bench)
+                if result["greedy_acc"] >= state.best_eval["greedy_acc"]:
+                    state.best_eval = {**result, "step": done}
+                state.final_eval = {**result, "step": done}
+                progress.set_postfix(**postfix, acc=f"{result['greedy_acc']:.3f}")
+            else:
+                progress.set_postfix(**postfix, refresh=False)
             logger.log(metrics, step=done)
-            advice = nonfinite_advice(postfix["skipped"], run.estimator.config)
-            raise NonFiniteError(
-                f"{state.bad_streak} steps in a row (to step {done}) were skipped because {postfix['skipped']} "
-                f"were not finite (trainer.max_bad_steps={t.max_bad_steps}). Nothing of them was applied; the last "
-                f"checkpoint in {run_dir / CHECKPOINT_DIR} is intact. {advice}; "
-                f"resume with trainer.resume={run_dir}"
-            )
-        if done % t.eval_every == 0 or done == t.steps:
-            with timed(metrics, "eval"):
-                result = evaluate("student", done)
-            metrics |= eval_metrics(result, bench)
-            if result["greedy_acc"] >= state.best_eval["greedy_acc"]:
-                state.best_eval = {**result, "step": done}
-            state.final_eval = {**result, "step": done}
-            progress.set_postfix(**postfix, acc=f"{result['greedy_acc']:.3f}")
-        else:
-            progress.set_postfix(**postfix, refresh=False)
-        logger.log(metrics, step=done)
-        state.elapsed = time.perf_counter() - started
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            extra = {"scheduler": learner.scheduler.state_dict(), "state": state.to_dict()}
-            save_checkpoint(run_dir, done, learner.policy, learner.optimizer, extra, ranks)
+            state.elapsed = time.perf_counter() - started
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                extra = {"scheduler": learner.scheduler.state_dict(), "state": state.to_dict()}
+                extra[PENDING] = learner.rollouts.pending()  # the batches sampled ahead: resumed, not resampled
+                save_checkpoint(run_dir, done, learner.policy, learner.optimizer, extra, ranks)
+    finally:
+        learner.rollouts.close()
     progress.close()
     if state.final_eval is None:  # resumed at or past trainer.steps: nothing ran, evaluate once
         state.final_eval = {**evaluate("student", start_step), "step": start_step}

@@ -48,6 +48,7 @@ from opdx.backends import ServerError, padding_rows_off, request_seeds
 from opdx.backends.http import ServerClient
 from opdx.benchmarks import Problem
 from opdx.config import check
+from opdx.dist import active
 from opdx.policy import TokenScores, full_weights
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
@@ -143,6 +144,11 @@ class ServedStudent:
             transfer in TRANSFERS,
             f"rollout.transfer={transfer!r} is unknown; valid: {', '.join(TRANSFERS)} (vLLM's nccl and ipc "
             "engines are not wired in yet)",
+        )
+        check(
+            not active(),
+            "rollout=server under torchrun is not supported yet: one trainer process drives the server (run without "
+            "torchrun, or use rollout=vllm)",
         )
         self.tokenizer = tokenizer
         self.dtype = getattr(torch, compute_dtype) if compute_dtype else model.dtype
