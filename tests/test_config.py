@@ -57,9 +57,9 @@ def test_every_pair_built_here_has_a_model_file_and_every_model_file_names_itsel
     assert all(load_option("model", stem)["name"] == stem for stem in stems("model"))
 
 
-# rollout=vllm needs vLLM and a student it can load (tests/backends/test_vllm.py),
-# teacher=server a server (tests/backends/test_server.py)
-OWN_TESTS = {"rollout=vllm", "teacher=server"}
+# rollout=vllm needs vLLM and a student it can load (tests/backends/test_vllm.py), rollout=server
+# too (tests/backends/test_student_server.py), teacher=server a server (tests/backends/test_server.py)
+OWN_TESTS = {"rollout=vllm", "rollout=server", "teacher=server"}
 
 
 @pytest.mark.parametrize(

