@@ -33,7 +33,7 @@ def pair() -> ModelConfig:
     return config
 
 
-def test_max_staleness_needs_a_served_student_and_a_bad_transfer_is_refused_by_name():
+def test_bad_settings_and_a_server_that_cannot_start_are_reported_by_name():
     needs_server = "trainer.max_staleness=1 .* needs a sampler in another process: rollout=server"
     with pytest.raises(ConfigError, match=needs_server):
         validate(composed("trainer.max_staleness=1"))
@@ -46,8 +46,8 @@ def test_max_staleness_needs_a_served_student_and_a_bad_transfer_is_refused_by_n
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ServerError, match=f"no answer from {url}/models .*rollout.url={url}"):
         ServedStudent(student, load_tokenizer(config), url=url, retries=0)
-
-
+    with pytest.raises(ServerError, match="exited while starting .*exit status 2.*--no-such-flag"):
+        ServedStudent(student, load_tokenizer(config), server_args=["--no-such-flag"])
 
 
 @pytest.fixture(scope="module")

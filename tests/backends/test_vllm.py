@@ -66,7 +66,7 @@ def test_every_step_syncs_the_weights_and_a_skipped_sync_shows(learner):
         stale = [train_step(learner, step)["rollout/logprob_mismatch"] for step in range(5, 10)]
     finally:
         learner.rollout.update_weights = push
-        push(learner.policy)
+        push(learner.policy, 10)
     assert stale[-1] > 1e-2 and stale[-1] > stale[0]
     assert mismatch(learner.rollout, learner.policy) < 1e-3
 
