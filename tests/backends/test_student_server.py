@@ -46,7 +46,9 @@ def test_bad_settings_and_a_server_that_cannot_start_are_reported_by_name():
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ServerError, match=f"no answer from {url}/models .*rollout.url={url}"):
         ServedStudent(student, load_tokenizer(config), url=url, retries=0)
-    with pytest.raises(ServerError, match="(?s)exited while starting .*exit status 2.*unrecognized arguments: --no-such-flag"):
+    with pytest.raises(
+        ServerError, match="(?s)exited while starting .*exit status 2.*unrecognized arguments: --no-such-flag"
+    ):
         ServedStudent(student, load_tokenizer(config), server_args=["--no-such-flag"])
 
 
