@@ -70,17 +70,17 @@ def main() -> None:
         "estimator.rollout_correction=per_decision", *args.overrides,
     ]  # fmt: skip
     rows = args.prompts * args.samples
-    lagged = [(f"max_staleness={k}", 1, [f"trainer.max_staleness={k}"]) for k in args.lags]
+    lagged = [(f"max_staleness {k}", 1, [f"trainer.max_staleness={k}"]) for k in args.lags]
     settings = [("sync", 2, []), ("sync", 1, []), *lagged]
     table = []
     with tempfile.TemporaryDirectory(prefix="opdx-bench-async-") as out:
         for name, threads, extra in settings:
-            records = run(f"{name}_t{threads}", threads, [*overrides, *extra], Path(out))
+            records = run(f"{name.replace(' ', '')}_t{threads}", threads, [*overrides, *extra], Path(out))
             table.append({"setting": name, "threads each": threads, **figures(records, rows, args.warmup)})
     print(tabulate(table, headers="keys", floatfmt=".3g", tablefmt="github"))
     best_sync = max(row["tokens/s"] for row in table if row["setting"] == "sync")
     best = max((row for row in table if row["setting"] != "sync"), key=lambda row: row["tokens/s"])
-    print(f"speedup {best['tokens/s'] / best_sync:.2f} at max_staleness {best['setting'].split('=')[1]}")
+    print(f"speedup {best['tokens/s'] / best_sync:.2f} at {best['setting']}")
 
 
 if __name__ == "__main__":

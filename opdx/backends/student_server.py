@@ -159,7 +159,7 @@ class ServedStudent:
         startup_timeout: float = 600.0,
         timeout: float = 600.0,
         retries: int = 3,
-        concurrency: int = 8,
+        concurrency: int = 64,
         stop_ids: Sequence[int] | None = None,
         compute_dtype: str | None = None,
     ) -> None:
