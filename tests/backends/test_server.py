@@ -86,10 +86,11 @@ vllm_installed = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server():
     """`python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs) on the tiny teacher,
-    float32, eager, no prefix caching; yields its /v1 URL."""
+    float32, eager, no prefix caching; yields its /v1 URL. One per session: the tests that use it
+    share an xdist group, but other modules' tests may run between them on that worker."""
     port = free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", asset_path("tiny/teacher"),

@@ -58,9 +58,10 @@ def test_bad_settings_and_a_server_that_cannot_start_are_reported_by_name():
         ServedStudent(student, load_tokenizer(config), server_args=["--no-such-flag"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server():
-    """A student's server started as docs/async.md shows for rollout.url; yields its /v1 URL."""
+    """A student's server started as docs/async.md shows for rollout.url; yields its /v1 URL. One
+    per session (other modules' tests may run between the ones that use it on their worker)."""
     port = free_port()
     args = server_args_for(pair().student, torch.float32, port, 64, kv_cache_memory_bytes=1 << 28)
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1"}
@@ -87,7 +88,13 @@ def train_metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in metrics_of(run_dir)]
 
 
-SERVED = ["model=tiny_hd32", "rollout=server", "estimator.rollout_correction=per_decision"]
+SERVED = [
+    "model=tiny_hd32",
+    "rollout=server",
+    "estimator.rollout_correction=per_decision",
+    "eval.problems=8",
+    "eval.n=1",
+]
 
 
 @pytest.mark.slow
