@@ -1,6 +1,11 @@
+import atexit
+import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -28,10 +33,54 @@ FAST_TRAIN = [
 ]
 
 
+# `python -m opdx` in a fresh process forked from one that has imported opdx already: the same
+# command without its ~12 s of imports (torch, transformers, vLLM's config, benchmarks) each time.
+# Tests of the interpreter's own start (torchrun, kills, scripts) start real subprocesses.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["opdx.cli", "opdx.run", "opdx.eval_command"])
+
+
+def opdx_main(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """``python -m opdx *args`` in this forked process: stdout and stderr (both file descriptors)
+    to ``out`` and ``err``, exit status as the interpreter gives it (SystemExit, 1 on a traceback)."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT), fd)
+    sys.argv = [sys.executable, *args]
+    status = 0
+    try:
+        runpy.run_module("opdx", run_name="__main__", alter_sys=True)
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            status = exit.code or 0
+        else:
+            print(exit.code, file=sys.stderr)
+            status = 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def run_opdx(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "opdx", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ}
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        process = FORKSERVER.Process(
+            target=opdx_main, args=(list(args), str(cwd), dict(os.environ), str(out), str(err))
+        )
+        process.start()
+        process.join()
+        result = subprocess.CompletedProcess(
+            ["python", "-m", "opdx", *args],
+            process.exitcode,
+            out.read_text(errors="replace"),
+            err.read_text(errors="replace"),
+        )
     if check and result.returncode != 0:
         raise AssertionError(f"opdx {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -126,6 +126,27 @@ class ServerProcess:
                 self.process.wait()
         atexit.unregister(self.stop)
 
+    def died(self, what: str) -> str:
+        """``what``, with the server's exit status and the end of its log."""
+        return f"{what} (exit status {self.exited()}); the end of {self.log}:\n{self.tail()}"
+
+    def wait_until_healthy(self, root: str, timeout: float, name: str) -> None:
+        """Return once ``root``/health answers (vLLM's route, 200 when the engine is up); else
+        ServerError naming ``name`` and ``root`` (``died``) when the server exits first or
+        ``timeout`` seconds pass (then it is stopped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exited() is not None:
+                raise ServerError(self.died(f"{name} at {root} exited while starting"))
+            try:
+                if requests.get(f"{root}/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise ServerError(self.died(f"{name} at {root} did not start in {timeout:.0f} s"))
+
 
 class ServedStudent:
     """``rollout=server``: the student's rollouts from a vLLM server; ``update_weights`` pushes
@@ -218,25 +239,12 @@ class ServedStudent:
         self.process = ServerProcess([*VLLM_SERVER, *args], env, log)
         root = f"http://127.0.0.1:{port}"
         print(f"rollout: starting the student's vLLM server at {root} (log: {self.process.log})")
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.exited() is not None:
-                raise ServerError(self._died(f"the student's vLLM server at {root} exited while starting"))
-            try:
-                if requests.get(f"{root}/health", timeout=2).ok:
-                    return f"{root}/v1"
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.process.stop()
-        raise ServerError(self._died(f"the student's vLLM server at {root} did not start in {startup_timeout:.0f} s"))
+        self.process.wait_until_healthy(root, startup_timeout, "the student's vLLM server")
+        return f"{root}/v1"
 
     def _died(self, what: str) -> str:
         """``what``, with the exit status and the end of the log of the server opdx started."""
-        if self.process is None:
-            return what
-        status = self.process.exited()
-        return f"{what} (exit status {status}); the end of {self.process.log}:\n{self.process.tail()}"
+        return what if self.process is None else self.process.died(what)
 
     def _checked(self, call: Callable[[], Any]) -> Any:
         """``call()``; a ServerError from it says so when the server opdx started has died."""

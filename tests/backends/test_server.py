@@ -3,13 +3,11 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
-import requests
 import torch
 from conftest import FAST_TRAIN, run_opdx
 from test_config import composed
@@ -17,6 +15,7 @@ from test_config import composed
 from opdx.backends import Teacher
 from opdx.backends.hf import HFModel, load_teacher
 from opdx.backends.server import ServedTeacher, ServerError, token_logprobs, top_logprobs
+from opdx.backends.student_server import VLLM_SERVER, ServerProcess, free_port
 from opdx.benchmarks import get_benchmark
 from opdx.config import ConfigError, ModelConfig, asset_path
 from opdx.models import load_model, load_tokenizer
@@ -24,12 +23,6 @@ from opdx.pairs.tiny import build_char_tokenizer
 from opdx.run import validate
 
 PAIR = ModelConfig(name="tiny", teacher=asset_path("tiny/teacher"), student=asset_path("tiny/student"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- canned answers --------------------------------------------------------------------------
@@ -93,29 +86,15 @@ def server():
     share an xdist group, but other modules' tests may run between them on that worker."""
     port = free_port()
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", asset_path("tiny/teacher"),
+        *VLLM_SERVER, "--model", asset_path("tiny/teacher"),
         "--port", str(port), "--max-model-len", "64", "--dtype", "float32", "--enforce-eager",
         "--kv-cache-memory-bytes", str(1 << 28), "--no-enable-prefix-caching", "--generation-config", "vllm",
     ]  # fmt: skip
-    log = open(os.devnull, "w")  # noqa: SIM115
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the vLLM server exited with {process.returncode}: {' '.join(command)}")
-        try:
-            if requests.get(f"{url}/models", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(1)
-    else:
-        process.kill()
-        raise RuntimeError("the vLLM server did not start in 300 s")
-    yield url
-    process.terminate()
-    process.wait(60)
+    process = ServerProcess(command, env, Path(f"/tmp/opdx-test-teacher-server-{port}.log"))
+    process.wait_until_healthy(f"http://127.0.0.1:{port}", 300, "the test's teacher server")
+    yield f"http://127.0.0.1:{port}/v1"
+    process.stop()
 
 
 pytestmark_server = [pytest.mark.slow, vllm_installed, pytest.mark.xdist_group("vllm_server")]

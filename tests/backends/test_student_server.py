@@ -66,16 +66,7 @@ def server():
     args = server_args_for(pair().student, torch.float32, port, 64, kv_cache_memory_bytes=1 << 28)
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1"}
     process = ServerProcess([*VLLM_SERVER, *args], env, Path(f"/tmp/opdx-test-student-server-{port}.log"))
-    deadline = time.time() + 300
-    while time.time() < deadline and process.exited() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(1)
-    else:
-        process.stop()
-        raise RuntimeError(f"the student's vLLM server did not start:\n{process.tail()}")
+    process.wait_until_healthy(f"http://127.0.0.1:{port}", 300, "the test's student server")
     yield f"http://127.0.0.1:{port}/v1"
     process.stop()
 

