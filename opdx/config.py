@@ -438,10 +438,23 @@ class PlanConfig:
 
 @dataclass
 class LoggerConfig:
+    """``name``: jsonl or wandb (``opdx.metrics.LOGGERS``); wandb's ``project``, ``group`` and
+    ``tags``. ``samples``: rollouts kept as text (``opdx.samples``) of each kind at each eval and
+    every ``samples_every`` training steps (null: at the eval steps; 0 samples: none)."""
+
     name: str = MISSING
     project: str = "opdx"
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    samples: int = 4
+    samples_every: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 0, f"logger.samples={self.samples!r} is invalid; use 0 (none) or more")
+        check(
+            self.samples_every is None or self.samples_every > 0,
+            f"logger.samples_every={self.samples_every!r} is invalid; use a positive number of steps or null",
+        )
 
 
 @dataclass

@@ -19,6 +19,7 @@ from opdx.benchmarks import Benchmark, Problem
 from opdx.config import EvalConfig
 from opdx.dist import ONE_RANK, Ranks, global_sum
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, decode_responses
+from opdx.samples import SampleLog
 from opdx.summary import markdown_table
 
 
@@ -51,6 +52,7 @@ def evaluate(
     batch_size: int = 2000,
     progress: bool = False,
     ranks: Ranks = ONE_RANK,
+    samples: SampleLog | None = None,
 ) -> dict[str, float]:
     """``greedy_acc``; with ``n_samples`` > 0 also ``avg@n`` (mean score over n samples per
     problem), ``pass@k`` for k in ``pass_at_k_values(n)`` (a score of 1 counts as correct) and,
@@ -61,7 +63,8 @@ def evaluate(
 
     Over several ranks each evaluates its share of ``problems`` (padded to the same number of
     generate calls, which a sharded student needs; the padding is not counted) and the sums and
-    counts behind every metric are added over the ranks."""
+    counts behind every metric are added over the ranks. ``samples`` keeps a few of the greedy
+    and the sampled rollouts as text, with their log u where the teacher scored them."""
     counted = len(ranks.share(problems))
     problems = ranks.share(problems) + problems[:1] * (-(-len(problems) // ranks.world) - counted)
     greedy_scores: list[float] = []
@@ -85,17 +88,22 @@ def evaluate(
         greedy = generate(batch, 1, greedy=True)
         responses = decode_responses(tokenizer, greedy)
         greedy_scores += [benchmark.score(p, r) for p, r in zip(batch, responses, strict=True)]
+        if samples is not None:
+            samples.add(benchmark, greedy, "eval", "greedy")
         if n_samples:
             rollout = generate(batch, n_samples, greedy=False)
             responses = decode_responses(tokenizer, rollout)
             for i, problem in enumerate(batch):
                 group = responses[i * n_samples : (i + 1) * n_samples]
                 sampled_scores_P_G.append([benchmark.score(problem, r) for r in group])
+            log_u_B_T = None
             if teacher is not None:
                 logp_teacher_B_T = teacher.logprobs(rollout)
                 log_u_B_T = logp_teacher_B_T - rollout.logp_sampling_B_T
                 neg_log_u_sum -= log_u_B_T[rollout.response_mask_B_T].sum().item()
                 token_count += int(rollout.response_mask_B_T.sum())
+            if samples is not None:
+                samples.add(benchmark, rollout, "eval", "sampled", log_u_B_T)
     bar.close()
     sampled_scores_P_G = sampled_scores_P_G[:counted]
     ks = pass_at_k_values(n_samples) if n_samples else []
@@ -131,6 +139,7 @@ def evaluate_split(
     teacher: Scorer | None = None,
     progress: bool = False,
     ranks: Ranks = ONE_RANK,
+    samples: SampleLog | None = None,
 ) -> dict[str, float]:
     """``evaluate`` with the ``eval`` settings on the first ``config.problems`` eval problems,
     sampling with ``params`` (the run's temperature / top-k / top-p) and ``config.max_new_tokens``
@@ -144,7 +153,7 @@ def evaluate_split(
     if len(components) > 1:
         results = {
             c.name: evaluate_split(
-                sampler, tokenizer, c.benchmark, config, params, max_new_tokens, teacher, progress, ranks
+                sampler, tokenizer, c.benchmark, config, params, max_new_tokens, teacher, progress, ranks, samples
             )
             for c in components
         }
@@ -163,6 +172,7 @@ def evaluate_split(
         config.batch_size,
         progress,
         ranks,
+        samples,
     )
 
 

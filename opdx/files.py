@@ -7,6 +7,7 @@ is atomic on POSIX), and its directory fsynced so the rename itself is durable.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,3 +39,17 @@ def sha256_of(path: Path) -> str:
         while block := handle.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a file of one per line (none if it does not exist); a last line cut
+    short by a kill is left out, a bad line before it raises json.JSONDecodeError."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records

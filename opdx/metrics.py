@@ -19,9 +19,10 @@ from typing import Any
 
 import psutil
 
-from opdx.files import atomic_write_text
+from opdx.files import atomic_write_text, read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # opdx.samples: rows of sample texts, by step
 
 
 GIB = 2**30
@@ -86,41 +87,42 @@ def synchronize() -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a last line cut short by a kill is left out."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return records
+    """The records of ``metrics.jsonl`` (``read_jsonl``: a last line cut short by a kill is left out)."""
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def append_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    """``records`` appended to ``path`` as JSON lines, flushed to disk before returning."""
+    with path.open("a") as handle:
+        handle.write("".join(json.dumps(record) + "\n" for record in records))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class JsonlLogger:
-    """Appends one JSON object per step to ``<run_dir>/metrics.jsonl``.
+    """Appends one JSON object per step to ``<run_dir>/metrics.jsonl``, and the step's sample
+    texts (``opdx.samples``), one row per line, to ``<run_dir>/samples.jsonl``.
 
-    ``resume_from_step`` drops records logged after the checkpoint being resumed, so a run
-    killed at any moment and resumed has each step exactly once.
+    ``resume_from_step`` drops the records and rows logged after the checkpoint being resumed, so
+    a run killed at any moment and resumed has each step exactly once in both.
     """
 
     def __init__(self, run_dir: Path, config: dict[str, Any], resume_from_step: int | None = None, **_: Any):
-        self.path = Path(run_dir) / METRICS_FILE
-        if resume_from_step is not None:
-            kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_from_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        self.path, self.samples_path = Path(run_dir) / METRICS_FILE, Path(run_dir) / SAMPLES_FILE
+        for path in (self.path, self.samples_path):
+            if resume_from_step is not None:
+                kept = [r for r in read_jsonl(path) if r["step"] <= resume_from_step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            elif path.exists():
+                path.unlink()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_lines(self.path, [{"step": step, **metrics}])
+
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """The step's sample rows; logged before the step's metrics (``log``), so a checkpoint of
+        the step comes after both."""
+        append_lines(self.samples_path, [{"step": step, **row} for row in rows])
 
     def summary(self, summary: dict[str, Any]) -> None:
         pass
@@ -195,6 +197,24 @@ class WandbLogger(JsonlLogger):
         super().log(metrics, step)
         self._mirror(lambda run: run.log(metrics, step=step))
 
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """Also one wandb Table per (split, kind): ``samples/<split>_<kind>``."""
+        super().samples(rows, step)
+
+        def tables(run: Any) -> None:
+            import wandb
+
+            columns = ["prompt", "response", "reference", "score", "stop", "mean_log_u"]
+            by_key: dict[str, list[list[Any]]] = {}
+            for row in rows:
+                log_u = row["log_u"]
+                mean_log_u = sum(log_u) / len(log_u) if log_u else None
+                values = [row["prompt"], row["response"], row["reference"], row["score"], row["stop"], mean_log_u]
+                by_key.setdefault(f"samples/{row['split']}_{row['kind']}", []).append(values)
+            run.log({key: wandb.Table(columns=columns, data=data) for key, data in by_key.items()}, step=step)
+
+        self._mirror(tables)
+
     def summary(self, summary: dict[str, Any]) -> None:
         self._mirror(lambda run: run.summary.update(summary))
 
@@ -209,6 +229,9 @@ class SilentLogger:
         pass
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
         pass
 
     def summary(self, summary: dict[str, Any]) -> None:

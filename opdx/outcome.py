@@ -8,9 +8,12 @@ its start after a few steps has not collapsed. A run collapsed when any of these
 
 - its rollouts stopped ending: over the last ``COLLAPSE_WINDOW`` logged steps the mean EOS rate
   is below ``EOS_RATE_COLLAPSED`` and the mean response length is at least
-  ``LENGTH_AT_LIMIT`` of ``sampling.max_new_tokens``;
+  ``LENGTH_AT_LIMIT`` of ``sampling.max_new_tokens``, where the first step's rollouts did end;
 - its final eval accuracy is 0 while the initial student's was above 0;
 - a training metric (loss, gradient norm, the sampled divergences) or the final eval is not finite.
+
+Rollouts that never ended, the first step's included, are truncation instead (``truncation``):
+``sampling.max_new_tokens`` is too small for the task's responses, whatever the training does.
 
 The change in accuracy is reported with a 95% interval for the difference of two proportions on
 the same N eval problems: Newcombe's hybrid score interval (Newcombe 1998, method 10, from two
@@ -93,15 +96,35 @@ def collapse_reason(
     values = [float(r[k]) for r in records for k in FINITE_KEYS if k in r and r[k] is not None]
     if not all(math.isfinite(v) for v in values) or not math.isfinite(final_acc):
         return "non-finite metrics"
-    rollouts = [r for r in records if "rollout/eos_rate" in r][-COLLAPSE_WINDOW:]
-    if rollouts:
-        eos_rate = sum(r["rollout/eos_rate"] for r in rollouts) / len(rollouts)
-        length = sum(r["rollout/len_mean"] for r in rollouts) / len(rollouts)
-        if eos_rate < EOS_RATE_COLLAPSED and length >= LENGTH_AT_LIMIT * max_new_tokens:
-            return (
-                f"responses stopped ending: EOS rate {eos_rate:.3f}, length {length:.1f} of {max_new_tokens} "
-                f"over the last {len(rollouts)} steps"
-            )
+    ending = not_ending(records, max_new_tokens)
+    if ending and truncation(records, max_new_tokens) is None:
+        return f"responses stopped ending: {ending}"
     if final_acc == 0 and initial_acc > 0:
         return f"accuracy fell to 0 (from {100 * initial_acc:.1f}%)"
     return None
+
+
+def not_ending(records: Sequence[Mapping[str, Any]], max_new_tokens: int, first: bool = False) -> str | None:
+    """The EOS rate and response length of the last ``COLLAPSE_WINDOW`` logged steps (``first``:
+    of the first logged step) where they show responses that do not end (mean EOS rate below
+    ``EOS_RATE_COLLAPSED``, mean length at least ``LENGTH_AT_LIMIT`` of ``max_new_tokens``), else None."""
+    rollouts = [r for r in records if "rollout/eos_rate" in r]
+    rollouts = rollouts[:1] if first else rollouts[-COLLAPSE_WINDOW:]
+    if not rollouts:
+        return None
+    eos_rate = sum(r["rollout/eos_rate"] for r in rollouts) / len(rollouts)
+    length = sum(r["rollout/len_mean"] for r in rollouts) / len(rollouts)
+    if eos_rate >= EOS_RATE_COLLAPSED or length < LENGTH_AT_LIMIT * max_new_tokens:
+        return None
+    steps = "the first step" if first else f"the last {len(rollouts)} steps"
+    return f"EOS rate {eos_rate:.3f}, length {length:.1f} of {max_new_tokens} over {steps}"
+
+
+def truncation(records: Sequence[Mapping[str, Any]], max_new_tokens: int) -> str | None:
+    """Why the run's responses were cut by the token limit from its first step on (and still
+    are at its end): not a collapse, a ``sampling.max_new_tokens`` too small for the task; None
+    if they ended at the start or end."""
+    first, last = not_ending(records, max_new_tokens, first=True), not_ending(records, max_new_tokens)
+    if first is None or last is None:
+        return None
+    return f"responses never ended ({first}; {last}): raise sampling.max_new_tokens"

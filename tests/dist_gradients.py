@@ -1,6 +1,6 @@
 """Run by tests/test_dist.py under torchrun (2 processes, gloo, one thread each):
 
-    torchrun --standalone --nproc_per_node=2 tests/dist_gradients.py ddp     # or fsdp2
+    torchrun --standalone --nproc_per_node=2 tests/dist_gradients.py ddp fsdp2   # or either alone
 
 For fixed rollouts of 12 sequences (12 distinct prompts; 4 prompts x 3 samples) and each estimator
 setting, the gradient that the ranks compute from their shares (rank r: sequences r, r + 2, ...)
@@ -9,7 +9,7 @@ or 4 sequences, the strategy's reduction once per step) must equal the gradient 
 loss of the whole batch in one forward and one process, in float64. Prints the largest difference
 of each rollout; exits 1 when it exceeds 1e-10 (distinct prompts) or 1e-6 of the gradient's scale
 (groups). Then a step skipped at its second micro-batch must leave nothing in the next step's
-gradient.
+gradient. Each strategy named in turn, in one process group.
 """
 
 import sys
@@ -49,7 +49,6 @@ def student() -> AutoModelForCausalLM:
 
 
 def main() -> int:
-    strategy = sys.argv[1]
     register_schema()
     register_resolvers()
     torch.set_num_threads(1)
@@ -65,6 +64,11 @@ def main() -> int:
         "distinct prompts": (HFModel(student(), tokenizer).sample(distinct, 1, 10), 1e-10),
         "groups of 3": (HFModel(student(), tokenizer).sample(distinct[:4], 3, 10), 1e-6),
     }
+    return int(any([check(strategy, ranks, teacher, rollouts) for strategy in sys.argv[1:]]))
+
+
+def check(strategy: str, ranks: Ranks, teacher: HFModel, rollouts: dict[str, tuple[Rollout, float]]) -> bool:
+    """Whether ``strategy`` failed any of the module docstring's checks (each printed by rank 0)."""
     failed = False
     for name, (rollout, tolerance) in rollouts.items():
         worst, scale = largest_difference(strategy, ranks, teacher, rollout)
@@ -79,7 +83,7 @@ def main() -> int:
         if ranks.main:
             print(f"fsdp2 bf16-mixed: {dtypes}")
         failed |= dtypes != {"computed": "bfloat16", "master": "float32", "gradients": "float32"}
-    return int(failed or leftover > 1e-12)
+    return failed or leftover > 1e-12
 
 
 def mixed_precision_dtypes(rollout: Rollout) -> dict[str, str]:

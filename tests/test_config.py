@@ -127,6 +127,8 @@ def test_default_choices_and_user_facing_names():
         (["benchmark.eval_size=ten"], "benchmark.eval_size: Value 'ten'.*could not be converted to Integer"),
         (["rollout._target_=opdx.backends.hf.NoSuchSampler"], "rollout._target_=.*cannot be loaded"),
         (["+teacher.temperature=0.5"], "teacher: got an unexpected keyword argument 'temperature'"),
+        (["logger.samples=-1"], r"logger.samples=-1 is invalid; use 0 \(none\) or more"),
+        (["logger.samples_every=0"], "logger.samples_every=0 is invalid; use a positive number of steps or null"),
     ],
 )
 def test_bad_values_fail_validation_with_a_clear_message(overrides, message):

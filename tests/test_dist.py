@@ -27,17 +27,17 @@ def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_give_the_one_process_gradient_of_the_whole_batch(strategy):
+def test_two_ranks_give_the_one_process_gradient_of_the_whole_batch():
     """For fixed rollouts (distinct prompts; groups sharing a prompt's forward): token_mean with the
     batch baseline, whitening with gamma = 1, the plain loss, the full support (in chunks of 5 states) and
     top-k with gamma = 1, micro-batched on
     each rank; float64, so any normaliser taken per rank or micro-batch would show. A step skipped
     at its second micro-batch leaves nothing in the next."""
-    result = torchrun("tests/dist_gradients.py", strategy)
-    for rollout in ("distinct prompts", "groups of 3"):
-        assert f"{strategy}, {rollout}: largest gradient difference from one process:" in result.stdout
-    assert f"{strategy}, after a skipped step: largest gradient difference from a fresh step:" in result.stdout
+    result = torchrun("tests/dist_gradients.py", "ddp", "fsdp2")  # both in one launch
+    for strategy in ("ddp", "fsdp2"):
+        for rollout in ("distinct prompts", "groups of 3"):
+            assert f"{strategy}, {rollout}: largest gradient difference from one process:" in result.stdout
+        assert f"{strategy}, after a skipped step: largest gradient difference from a fresh step:" in result.stdout
 
 
 def train_metrics(run_dir):
@@ -68,6 +68,7 @@ def test_torchrun_ddp_and_fsdp2_runs_write_one_run_the_same_way(tmp_path):
             "checkpoints",
             "cli.log",
             "metrics.jsonl",
+            "samples.jsonl",
             "student",
             "summary.json",
         ]
@@ -98,31 +99,31 @@ def test_a_two_rank_run_killed_after_a_checkpoint_resumes_on_one_rank_and_back(t
     process.wait()
     psutil.wait_procs(ranks, timeout=60)
     assert not (run_dir / "summary.json").exists()
-    one_rank = ["trainer.steps=10", "trainer.strategy=none"]
+    one_rank = ["trainer.steps=4", "trainer.strategy=none"]
     subprocess.run(
         [sys.executable, "-m", "opdx", "train", f"trainer.resume={run_dir}", *one_rank],
         cwd=REPO, env=ENV, check=True, capture_output=True,
     )  # fmt: skip
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(11))
-    torchrun("-m", "opdx", "train", f"trainer.resume={run_dir}", "trainer.steps=12", "trainer.strategy=fsdp2")
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(13))
-    assert json.loads((run_dir / "summary.json").read_text())["final_eval"]["step"] == 12
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(5))
+    torchrun("-m", "opdx", "train", f"trainer.resume={run_dir}", "trainer.steps=6", "trainer.strategy=fsdp2")
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(7))
+    assert json.loads((run_dir / "summary.json").read_text())["final_eval"]["step"] == 6
 
 
 @pytest.mark.slow
 def test_a_non_finite_step_on_one_rank_is_skipped_by_all(tmp_path):
     """A NaN teacher log-prob on one rank's share: every rank skips the step together (no rank
-    waits in a collective), and the run stops for all at trainer.max_bad_steps."""
+    waits in a collective), and the run stops for all at trainer.max_bad_steps (1 here; a run
+    that goes on after a skipped step: tests/test_trainer.py)."""
     from test_trainer import overflowing_teacher
 
     teacher = overflowing_teacher(tmp_path / "teacher")
     common = [*FAST_TRAIN, "trainer.steps=12", "trainer.prompts_per_step=16", "eval.n=0", f"model.teacher={teacher}"]
-    torchrun("-m", "opdx", "train", *common, "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'run'}")
-    skipped = [r for r in read_metrics(tmp_path / "run")[1:] if r["train/skipped"]]
-    assert skipped and all(r["nonfinite/teacher_logprobs"] > 0 for r in skipped)
     stopped = torchrun(
         "-m", "opdx", "train", *common, "trainer.strategy=ddp", "trainer.max_bad_steps=1",
         f"hydra.run.dir={tmp_path / 'stop'}", check=False,
     )  # fmt: skip
-    assert stopped.returncode != 0 and "steps in a row" in stopped.stderr
-    assert read_metrics(tmp_path / "stop")[-1]["step"] == skipped[0]["step"]  # the same trajectory up to it
+    assert stopped.returncode != 0 and "1 steps in a row" in stopped.stderr, stopped.stderr[-3000:]
+    records = read_metrics(tmp_path / "stop")
+    assert [r["train/skipped"] for r in records[1:]] == [0.0] * (len(records) - 2) + [1.0]
+    assert records[-1]["nonfinite/teacher_logprobs"] > 0

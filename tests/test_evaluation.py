@@ -116,7 +116,8 @@ def test_opdx_eval_of_a_trained_run_matches_its_own_evals(opdx_cli, tmp_path):
 @pytest.mark.slow
 @pytest.mark.xdist_group("smollm2")  # one worker builds the smollm2_cache pair
 def test_opdx_eval_and_train_on_real_weights_and_bfcl(opdx_cli, smollm2_cache, tmp_path):
-    """SmolLM2 teacher vs its pruned student on BFCL simple, then two OPD+ steps on BFCL prompts."""
+    """SmolLM2 teacher vs its pruned student on BFCL simple, then an OPD+ step on BFCL prompts, whose
+    16 new tokens cut every response: truncation, not collapse."""
     result = opdx_cli(
         "eval",
         "model=smollm2_135m",
@@ -137,18 +138,19 @@ def test_opdx_eval_and_train_on_real_weights_and_bfcl(opdx_cli, smollm2_cache, t
         "model=smollm2_135m",
         "benchmark=bfcl",
         "benchmark.categories=[simple]",
-        "trainer.steps=2",
+        "trainer.steps=1",
         "trainer.prompts_per_step=2",
         "trainer.samples_per_prompt=2",
         "sampling.max_new_tokens=16",
-        "trainer.eval_every=2",
+        "trainer.eval_every=1",
         "eval.problems=1",
         "eval.n=0",
         "runtime.threads=1",
         f"hydra.run.dir={tmp_path / 'train'}",
     )
     summary = json.loads((tmp_path / "train" / "summary.json").read_text())
-    assert summary["model"] == "smollm2_135m" and summary["final_eval"]["step"] == 2
+    assert summary["model"] == "smollm2_135m" and summary["final_eval"]["step"] == 1
+    assert summary["collapse"] is None and summary["truncation"].startswith("responses never ended")  # 16 tokens
 
 
 def test_a_hub_benchmark_offline_fails_before_any_model_loads(opdx_cli, tmp_path):

@@ -15,3 +15,18 @@ def test_three_kills_resume_to_the_uninterrupted_run():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3/3 identical" in result.stdout
     assert "while writing .step_" in result.stdout and "into eval" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("vllm_student_server")
+def test_an_async_run_killed_with_batches_in_flight_resumes_to_the_uninterrupted_run(student_server):
+    """The script on a served student sampling two steps ahead (trainer.max_staleness=2): killed
+    while writing a checkpoint and during an eval, with batches sampled ahead or in flight."""
+    served = ["model=tiny_hd32", "rollout=server", f"rollout.url={student_server}", "trainer.max_staleness=2"]
+    served.append("estimator.rollout_correction=per_decision")
+    result = subprocess.run(
+        [sys.executable, "scripts/kill_resume.py", "--kills", "2", *served],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2/2 identical" in result.stdout and "while writing .step_" in result.stdout

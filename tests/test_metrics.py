@@ -1,4 +1,5 @@
 from opdx.metrics import JsonlLogger, read_metrics, timed
+from opdx.samples import read_samples
 
 
 def test_jsonl_logger_writes_one_record_per_step_and_truncates_on_resume(tmp_path):
@@ -10,6 +11,17 @@ def test_jsonl_logger_writes_one_record_per_step_and_truncates_on_resume(tmp_pat
     assert read_metrics(tmp_path) == [{"step": s, "train/loss": float(s)} for s in range(3)]
     JsonlLogger(tmp_path, {})  # a fresh run in the same directory starts over
     assert read_metrics(tmp_path) == []
+
+
+def test_sample_rows_are_kept_by_step_and_dropped_after_the_resumed_checkpoint(tmp_path):
+    logger = JsonlLogger(tmp_path, {})
+    for step in range(4):
+        logger.samples([{"split": "train", "response": f"{step}+{i}"} for i in range(2)], step)
+    assert [(r["step"], r["response"]) for r in read_samples(tmp_path)][-2:] == [(3, "3+0"), (3, "3+1")]
+    JsonlLogger(tmp_path, {}, resume_from_step=1)
+    assert [r["step"] for r in read_samples(tmp_path)] == [0, 0, 1, 1]
+    JsonlLogger(tmp_path, {})
+    assert read_samples(tmp_path) == [] and not (tmp_path / "samples.jsonl").exists()
 
 
 def test_a_line_cut_short_by_a_kill_is_dropped_and_the_resume_rewrites_the_file(tmp_path):

@@ -7,6 +7,7 @@ from opdx.outcome import (
     accuracy_change,
     collapse_reason,
     difference_interval,
+    truncation,
     wilson_interval,
 )
 
@@ -56,3 +57,18 @@ def test_collapse_needs_its_signature_over_the_last_steps():
         "non-finite metrics"
     )
     assert collapse_reason(healthy, 24, 0.1, math.nan) == "non-finite metrics"
+
+
+def test_responses_that_never_ended_are_truncation_not_collapse():
+    cut_from_the_start = steps(12, 0.0, 16.0)
+    assert collapse_reason(cut_from_the_start, 16, 0.0, 0.0) is None
+    assert truncation(cut_from_the_start, 16) == (
+        "responses never ended (EOS rate 0.000, length 16.0 of 16 over the first step; EOS rate 0.000, length 16.0 "
+        "of 16 over the last 10 steps): raise sampling.max_new_tokens"
+    )
+    ended_then_stopped = steps(1, 0.5, 12.0) + steps(COLLAPSE_WINDOW, 0.01, 15.8)
+    assert truncation(ended_then_stopped, 16) is None
+    assert collapse_reason(ended_then_stopped, 16, 0.0, 0.0).startswith("responses stopped ending: EOS rate 0.010")
+    learned_to_end = steps(1, 0.0, 16.0) + steps(COLLAPSE_WINDOW, 0.9, 9.0)
+    assert truncation(learned_to_end, 16) is None and collapse_reason(learned_to_end, 16, 0.0, 0.0) is None
+    assert truncation([], 16) is None

@@ -17,10 +17,11 @@ FINALS = {  # (divergence, estimator) -> final greedy accuracy of seeds 0, 1, 2
 
 
 def write_run(
-    path, divergence, estimator, seed, final, initial=0.08, complete=True, steps=10, eos_rate=1.0, length=12.0, loss=1.0
-):
+    path, divergence, estimator, seed, final, initial=0.08, complete=True, steps=10, eos_rate=1.0, length=12.0,
+    loss=1.0, first_step=None,
+):  # fmt: skip
     """A run directory as `opdx train` writes it (config, metrics.jsonl, summary.json), with known
-    metrics: 24 new tokens at most, 100 eval problems."""
+    metrics: 24 new tokens at most, 100 eval problems; ``first_step`` overrides step 1's metrics."""
     (path / ".hydra").mkdir(parents=True)
     config = {
         "model": {"name": "tiny"},
@@ -45,6 +46,7 @@ def write_run(
         }
         for s in range(1, done + 1)
     ]
+    records[1] |= first_step or {}
     records[-1]["eval/arith/greedy_acc"] = final
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if complete:
@@ -131,11 +133,14 @@ def test_end_to_end_on_a_two_run_multirun(opdx_cli, tmp_path, capsys):
 def test_runs_are_marked_by_what_happened_not_by_a_lower_score(tmp_path, capsys):
     """The issue's cases on 1000 eval problems from a start of 8.6%: a dip within noise is not
     marked, a healthy run below its start beyond noise is marked below (not collapsed), and only
-    a collapse signature (no EOS at the length limit, accuracy 0, NaN) marks a collapse."""
+    a collapse signature (no EOS at the length limit, accuracy 0, NaN) marks a collapse; responses
+    that never ended, from the first step on, are truncation instead."""
+    healthy_start = {"rollout/eos_rate": 1.0, "rollout/len_mean": 12.0}
     cases = {
         "noise": dict(final=0.07, eos_rate=0.99, length=11.7),
         "below": dict(final=0.041, eos_rate=1.0, length=13.5),
-        "no_eos": dict(final=0.02, eos_rate=0.004, length=23.9),
+        "cut": dict(final=0.08, eos_rate=0.0, length=24.0),
+        "no_eos": dict(final=0.02, eos_rate=0.004, length=23.9, steps=20, first_step=healthy_start),
         "zero": dict(final=0.0, eos_rate=0.6, length=20.0),
         "nan": dict(final=0.05, loss=float("nan")),
     }
@@ -159,6 +164,8 @@ def test_runs_are_marked_by_what_happened_not_by_a_lower_score(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "†3 ↓1" in out
     assert f"collapsed: {tmp_path / 'no_eos'} (responses stopped ending" in out
+    assert by_name["cut"].truncation.startswith("responses never ended (EOS rate 0.000, length 24.0 of 24")
+    assert f"truncated, not collapsed: {tmp_path / 'cut'} (responses never ended" in out
     assert f"below the initial student beyond eval noise: {tmp_path / 'below'} (greedy accuracy 8.6% → 4.1%" in out
 
 

@@ -13,6 +13,7 @@ from conftest import FAST_TRAIN
 from opdx.checkpoint import checkpoint_dirs, read_extra, usable_checkpoint
 from opdx.config import TrainerConfig
 from opdx.metrics import read_metrics
+from opdx.samples import read_samples
 from opdx.trainer import lr_schedule
 
 
@@ -75,6 +76,16 @@ def test_smoke_run_writes_metrics_summary_and_checkpoint(opdx_cli, tmp_path):
     assert read_extra(usable_checkpoint(tmp_path))["step"] == 4
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000004", "step_000002"]
     assert all(r["train/skipped"] == 0 for r in records[1:]) and summary["skipped_steps"] == 0
+    samples = read_samples(tmp_path)  # logger.samples=4 of each kind at the eval steps 0, 2 and 4
+    kinds = [(r["step"], r["split"], r["kind"]) for r in samples[::4]]
+    assert kinds == [(0, "eval", "greedy"), (0, "eval", "sampled")] + [
+        (step, split, kind)
+        for step in (2, 4)
+        for split, kind in (("train", "sampled"), ("eval", "greedy"), ("eval", "sampled"))
+    ]
+    assert len(samples) == 32 and {r["stop"] for r in samples} <= {"eos", "length"}
+    train = samples[8]
+    assert len(train["log_u"]) == len(train["tokens"]) and train["log_u"] != [0.0] * len(train["tokens"])
 
 
 def test_the_saved_student_keeps_the_master_dtype_unless_an_export_dtype_is_asked(opdx_cli, tmp_path):
@@ -128,6 +139,7 @@ def test_killed_run_resumes_to_the_same_metrics(opdx_cli, tmp_path):
                 assert value == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["final_eval"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["final_eval"]
+    assert read_samples(killed) == read_samples(tmp_path / "whole")  # each step's rows once
 
 
 def test_resume_without_checkpoint_fails_clearly(opdx_cli, tmp_path):
@@ -154,8 +166,10 @@ def test_wandb_offline_logs_config_metrics_and_summary(opdx_cli, tmp_path):
         "eval/arith/greedy_acc",
         "final_eval",
         "teacher_eval",
+        "samples/eval_greedy",
+        "samples/train_sampled",
     ):
-        assert text.encode() in records, text  # group, tags, config, metrics, summary
+        assert text.encode() in records, text  # group, tags, config, metrics, summary, sample tables
     assert len(read_metrics(tmp_path)) == 5
 
 

