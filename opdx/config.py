@@ -282,6 +282,9 @@ class TrainerConfig:
     # asynchronous rollouts (rollout=server): the batch of step n + k is sampled, by the weights of step n,
     # while step n trains (opdx.pipeline); null: each step samples its own batch first
     max_staleness: int | None = None
+    # every this many steps, the other estimator's gradient on the step's batch beside the run's (probe/*:
+    # opdx.trainer.probe_gradients); null: never
+    probe_every: int | None = None
     # old names, kept working (each warns once): sampling.* and runtime.* are where these live now
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -301,6 +304,10 @@ class TrainerConfig:
             self.max_staleness is None or self.max_staleness >= 0,
             f"trainer.max_staleness={self.max_staleness!r} is invalid; use 0 or more steps, or null (no sampling "
             "ahead)",
+        )
+        check(
+            self.probe_every is None or self.probe_every > 0,
+            f"trainer.probe_every={self.probe_every!r} is invalid; use a positive number of steps or null (no probe)",
         )
         for key in ("micro_batch_size", "rollout_batch_size"):
             size = getattr(self, key)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -491,6 +491,14 @@ def build_estimator(
     estimator = ESTIMATORS[config.name](config, chunk_size)
     estimator.check(plain_sampling)
     return estimator
+
+
+def other_estimator(estimator: Estimator, plain_sampling: bool = True) -> Estimator:
+    """The estimator ``trainer.probe_every`` sets beside ``estimator``: stop-gradient OPD beside
+    OPD+ and OPD+ beside OPD, with the same support, switches and chunk size (``check`` asks the
+    same of both, so it holds for the other one too)."""
+    name = "stopgrad" if estimator.name == "unbiased" else "unbiased"
+    return build_estimator(replace(estimator.config, name=name), plain_sampling, estimator.chunk_size)
 
 
 def discounted_future_sum(rewards_B_T: Tensor, gamma: float) -> Tensor:

@@ -16,8 +16,9 @@ held-out split and writes an atomic checkpoint every ``checkpoint_every`` steps 
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from opdx.files import atomic_write_text
 from opdx.logits import DenseScores
 from opdx.metrics import LOGGERS, SilentLogger, nonfinite_names, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
-from opdx.objective import LossInputs, LossTerms, batch_totals
+from opdx.objective import LossInputs, LossTerms, batch_totals, other_estimator
 from opdx.pipeline import Ahead, InStep
 from opdx.policy import TokenScores
 from opdx.rollout import Rollout
@@ -174,6 +175,8 @@ def train_step(learner: Learner, step: int, samples: SampleLog | None = None) ->
     with timed(metrics, "rollout"):
         rollout = learner.rollouts.take(step)
     terms, bad = accumulate_gradients(learner.policy, learner.teacher, run, rollout, metrics)
+    if not bad and t.probe_every and (step + 1) % t.probe_every == 0:
+        probe_gradients(learner, rollout, metrics)
     with timed(metrics, "update"):
         if not bad:
             grad_norm = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(), t.grad_clip)
@@ -202,6 +205,46 @@ def train_step(learner: Learner, step: int, samples: SampleLog | None = None) ->
     step_time = metrics["time/rollout"] + metrics["time/teacher"] + metrics["time/update"]
     metrics["perf/tokens_per_s"] = global_sum(rollout.response_mask_B_T.sum()).item() / step_time
     return metrics
+
+
+def probe_gradients(learner: Learner, rollout: Rollout, metrics: dict[str, float]) -> None:
+    """``trainer.probe_every``: on the step's batch, the gradient of the other estimator (stop-gradient
+    OPD beside an OPD+ run, OPD+ beside an OPD run; the same divergence, support and switches) next
+    to the run's own, which stays in place for the update. Adds ``probe/cosine`` (of the two),
+    ``probe/relative_difference`` (||g_other - g_run|| / ||g_run||) and ``probe/grad_norm_other``,
+    before clipping and over all ranks, and the probe's seconds as ``time/probe``; a probe whose
+    gradient is not finite adds ``probe/skipped`` 1 instead.
+
+    For reverse_kl the two estimators have the same expectation (w_f(u) = -f(u) - 1: a baseline),
+    so the figures measure the batch's sampling noise; for every other f they add the bias of
+    stop-gradient OPD (docs/opd-math.md, "What the probe measures")."""
+    run = learner.run
+    params = [param for param in learner.policy.parameters() if param.grad is not None]
+    run_grads = [param.grad for param in params]
+    for param in params:
+        param.grad = None
+    other = other_estimator(run.estimator, run.sampling.is_plain)
+    with timed(metrics, "probe"):
+        _, bad = accumulate_gradients(learner.policy, learner.teacher, replace(run, estimator=other), rollout, {})
+    other_grads = [param.grad for param in params]
+    for param, grad in zip(params, run_grads, strict=True):
+        param.grad = grad
+    if bad:
+        metrics["probe/skipped"] = 1.0
+        return
+    sums = torch.zeros(3, dtype=torch.float64)
+    for ours, theirs in zip(run_grads, other_grads, strict=True):
+        theirs = torch.zeros_like(ours) if theirs is None else theirs
+        a, b = ((x.to_local() if isinstance(x, DTensor) else x).double() for x in (ours, theirs))
+        sums += torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()])
+    if isinstance(run_grads[0], DTensor):  # each rank holds a shard (DDP: every rank the whole gradient)
+        sums = global_sum(sums)
+    dot, run_square, other_square = sums.tolist()
+    both = run_square * other_square
+    metrics["probe/cosine"] = dot / math.sqrt(both) if both > 0 else math.nan  # nan: a zero gradient
+    difference = max(run_square - 2 * dot + other_square, 0.0)
+    metrics["probe/relative_difference"] = math.sqrt(difference / run_square) if run_square > 0 else math.nan
+    metrics["probe/grad_norm_other"] = math.sqrt(other_square)
 
 
 def accumulate_gradients(

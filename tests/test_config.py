@@ -129,6 +129,7 @@ def test_default_choices_and_user_facing_names():
         (["+teacher.temperature=0.5"], "teacher: got an unexpected keyword argument 'temperature'"),
         (["logger.samples=-1"], r"logger.samples=-1 is invalid; use 0 \(none\) or more"),
         (["logger.samples_every=0"], "logger.samples_every=0 is invalid; use a positive number of steps or null"),
+        (["trainer.probe_every=0"], "trainer.probe_every=0 is invalid; use a positive number of steps or null"),
     ],
 )
 def test_bad_values_fail_validation_with_a_clear_message(overrides, message):

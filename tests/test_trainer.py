@@ -447,3 +447,35 @@ def test_at_lr_1e_6_mixed_precision_moves_every_weight_and_pure_bf16_loses_most_
         assert max(moved[name] for name in norms) == 0.0
         changed = sum(moved[n] * before[n].numel() for n in moved) / sum(t.numel() for t in before.values())
         assert changed < 0.2
+
+
+def test_the_probe_sets_the_other_estimators_gradient_beside_the_runs_and_changes_nothing(opdx_cli, tmp_path):
+    """trainer.probe_every=2: probe/* at steps 2 and 4, and every other metric as without the probe."""
+    for name, probe in (("plain", []), ("probed", ["trainer.probe_every=2"])):
+        opdx_cli("train", *FAST_TRAIN, *probe, f"hydra.run.dir={tmp_path / name}")
+    plain, probed = train_metrics(tmp_path / "plain"), train_metrics(tmp_path / "probed")
+    assert [r["step"] for r in probed if "probe/cosine" in r] == [2, 4]
+    assert [{k: v for k, v in r.items() if not k.startswith("probe/")} for r in probed] == plain
+    assert all(
+        -1 <= r["probe/cosine"] < 0.999 and r["probe/relative_difference"] > 0.01 for r in probed if "probe/cosine" in r
+    )
+
+
+@pytest.mark.parametrize(("divergence", "same"), [("reverse_kl", True), ("forward_kl", False)])
+def test_the_probe_finds_reverse_kl_estimators_equal_under_a_batch_baseline(divergence, same):
+    """For reverse_kl, w_f(u) = -f(u) - 1: OPD+ is OPD with every reward shifted by -1, which the
+    batch baseline removes at gamma = 0, so the two gradients are one; for forward_kl they differ."""
+    from test_config import composed
+
+    from opdx.run import start, validate
+    from opdx.trainer import build_learner, train_step
+
+    settings = [*FAST_TRAIN, f"divergence={divergence}", "estimator.batch_baseline=true", "trainer.probe_every=1"]
+    run = validate(composed(*settings))
+    metrics = train_step(build_learner(run, start(run)), 0)
+    if same:
+        assert metrics["probe/cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert metrics["probe/relative_difference"] < 1e-5
+        assert metrics["probe/grad_norm_other"] == pytest.approx(metrics["train/grad_norm"], rel=1e-5)
+    else:
+        assert metrics["probe/cosine"] < 0.99 and metrics["probe/relative_difference"] > 0.1
