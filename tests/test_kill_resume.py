@@ -23,7 +23,7 @@ def test_an_async_run_killed_with_batches_in_flight_resumes_to_the_uninterrupted
     """The script on a served student sampling two steps ahead (trainer.max_staleness=2): killed
     while writing a checkpoint and during an eval, with batches sampled ahead or in flight."""
     served = ["model=tiny_hd32", "rollout=server", f"rollout.url={student_server}", "trainer.max_staleness=2"]
-    served.append("estimator.rollout_correction=per_decision")
+    served += ["estimator.rollout_correction=per_decision", "eval.problems=8", "eval.n=1"]  # smaller evals
     result = subprocess.run(
         [sys.executable, "scripts/kill_resume.py", "--kills", "2", *served],
         cwd=REPO, capture_output=True, text=True,

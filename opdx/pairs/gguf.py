@@ -9,6 +9,7 @@ in about a second with identical logits.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from opdx.compat import TOKENIZER_PROBES, PairError, check_same_tokenizer, same_token_ids
 
@@ -45,7 +46,7 @@ def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     quantisation entry and loading its state dict gives one that saves as safetensors."""
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config = copy.deepcopy(gguf_model.config)  # what AutoConfig reads from the file, without parsing it again
     config.__dict__.pop("quantization_config", None)
     with torch.device("meta"):  # no second copy of the weights: the plain model takes the GGUF model's tensors
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
