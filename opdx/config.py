@@ -518,6 +518,7 @@ RESUME_SAFE = (
     "trainer.max_bad_steps",
     "trainer.export_dtype",
     "trainer.strategy",
+    "trainer.probe_every",
     "runtime.*",
     "eval.*",
     "logger.*",

@@ -121,10 +121,12 @@ def not_ending(records: Sequence[Mapping[str, Any]], max_new_tokens: int, first:
 
 
 def truncation(records: Sequence[Mapping[str, Any]], max_new_tokens: int) -> str | None:
-    """Why the run's responses were cut by the token limit from its first step on (and still
-    are at its end): not a collapse, a ``sampling.max_new_tokens`` too small for the task; None
-    if they ended at the start or end."""
+    """Why the run's responses were cut by the token limit from its first step on, at its end, and
+    in every ``COLLAPSE_WINDOW`` steps between (mean EOS rate below ``EOS_RATE_COLLAPSED``): not a
+    collapse, a ``sampling.max_new_tokens`` too small for the task; None if they ended at any time."""
     first, last = not_ending(records, max_new_tokens, first=True), not_ending(records, max_new_tokens)
-    if first is None or last is None:
+    rates = [r["rollout/eos_rate"] for r in records if "rollout/eos_rate" in r]
+    windows = [rates[i : i + COLLAPSE_WINDOW] for i in range(max(1, len(rates) - COLLAPSE_WINDOW + 1))]
+    if first is None or last is None or any(sum(w) / len(w) >= EOS_RATE_COLLAPSED for w in windows):
         return None
     return f"responses never ended ({first}; {last}): raise sampling.max_new_tokens"

@@ -124,18 +124,16 @@ def main(argv: list[str]) -> int:
     if not rows:
         print(f"opdx samples: {args.run_dir} has no {SAMPLES_FILE} (runs write it while logger.samples > 0)")
         return 1
+    rows = [row for row in rows if args.split in (None, row["split"]) and args.kind in (None, row["kind"])]
     steps = sorted({row["step"] for row in rows})
-    if args.step not in ("last", "all") and not (args.step.isdigit() and int(args.step) in steps):
-        print(f"opdx samples: --step {args.step} has no samples; use last, all or one of {steps}")
+    if not steps or (args.step not in ("last", "all") and not (args.step.isdigit() and int(args.step) in steps)):
+        shown = " ".join(name for name in (args.split, args.kind) if name)
+        print(
+            f"opdx samples: --step {args.step} has no {shown + ' ' if shown else ''}samples; steps with them: {steps}"
+        )
         return 1
     wanted = {"last": steps[-1:], "all": steps}.get(args.step) or [int(args.step)]
-    rows = [
-        row for row in rows
-        if row["step"] in wanted and args.split in (None, row["split"]) and args.kind in (None, row["kind"])
-    ]  # fmt: skip
-    if not rows:
-        print(f"opdx samples: no {args.split or ''} {args.kind or ''} samples at step {args.step}".replace("  ", " "))
-        return 1
+    rows = [row for row in rows if row["step"] in wanted]
     tty = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     print(format_samples(rows, colour=args.colour == "always" or (args.colour == "auto" and tty)))
     return 0

@@ -256,7 +256,7 @@ def status_report(runs: pd.DataFrame) -> str:
         lines.append(line)
     for _, run in runs[runs["collapsed"]].iterrows():
         lines.append(f"- collapsed: {run['run_dir']} ({run['collapse']})")
-    for _, run in runs[runs["truncation"].notna()].iterrows():
+    for _, run in runs[runs["truncation"].notna() & ~runs["collapsed"].astype(bool)].iterrows():
         lines.append(f"- truncated, not collapsed: {run['run_dir']} ({run['truncation']})")
     for _, run in runs[runs["below_start"]].iterrows():
         below = "below the initial student beyond eval noise"

@@ -219,7 +219,7 @@ def probe_gradients(learner: Learner, rollout: Rollout, metrics: dict[str, float
     so the figures measure the batch's sampling noise; for every other f they add the bias of
     stop-gradient OPD (docs/opd-math.md, "What the probe measures")."""
     run = learner.run
-    params = [param for param in learner.policy.parameters() if param.grad is not None]
+    params = [param for group in learner.optimizer.param_groups for param in group["params"]]  # FSDP2: the shards
     run_grads = [param.grad for param in params]
     for param in params:
         param.grad = None
@@ -227,22 +227,23 @@ def probe_gradients(learner: Learner, rollout: Rollout, metrics: dict[str, float
     with timed(metrics, "probe"):
         _, bad = accumulate_gradients(learner.policy, learner.teacher, replace(run, estimator=other), rollout, {})
     other_grads = [param.grad for param in params]
-    for param, grad in zip(params, run_grads, strict=True):
+    for param, grad in zip(params, run_grads, strict=True):  # every gradient as it was, None included
         param.grad = grad
     if bad:
         metrics["probe/skipped"] = 1.0
         return
-    sums = torch.zeros(3, dtype=torch.float64)
-    for ours, theirs in zip(run_grads, other_grads, strict=True):
-        theirs = torch.zeros_like(ours) if theirs is None else theirs
-        a, b = ((x.to_local() if isinstance(x, DTensor) else x).double() for x in (ours, theirs))
-        sums += torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()])
-    if isinstance(run_grads[0], DTensor):  # each rank holds a shard (DDP: every rank the whole gradient)
+    pairs = [(ours, theirs) for ours, theirs in zip(run_grads, other_grads, strict=True) if ours is not None]
+    sums = torch.zeros(4, dtype=torch.float64, device=pairs[0][0].device)
+    for ours, theirs in pairs:  # float32 products summed in float64: no float64 copy of a large gradient
+        a, b = ((x.to_local() if isinstance(x, DTensor) else x).float() for x in (ours, theirs))
+        squares = [(a * b).sum(dtype=torch.float64), a.square().sum(dtype=torch.float64)]
+        squares += [b.square().sum(dtype=torch.float64), (a - b).square().sum(dtype=torch.float64)]
+        sums += torch.stack(squares)
+    if isinstance(pairs[0][0], DTensor):  # FSDP2: each rank holds a shard (DDP: every rank the whole gradient)
         sums = global_sum(sums)
-    dot, run_square, other_square = sums.tolist()
+    dot, run_square, other_square, difference = sums.tolist()
     both = run_square * other_square
     metrics["probe/cosine"] = dot / math.sqrt(both) if both > 0 else math.nan  # nan: a zero gradient
-    difference = max(run_square - 2 * dot + other_square, 0.0)
     metrics["probe/relative_difference"] = math.sqrt(difference / run_square) if run_square > 0 else math.nan
     metrics["probe/grad_norm_other"] = math.sqrt(other_square)
 
@@ -341,10 +342,11 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
             )  # fmt: skip
 
     def sample_log(step: int, eval_step: bool) -> SampleLog | None:
-        """Where the step's sample texts go: at the eval steps, and every ``logger.samples_every``."""
+        """Where the step's sample texts go (rank 0 alone writes them): at the eval steps, and every
+        ``logger.samples_every``."""
         every = cfg.logger.samples_every
         wanted = eval_step if every is None else eval_step or step % every == 0
-        return SampleLog(parts.tokenizer, cfg.logger.samples) if wanted and cfg.logger.samples else None
+        return SampleLog(parts.tokenizer, cfg.logger.samples) if wanted and cfg.logger.samples and ranks.main else None
 
     checkpoint = usable_checkpoint(run_dir, ranks) if t.resume else None
     if checkpoint:

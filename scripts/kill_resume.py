@@ -106,7 +106,8 @@ def outcome(run_dir: Path) -> tuple[list[dict], dict, dict, list[dict]]:
     records = [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in records]
     summary = json.loads((run_dir / "summary.json").read_text())
     evals = {k: summary[k] for k in ("teacher_eval", "initial_eval", "final_eval", "best_eval")}
-    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    path = run_dir / "samples.jsonl"  # none with logger.samples=0
+    samples = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return records, evals, load_file(run_dir / "student" / "model.safetensors"), samples
 
 

@@ -5,6 +5,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def opdx_main(args: list[str], cwd: str, env: dict[str, str], out: str, err: str
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    sys.stdout.flush()  # nothing the forkserver buffered goes into this command's output
+    sys.stderr.flush()
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT), fd)
     sys.argv = [sys.executable, *args]
@@ -61,6 +64,7 @@ def opdx_main(args: list[str], cwd: str, env: dict[str, str], out: str, err: str
     except BaseException:
         traceback.print_exc()
         status = 1
+    threading._shutdown()  # the interpreter's exit: join non-daemon threads, then the atexit handlers
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

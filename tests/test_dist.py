@@ -55,6 +55,7 @@ def test_torchrun_ddp_and_fsdp2_runs_write_one_run_the_same_way(tmp_path):
             "train",
             *FAST_TRAIN,
             "trainer.samples_per_prompt=1",
+            "trainer.probe_every=2",  # the probe's sums over FSDP2's shards equal DDP's whole gradients
             f"trainer.strategy={strategy}",
             f"hydra.run.dir={tmp_path / strategy}",
         )
@@ -73,6 +74,7 @@ def test_torchrun_ddp_and_fsdp2_runs_write_one_run_the_same_way(tmp_path):
             "summary.json",
         ]
     ddp, fsdp2 = train_metrics(tmp_path / "ddp"), train_metrics(tmp_path / "fsdp2")
+    assert [r["step"] for r in ddp if "probe/cosine" in r] == [2, 4]
     for a, b in zip(ddp, fsdp2, strict=True):  # the strategy changes how, not what
         assert a.keys() == b.keys()
         assert [k for k in a if a[k] != pytest.approx(b[k], rel=1e-4, abs=1e-5)] == [], a["step"]

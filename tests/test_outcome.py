@@ -71,4 +71,7 @@ def test_responses_that_never_ended_are_truncation_not_collapse():
     assert collapse_reason(ended_then_stopped, 16, 0.0, 0.0).startswith("responses stopped ending: EOS rate 0.010")
     learned_to_end = steps(1, 0.0, 16.0) + steps(COLLAPSE_WINDOW, 0.9, 9.0)
     assert truncation(learned_to_end, 16) is None and collapse_reason(learned_to_end, 16, 0.0, 0.0) is None
+    ended_for_a_while = steps(1, 0.0, 16.0) + steps(COLLAPSE_WINDOW, 0.9, 9.0) + steps(COLLAPSE_WINDOW, 0.0, 16.0)
+    assert truncation(ended_for_a_while, 16) is None
+    assert collapse_reason(ended_for_a_while, 16, 0.0, 0.0).startswith("responses stopped ending: EOS rate 0.000")
     assert truncation([], 16) is None

@@ -57,8 +57,12 @@ def test_opdx_samples_prints_a_step_colours_log_u_and_names_bad_choices(rollout_
     out = capsys.readouterr().out
     assert "-- step 0 eval sampled: score 1, stop eos, mean log u +0.000" in out and "\033[32m" in out
     assert main([str(tmp_path), "--step", "7"]) == 1
-    assert "--step 7 has no samples; use last, all or one of [0, 2]" in capsys.readouterr().out
+    assert "--step 7 has no samples; steps with them: [0, 2]" in capsys.readouterr().out
     assert main([str(tmp_path), "--split", "train"]) == 1
+    assert "--step last has no train samples; steps with them: []" in capsys.readouterr().out
+    logger.samples([{**read_samples(tmp_path)[0], "split": "train"}], 4)  # a later step of training rows only
+    assert main([str(tmp_path), "--split", "eval", "--colour", "never"]) == 0  # the last step with eval rows
+    assert capsys.readouterr().out.startswith("-- step 2 eval sampled")
     assert main([str(tmp_path / "none")]) == 1
     assert "has no samples.jsonl (runs write it while logger.samples > 0)" in capsys.readouterr().out
 
