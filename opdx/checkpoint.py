@@ -31,19 +31,42 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from opdx.dist import ONE_RANK, Ranks, active, barrier, broadcast, gather_dicts
 from opdx.files import atomic_write_text, sha256_of
 
 CHECKPOINT_DIR = "checkpoints"
 EXTRA_FILE = "extra.pt"
+# A checkpoint holds the tensors that train (a LoRA student's adapters alone; ``opdx.lora``): the
+# frozen ones are left out at save, and not expected at load (DCP still fails on a missing trainable one).
+SAVED = StateDictOptions(ignore_frozen_params=True)
+LOADED = StateDictOptions(ignore_frozen_params=True, strict=False)
 KEEP = 2
 _NAME = re.compile(r"step_(\d+)")
+
+
+def trained_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The policy's and optimizer's state dicts (``get_state_dict``) without frozen tensors."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=SAVED)
+    return without_frozen(policy, model_state), optimizer_state
+
+
+def without_frozen(policy: nn.Module, model_state: dict[str, Any]) -> dict[str, Any]:
+    """``model_state`` without the policy's frozen tensors. torch's ``ignore_frozen_params`` drops
+    each frozen parameter under one name only, so a frozen tied one (a LoRA student's output layer
+    tied to its embeddings) would stay under the other."""
+    module = policy.module if isinstance(policy, DistributedDataParallel) else policy
+    frozen = {
+        name for name, parameter in module.named_parameters(remove_duplicate=False) if not parameter.requires_grad
+    }
+    return {name: value for name, value in model_state.items() if name not in frozen}
 
 
 class CheckpointError(Exception):
@@ -88,7 +111,7 @@ def save_checkpoint(
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    model_state, optimizer_state = get_state_dict(policy, optimizer)
+    model_state, optimizer_state = trained_state(policy, optimizer)
     with one_process_quiet():
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp), no_dist=not active())
     if ranks.main:
@@ -150,20 +173,22 @@ def usable_checkpoint(run_dir: Path, ranks: Ranks | None = None) -> Path | None:
 
 def load_checkpoint(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load a checkpoint into the policy and optimizer (on any number of ranks); returns its extra state."""
-    model_state, optimizer_state = get_state_dict(policy, optimizer)
+    model_state, optimizer_state = trained_state(policy, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     with one_process_quiet():
         dcp.load(state, checkpoint_id=str(path), no_dist=not active())
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(
+        policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=LOADED
+    )
     return read_extra(path)
 
 
 def load_weights(path: Path, policy: nn.Module) -> None:
     """Load only a checkpoint's model weights into ``policy`` (``opdx eval`` of an unfinished run)."""
-    state = {"model": get_model_state_dict(policy)}
+    state = {"model": without_frozen(policy, get_model_state_dict(policy, options=SAVED))}
     with one_process_quiet():
         dcp.load(state, checkpoint_id=str(path), no_dist=not active())
-    set_model_state_dict(policy, state["model"])
+    set_model_state_dict(policy, state["model"], options=LOADED)
 
 
 def read_extra(path: Path) -> dict[str, Any]:

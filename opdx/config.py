@@ -114,6 +114,38 @@ def typed(schema: type[Schema], values: Mapping[str, Any], key: str) -> Schema:
         raise ConfigError(str(error)) from None
 
 
+LORA_ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output layer
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the student, through ``peft`` (Hu et al. 2021): each targeted weight W
+    computes with W + (alpha / r) B A, B [out, r] starting at zero and A [r, in]; only A and B
+    train, are checkpointed and are saved. ``r`` 0 (the default) trains every weight instead.
+    ``target_modules``: peft's ``all-linear``, or module names separated by commas
+    (``q_proj,v_proj``). ``dropout``: on each adapter's input in the training forward (the
+    sampled tokens' log-probs then come from a thinned student). ``save_merged``: also write the
+    merged model, W + (alpha / r) B A in the base's names, to ``student_merged/``."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str = LORA_ALL_LINEAR
+    save_merged: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.r >= 0, f"model.lora.r={self.r} is invalid: give the adapters' rank (0: no adapters)")
+        check(self.alpha > 0, f"model.lora.alpha={self.alpha} is invalid: give a positive scale")
+        check(0 <= self.dropout < 1, f"model.lora.dropout={self.dropout} is invalid: give a probability in [0, 1)")
+        check(bool(self.targets()), "model.lora.target_modules is empty: give all-linear or module names")
+
+    def targets(self) -> str | list[str]:
+        """``target_modules`` as peft takes it."""
+        if self.target_modules == LORA_ALL_LINEAR:
+            return LORA_ALL_LINEAR
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
 @dataclass
 class ModelConfig:
     """Teacher and student: hub ids or local directories, loaded with ``from_pretrained``.
@@ -128,6 +160,7 @@ class ModelConfig:
     # config.json fields (with model_type) the memory planner reads when no copy of a model's config is at hand
     student_config: dict[str, Any] | None = None
     teacher_config: dict[str, Any] | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the student instead of training every weight
 
     def __post_init__(self) -> None:
         for key in ("dtype", "teacher_dtype"):
@@ -532,14 +565,24 @@ RESUME_SAFE = (
 def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The settings outside ``RESUME_SAFE`` on which two resolved configs differ, as
     ``"key: saved -> new"`` (another model, divergence, estimator, benchmark, seed, lr, batch, a
-    mixture's components or their teachers ...)."""
+    mixture's components or their teachers ...). A setting the saved run does not have (it was
+    added to opdx later) differs only when the new value is not its default, which is what the
+    run trained with."""
     flat_saved, flat_new = (_flatten(with_precision(upgrade(c, warn=False))) for c in (saved, new))
+    defaults = schema_defaults()
     keys = sorted(set(flat_saved) | set(flat_new))
     return [
         f"{key}: {flat_saved.get(key, '<unset>')} -> {flat_new.get(key, '<unset>')}"
         for key in keys
-        if flat_saved.get(key) != flat_new.get(key) and not any(fnmatchcase(key, safe) for safe in RESUME_SAFE)
+        if flat_saved.get(key, defaults.get(key)) != flat_new.get(key)
+        and not any(fnmatchcase(key, safe) for safe in RESUME_SAFE)
     ]
+
+
+@cache
+def schema_defaults() -> dict[str, Any]:
+    """Every setting of ``RunConfig`` with a default, flattened (``model.lora.r``: 0)."""
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig), throw_on_missing=False))
 
 
 def with_precision(config: dict[str, Any]) -> dict[str, Any]:

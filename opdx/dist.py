@@ -110,13 +110,18 @@ def broadcast(value: object) -> object:
     return box[0]
 
 
+def gather(value: Item) -> list[Item]:
+    """Every rank's ``value``, by rank, on every rank (``all_gather_object``; ``[value]`` on one rank)."""
+    if not active():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def gather_dicts(share: dict[str, Any]) -> dict[str, Any]:
-    """The union of every rank's ``share`` on every rank (``all_gather_object``), keys sorted."""
-    shares = [share]
-    if active():
-        shares = [{}] * dist.get_world_size()
-        dist.all_gather_object(shares, share)
-    return dict(sorted(item for part in shares for item in part.items()))
+    """The union of every rank's ``share`` on every rank (``gather``), keys sorted."""
+    return dict(sorted(item for part in gather(share) for item in part.items()))
 
 
 def wrap(

@@ -25,8 +25,9 @@ EVAL_FILE = "eval.json"
 
 
 def student_of_run(run_dir: Path) -> tuple[Path | None, Path | None]:
-    """A run's trained student: its saved ``student/`` directory, else its last usable checkpoint."""
-    if (run_dir / "student" / "config.json").exists():
+    """A run's trained student: its saved ``student/`` directory (a model, or a LoRA run's adapters
+    on their base), else its last usable checkpoint."""
+    if any((run_dir / "student" / name).exists() for name in ("config.json", "adapter_config.json")):
         return run_dir / "student", None
     checkpoint = usable_checkpoint(run_dir)
     if checkpoint is None:

@@ -29,14 +29,14 @@ the allocator's fragmentation and the CUDA context.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from opdx.config import ConfigError, RunConfig, SetupConfig
+from opdx.config import LORA_ALL_LINEAR, ConfigError, LoraConfig, RunConfig, SetupConfig
 
 GIB = 2**30
 CPU_KV_CACHE_BYTES = 1 << 28  # a vLLM engine's least KV cache on the CPU (kv_cache_memory_bytes null): 256 MiB
@@ -143,6 +143,7 @@ class Workload:
     rollout_memory: str  # local (generate on this device) | engine (a vLLM engine here)
     engine_bytes: int  # a colocated engine's reservation
     engine_sleeps: bool  # the engine frees it between samplings (vLLM sleep mode)
+    adapters: int = 0  # a LoRA student's adapter parameters (model.lora): they alone have gradients and AdamW state
 
 
 @dataclass
@@ -155,6 +156,30 @@ class Phase:
     @property
     def total(self) -> int:
         return sum(self.parts.values())
+
+
+# (in, out) features of each linear layer of a Llama / Qwen decoder layer, by the name peft targets
+LINEAR_SHAPES: dict[str, Callable[[ModelShape], tuple[int, int]]] = {
+    "q_proj": lambda s: (s.hidden, s.heads * s.head_dim),
+    "k_proj": lambda s: (s.hidden, s.kv_heads * s.head_dim),
+    "v_proj": lambda s: (s.hidden, s.kv_heads * s.head_dim),
+    "o_proj": lambda s: (s.heads * s.head_dim, s.hidden),
+    "gate_proj": lambda s: (s.hidden, s.intermediate),
+    "up_proj": lambda s: (s.hidden, s.intermediate),
+    "down_proj": lambda s: (s.intermediate, s.hidden),
+}
+
+
+def adapter_parameters(student: ModelShape, lora: LoraConfig) -> int:
+    """The parameters of ``lora``'s adapters on ``student``: r (in + out) per adapted linear layer
+    (A is [r, in], B [out, r]), over ``LINEAR_SHAPES`` (all of them for ``all-linear``, or when a
+    target is not among them, erring high); 0 without adapters."""
+    if not lora.r:
+        return 0
+    targets = lora.targets()
+    if targets == LORA_ALL_LINEAR or not set(targets) <= set(LINEAR_SHAPES):
+        targets = list(LINEAR_SHAPES)
+    return lora.r * student.layers * sum(sum(LINEAR_SHAPES[name](student)) for name in targets)
 
 
 def forward_tokens(rows: int, group: int, prompt: int, new: int, shared: bool) -> int:
@@ -183,8 +208,9 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
     teachers on this device (all resident, the largest one scoring)."""
     teacher = max(teachers, key=lambda shape: shape.parameters, default=None)
     tokens = w.prompt_tokens + w.new_tokens
-    weights = student.parameters * w.master_bytes // w.shards
-    optimizer = 2 * weights  # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
+    weights = (student.parameters + w.adapters) * w.master_bytes // w.shards
+    trained = (w.adapters or student.parameters) * w.master_bytes // w.shards  # what has gradients
+    optimizer = 2 * trained  # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
     autocast = student.parameters * w.compute_bytes if w.compute_bytes < w.master_bytes else 0  # cast copies
     resident = {"student weights": weights, "optimizer state": optimizer}
     if teachers:
@@ -236,7 +262,7 @@ def phases(student: ModelShape, teachers: list[ModelShape], w: Workload, micro: 
     else:
         activations = positions * student.layers * per_token
     update = {
-        "gradients": weights,
+        "gradients": trained,
         "activations": activations + positions * student.hidden * 4,
         "attention": attention_bytes(micro, tokens),
         "logits chunk": CHUNK_COPIES_GRAD * min(w.logprob_chunk, micro * w.new_tokens) * student.vocab * 4,
@@ -410,6 +436,7 @@ def plan_run(
         share = config.rollout.get("gpu_memory_utilization", 0.0) if on_gpu else 0.0
         engine = int(share * device_bytes) or int(config.rollout.get("kv_cache_memory_bytes") or CPU_KV_CACHE_BYTES)
     e = config.eval
+    student = model_shape(m.student, m.student_config)
     workload = Workload(
         rows=rows,
         rollout_rows=rows,
@@ -430,8 +457,8 @@ def plan_run(
         rollout_memory=rollout_memory,
         engine_bytes=engine,
         engine_sleeps=rollout_memory == "engine" and sleeps,
+        adapters=adapter_parameters(student, m.lora),
     )
-    student = model_shape(m.student, m.student_config)
     shapes = {path: model_shape(path, carried) for path, carried in teachers.items()}
     budget = int(device_bytes * config.plan.headroom)
     micro = None if t.micro_batch_size == "auto" else (t.micro_batch_size or rows)
@@ -440,6 +467,8 @@ def plan_run(
     notes = [*(notes or [])]
     named = [f"{path}: {count(shape.parameters)}" for path, shape in shapes.items()] or ["none on this device"]
     notes.append(f"student {m.student}: {count(student.parameters)} parameters; teacher {', '.join(named)}")
+    if workload.adapters:
+        notes.append(f"LoRA adapters of rank {m.lora.r} on {m.lora.target_modules}: {count(workload.adapters)} train")
     notes.append(
         f"{rows} sequences per step on a rank of {world}, prompts of up to {prompt_tokens} tokens + "
         f"{workload.new_tokens} new; {t.precision}, {t.strategy}"

@@ -19,13 +19,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from opdx.compat import vocab_logits
 from opdx.logits import HeadLogits
+from opdx.lora import merged_tensors
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams, gather_logprobs
 
 
@@ -238,8 +238,8 @@ def full_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, Te
     """The trainer's student module's tensors by checkpoint name, whole and in ``dtype``, one at a
     time: under FSDP2 each parameter is gathered as it is read (a collective every rank joins in the
     same order), so no rank holds the whole gathered model at once. Tied embeddings come under both
-    names, as ``state_dict`` gives them."""
+    names, as ``state_dict`` gives them. A LoRA student's come merged, under the base model's names
+    (``opdx.lora.merged_tensors``)."""
     module = model.module if isinstance(model, DistributedDataParallel) else model
-    for name, tensor in module.state_dict().items():
-        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        yield name.removeprefix("model."), whole.detach().to(dtype)
+    for name, tensor in merged_tensors(module):
+        yield name.removeprefix("model."), tensor.detach().to(dtype)

@@ -40,6 +40,7 @@ from opdx.config import (
 )
 from opdx.dist import Ranks, init
 from opdx.divergences import Divergence, build_divergence
+from opdx.lora import add_adapters, has_adapters
 from opdx.metrics import LOGGERS
 from opdx.models import check_teacher_tokenizer, load_model, load_tokenizer, resolve_device, stop_ids
 from opdx.objective import Estimator, build_estimator
@@ -166,12 +167,15 @@ def build_backend(node: Mapping[str, Any], **runtime: Any) -> Any:
 
 
 def build_teachers(
-    setup: Setup, tokenizer: PreTrainedTokenizerBase, device: torch.device, stops: list[int]
+    setup: Setup, tokenizer: PreTrainedTokenizerBase, device: torch.device, stops: list[int], student: PreTrainedModel
 ) -> dict[str, Teacher]:
     """Each component's teacher backend by component name, its answers ending at ``stops``; each
-    distinct (model, dtype, backend node) is built once and shared by the components that name it."""
+    distinct (model, dtype, backend node) is built once and shared by the components that name it.
+    A factory that takes them also gets the ``student``, the benchmark and ``trainer.strategy``
+    (``teacher=self``)."""
     logprob_chunk = setup.config.runtime.logprob_chunk
     runtime = {"tokenizer": tokenizer, "device": device, "logprob_chunk": logprob_chunk, "stop_ids": stops}
+    runtime |= {"student": student, "benchmark": setup.benchmark, "strategy": setup.config.trainer.strategy}
     components = setup.benchmark.components
     groups: dict[str, tuple[ModelConfig, dict[str, Any], list[str]]] = {}  # one per (model, dtype, backend node)
     for component, (pair, node) in zip(components, teacher_nodes(setup.config, setup.benchmark).values(), strict=True):
@@ -242,13 +246,15 @@ def start(setup: Setup) -> Parts:
     if train:
         fill_plan(setup, memory_plan(setup, device, ranks.world, longest_prompt(setup, tokenizer)))
     student = load_model(config.model.student, weights_dtype(setup), device, tokenizer, trainable=True)
+    if config.model.lora.r and not has_adapters(student):  # a LoRA run's saved student/ brings its own
+        add_adapters(student, config.model.lora)
     stops = stop_ids(
         config.model, tokenizer, [pair.teacher for pair, _ in teacher_nodes(config, setup.benchmark).values()]
     )
     rollout = build_backend(
         config.rollout, model=student, tokenizer=tokenizer, stop_ids=stops, compute_dtype=config.model.dtype
     )
-    teachers = build_teachers(setup, tokenizer, device, stops)
+    teachers = build_teachers(setup, tokenizer, device, stops, student)
     torch.manual_seed(config.seed)  # an engine backend may have reseeded the process (vLLM seeds its own)
     parts = Parts(student, tokenizer, rollout, one_teacher(teachers), teachers, device, ranks)
     fit_prompts(setup, parts, train)

@@ -34,15 +34,26 @@ from opdx.backends import Sampler, Scorer, teacher_scores
 from opdx.benchmarks import Benchmark, Problem
 from opdx.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, save_checkpoint, usable_checkpoint
 from opdx.config import EstimatorConfig, TrainerConfig
-from opdx.dist import Ranks, accumulating, barrier, broadcast, drop_unsynced_gradients, global_sum, micro_batches, wrap
+from opdx.dist import (
+    Ranks,
+    accumulating,
+    barrier,
+    broadcast,
+    drop_unsynced_gradients,
+    gather,
+    global_sum,
+    micro_batches,
+    wrap,
+)
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
 from opdx.logits import DenseScores
+from opdx.lora import MERGED_DIR, save_merged
 from opdx.metrics import LOGGERS, SilentLogger, nonfinite_names, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
 from opdx.objective import LossInputs, LossTerms, batch_totals, other_estimator
 from opdx.pipeline import Ahead, InStep
-from opdx.policy import TokenScores
+from opdx.policy import TokenScores, full_weights
 from opdx.rollout import Rollout
 from opdx.run import Parts, Run, start
 from opdx.samples import SampleLog
@@ -117,7 +128,8 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     mixed = compute_dtype if t.precision == "bf16-mixed" else None  # FSDP2 gathers bf16 copies of the weights
     policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",), param_dtype=mixed)
     parts.rollout.update_weights(policy, 0)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    trained = [parameter for parameter in policy.parameters() if parameter.requires_grad]  # a LoRA student's adapters
+    optimizer = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t)
     learner = Learner(run, parts.rollout, parts.teacher, parts.student, policy, optimizer, scheduler, parts.ranks)
     learner.rollouts = InStep(parts.rollout, lambda step: sample_batch(learner, step), rollout_seed(learner))
@@ -316,7 +328,18 @@ def accumulate_gradients(
 TERMS = ("logp_student_B_T", "log_u_B_T", "advantages_B_T")  # the [B, T] fields of LossTerms
 
 
-PENDING = "pending_rollouts"  # a checkpoint's batches sampled ahead of its step (opdx.pipeline.Ahead), by step
+PENDING = "pending_rollouts"  # a checkpoint's batches sampled ahead of its step (opdx.pipeline.Ahead), by rank and step
+
+
+def pending_batches(extra: dict[str, Any], ranks: Ranks) -> dict[int, Rollout]:
+    """This rank's batches sampled ahead of a checkpoint's step (``extra[PENDING]``: each rank's
+    ``{step: rollout}``, by rank), or none when the checkpoint was saved on another number of
+    ranks (each rank samples its own rows, with its own seed: they are sampled again)."""
+    by_rank = extra.get(PENDING, [])
+    if by_rank and len(by_rank) != ranks.world:
+        print(f"the batches sampled ahead on {len(by_rank)} ranks are sampled again on {ranks.world}")
+        return {}
+    return by_rank[ranks.rank] if by_rank else {}
 
 
 def train(run: Run, run_dir: Path) -> dict[str, Any]:
@@ -378,7 +401,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         initial = {k: v for k, v in state.initial_eval.items() if k != "step"}
         logger.log(eval_metrics(initial, bench) | eval_metrics(state.teacher_eval, bench, "teacher/"), step=0)
 
-    restored = extra.get(PENDING, {}) if checkpoint else {}
+    restored = pending_batches(extra if checkpoint else {}, ranks)
     if t.max_staleness is not None:
         sampled = learner.rollouts
         learner.rollouts = Ahead(
@@ -430,7 +453,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
             state.elapsed = time.perf_counter() - started
             if done % t.checkpoint_every == 0 or done == t.steps:
                 extra = {"scheduler": learner.scheduler.state_dict(), "state": state.to_dict()}
-                extra[PENDING] = learner.rollouts.pending()  # the batches sampled ahead: resumed, not resampled
+                extra[PENDING] = gather(learner.rollouts.pending())  # sampled ahead: resumed, not resampled
                 save_checkpoint(run_dir, done, learner.policy, learner.optimizer, extra, ranks)
     finally:
         learner.rollouts.close()
@@ -439,13 +462,21 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         state.final_eval = {**evaluate("student", start_step), "step": start_step}
 
     weights = get_model_state_dict(learner.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    export = getattr(torch, t.export_dtype) if t.export_dtype else None  # checkpoints keep the master dtype
+    merged = {}
+    if cfg.model.lora.r and cfg.model.lora.save_merged:  # every rank joins each gather, rank 0 keeps them
+        for name, tensor in full_weights(learner.policy, export or parts.student.dtype):
+            if ranks.main:
+                merged[name] = tensor.cpu()
     summary = {}
     if ranks.main:
         names = {"divergence": run.divergence.name, "estimator": run.estimator.name, "benchmark": bench}
         summary = make_summary(cfg, names, state, run_dir, eval_problem_count(run.benchmark, cfg.eval))
-        export = getattr(torch, t.export_dtype) if t.export_dtype else None  # checkpoints keep the master dtype
         student_weights = {key.removeprefix("model."): value.to(export) for key, value in weights.items()}
-        parts.student.save_pretrained(run_dir / "student", state_dict=student_weights)
+        parts.student.save_pretrained(run_dir / "student", state_dict=student_weights)  # LoRA: the adapters alone
+        if merged:
+            save_merged(parts.student, merged, run_dir / MERGED_DIR)
+            parts.tokenizer.save_pretrained(run_dir / MERGED_DIR)
         if export is not None:  # config.json says the weights' dtype (save_pretrained wrote the module's)
             parts.student.config.dtype = export
             parts.student.config.save_pretrained(run_dir / "student")

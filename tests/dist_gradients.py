@@ -22,10 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdx.backends import teacher_scores
 from opdx.backends.hf import HFModel
-from opdx.config import CONF_DIR, asset_path, register_resolvers, register_schema
+from opdx.config import CONF_DIR, LoraConfig, asset_path, register_resolvers, register_schema
 from opdx.dist import Ranks, global_max, init, wrap
+from opdx.lora import add_adapters
 from opdx.objective import LossInputs
-from opdx.policy import TokenScores
+from opdx.policy import TokenScores, full_weights
 from opdx.rollout import Rollout
 from opdx.run import Run, validate
 from opdx.trainer import accumulate_gradients
@@ -78,12 +79,37 @@ def check(strategy: str, ranks: Ranks, teacher: HFModel, rollouts: dict[str, tup
     leftover = leftover_after_a_skipped_step(strategy, ranks, teacher, rollouts["distinct prompts"][0])
     if ranks.main:
         print(f"{strategy}, after a skipped step: largest gradient difference from a fresh step: {leftover:.2e}")
+    merged = lora_merged_difference(strategy)
+    if ranks.main:
+        print(f"{strategy}, a LoRA student's merged weights: largest difference from one process: {merged:.2e}")
+    failed |= merged > 1e-12
     if strategy == "fsdp2":
         dtypes = mixed_precision_dtypes(rollouts["distinct prompts"][0])
         if ranks.main:
             print(f"fsdp2 bf16-mixed: {dtypes}")
         failed |= dtypes != {"computed": "bfloat16", "master": "float32", "gradients": "float32"}
     return failed or leftover > 1e-12
+
+
+def lora_merged_difference(strategy: str) -> float:
+    """The merged weights of a LoRA student (``full_weights``: W + (alpha / r) B A, what a sampler
+    gets) gathered from the ranks' replicas or shards, against the same in one process."""
+    policies = []
+    for _ in range(2):  # the same adapters twice: seeded A, and B moved off its zero start
+        torch.manual_seed(0)
+        model = student()
+        add_adapters(model, LoraConfig(r=4, alpha=8))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.data.normal_(0, 0.1)
+        policies.append((model, TokenScores(model)))
+    reference = dict(full_weights(policies[0][1], torch.float64))
+    model, policy = policies[1]
+    gathered = dict(
+        full_weights(wrap(policy, strategy, model.model.layers, torch.device("cpu"), ("generate",)), torch.float64)
+    )
+    assert list(gathered) == list(reference)
+    return max((gathered[name] - tensor).abs().max().item() for name, tensor in reference.items())
 
 
 def mixed_precision_dtypes(rollout: Rollout) -> dict[str, str]:

@@ -250,6 +250,11 @@ def test_resume_conflicts_name_what_changes_a_run_and_allow_the_rest():
     assert "estimator.name: unbiased -> stopgrad" in conflicts and "benchmark.max_terms: 3 -> 4" in conflicts
     assert "seed: 0 -> 1" in conflicts and "model.name: tiny -> smollm2_135m" in conflicts
     assert not any(c.startswith(("eval.", "logger.")) for c in conflicts)
+    older = {**saved, "model": {k: v for k, v in saved["model"].items() if k != "lora"}}  # saved before model.lora
+    assert resume_conflicts(older, OmegaConf.to_container(composed(), resolve=True)) == []
+    with_lora = OmegaConf.to_container(composed("model.lora.r=8"), resolve=True)
+    assert resume_conflicts(older, with_lora) == ["model.lora.r: <unset> -> 8"]
+    assert resume_conflicts(saved, with_lora) == ["model.lora.r: 0 -> 8"]
 
 
 def test_the_training_precision_follows_the_students_dtype_or_is_refused():

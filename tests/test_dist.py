@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -26,18 +27,38 @@ def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def torchrun_killed_at(marker: Path, *args: str) -> None:
+    """torchrun ``args`` on 2 ranks, SIGKILLed with its ranks as soon as ``marker`` exists (or after 300 s)."""
+    process = subprocess.Popen(
+        [*TORCHRUN, *args], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = psutil.Process(process.pid).children(recursive=True)  # torchrun starts each in its own session
+    os.killpg(process.pid, signal.SIGKILL)
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.kill()
+    process.wait()
+    psutil.wait_procs(ranks, timeout=60)
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_one_process_gradient_of_the_whole_batch():
     """For fixed rollouts (distinct prompts; groups sharing a prompt's forward): token_mean with the
     batch baseline, whitening with gamma = 1, the plain loss, the full support (in chunks of 5 states) and
     top-k with gamma = 1, micro-batched on
     each rank; float64, so any normaliser taken per rank or micro-batch would show. A step skipped
-    at its second micro-batch leaves nothing in the next."""
+    at its second micro-batch leaves nothing in the next. A LoRA student's merged weights, gathered
+    from the ranks, are the one-process ones."""
     result = torchrun("tests/dist_gradients.py", "ddp", "fsdp2")  # both in one launch
     for strategy in ("ddp", "fsdp2"):
         for rollout in ("distinct prompts", "groups of 3"):
             assert f"{strategy}, {rollout}: largest gradient difference from one process:" in result.stdout
         assert f"{strategy}, after a skipped step: largest gradient difference from a fresh step:" in result.stdout
+        assert f"{strategy}, a LoRA student's merged weights: largest difference from one process:" in result.stdout
 
 
 def train_metrics(run_dir):
@@ -86,20 +107,9 @@ def test_torchrun_ddp_and_fsdp2_runs_write_one_run_the_same_way(tmp_path):
 def test_a_two_rank_run_killed_after_a_checkpoint_resumes_on_one_rank_and_back(tmp_path):
     run_dir = tmp_path / "run"
     args = [*FAST_TRAIN, "trainer.steps=8", "trainer.checkpoint_every=1", "trainer.strategy=ddp"]
-    process = subprocess.Popen(
-        [*TORCHRUN, "-m", "opdx", "train", *args, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.time() + 300
-    while not list(run_dir.glob("checkpoints/step_000002.sha256")) and time.time() < deadline:
-        time.sleep(0.05)
-    ranks = psutil.Process(process.pid).children(recursive=True)  # torchrun starts each in its own session
-    os.killpg(process.pid, signal.SIGKILL)
-    for rank in ranks:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            rank.kill()
-    process.wait()
-    psutil.wait_procs(ranks, timeout=60)
+    torchrun_killed_at(
+        run_dir / "checkpoints/step_000002.sha256", "-m", "opdx", "train", *args, f"hydra.run.dir={run_dir}"
+    )
     assert not (run_dir / "summary.json").exists()
     one_rank = ["trainer.steps=4", "trainer.strategy=none"]
     subprocess.run(

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from opdx.cli import plan_of
 from opdx.config import ConfigError, asset_path
-from opdx.plan import halvings, model_shape, phases
+from opdx.plan import count, halvings, model_shape, phases
 from opdx.run import start, validate
 
 QWEN3 = "model=qwen3_1p7b_to_0p6b_base"
@@ -110,6 +110,22 @@ def test_the_shipped_qwen3_pair_on_one_80_gb_gpu(monkeypatch):
     assert vllm.fits and vllm.micro_batch_size < vllm.rows
     eight = plan_of([*base, "plan.gpus=8", "trainer.strategy=fsdp2"])
     assert eight.fits and eight.rows == eight.rollout_batch_size == 16
+
+
+def test_a_lora_student_has_gradients_and_adamw_state_for_its_adapters_alone(monkeypatch):
+    """Qwen3-0.6B (28 layers, hidden 1,024, 16 query and 8 key-value heads of 128, MLP 3,072):
+    r (in + out) per adapted layer is 16 x 22,528 per decoder layer for all seven linear layers,
+    16 x (3,072 + 2,048) for q_proj and v_proj alone; float32 under bf16-mixed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = [QWEN3, "benchmark=deepmath", "plan.gpu_memory_gib=80", "plan.prompt_tokens=512"]
+    full = {phase.name: phase.parts for phase in plan_of(base).phases}["update"]
+    for targets, per_layer in (("all-linear", 22_528), ("q_proj,v_proj", 5_120)):
+        lora = plan_of([*base, "model.lora.r=16", f"model.lora.target_modules='{targets}'"])
+        update = {phase.name: phase.parts for phase in lora.phases}["update"]
+        adapters = 16 * per_layer * 28
+        assert update["gradients"] == adapters * 4 and update["optimizer state"] == 2 * adapters * 4
+        assert update["student weights"] == full["student weights"] + adapters * 4
+        assert any(f"{count(adapters)} train" in note for note in lora.notes)
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_weights_load_and_auto_sizes_are_filled(monkeypatch):

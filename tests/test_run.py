@@ -142,3 +142,15 @@ def test_the_planner_counts_a_dense_supports_chunks_not_its_whole_logits():
         2 * 192 * 24 * 4,
         4 * 192 * 24 * 4,
     )
+
+
+@pytest.mark.slow
+def test_a_lora_student_distils_from_its_own_frozen_base_shown_the_worked_solution(opdx_cli, tmp_path):
+    """teacher=self teacher.weights=initial with model.lora: the base (adapters off) scores the
+    student's responses to the bare prompt on the prompt with its worked solution first."""
+    self_taught = ["teacher=self", "teacher.weights=initial", "teacher.context=worked", "model.lora.r=4"]
+    opdx_cli("train", *FAST_TRAIN, *self_taught, f"hydra.run.dir={tmp_path}")
+    steps = [record for record in read_metrics(tmp_path) if "train/loss" in record]
+    assert len(steps) == 4 and all(record["train/skipped"] == 0 for record in steps)
+    assert steps[0]["div/reverse_kl"] > 0  # the context makes the base a different distribution
+    assert (tmp_path / "student" / "adapter_config.json").exists() and (tmp_path / "summary.json").exists()

@@ -9,8 +9,10 @@ gathered there).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +27,12 @@ from transformers import (
 )
 
 from opdx.backends import teacher_prompt_tokenizer
-from opdx.benchmarks import Problem
+from opdx.benchmarks import Benchmark, Problem, privileged
 from opdx.compat import PairError
-from opdx.config import ModelConfig, check
+from opdx.config import ConfigError, ModelConfig, check
 from opdx.dist import gathered
 from opdx.logits import HeadLogits, TopKOfLogits
+from opdx.lora import has_adapters
 from opdx.models import load_model
 from opdx.policy import TokenScores, cache_argument, shared_prompt_cache, upcast
 from opdx.prompts import encode_prompts
@@ -217,9 +220,14 @@ class HFModel:
         logits = self.scores(self._own_prompts(rollout), logits=True)
         return logits if top_k is None else TopKOfLogits(logits, rollout.response_tokens_B_T, top_k)
 
+    def renders_prompts(self) -> bool:
+        """Whether this scorer renders a rollout's prompts itself (``prompt_ids``) rather than
+        taking the student's tokens: when its chat template differs."""
+        return self.prompt_tokenizer is not self.tokenizer
+
     def _own_prompts(self, rollout: Rollout) -> Rollout:
-        """The rollout with its prompts rendered by this model's own chat template (same responses)."""
-        if self.prompt_tokenizer is self.tokenizer:
+        """The rollout with its prompts as this model sees them (``prompt_ids``; same responses)."""
+        if not self.renders_prompts():
             return rollout
         if rollout.problems is None:
             raise ValueError("this scorer renders prompts with its own chat template: the rollout needs its problems")
@@ -240,3 +248,94 @@ def load_teacher(
     prompt_tokenizer = teacher_prompt_tokenizer(pair, tokenizer, prompt_template)
     teacher = load_model(pair.teacher, pair.teacher_dtype, device, tokenizer, trainable=False)
     return HFModel(teacher, tokenizer, logprob_chunk, prompt_tokenizer=prompt_tokenizer, stop_ids=stop_ids)
+
+
+SELF_WEIGHTS = ("current", "initial")
+
+
+class SelfTeacher(HFModel):
+    """``teacher=self``: the student teaches itself, shown what it will not see at test time. It
+    scores each response (and answers its own eval) with the prompt a benchmark gives a privileged
+    reader (``privileged``: ``opdx.benchmarks.privileged``), with the student's model itself (no
+    copy). ``frozen_base``: with the LoRA adapters off (``PreTrainedModel.disable_adapters``), so
+    the frozen base model scores. Its scores are taken without grad, as every teacher's, so the
+    teacher is held constant in the student's gradient though it shares its weights."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        privileged: Callable[[Problem], Problem],
+        frozen_base: bool = False,
+        logprob_chunk: int = 8192,
+        stop_ids: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(model, tokenizer, logprob_chunk, stop_ids=stop_ids)
+        self.privileged, self.frozen_base = privileged, frozen_base
+
+    def renders_prompts(self) -> bool:
+        return True
+
+    def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
+        return super().prompt_ids([self.privileged(p) if isinstance(p, Problem) else p for p in problems])
+
+    @contextmanager
+    def weights(self) -> Iterator[None]:
+        """The weights that teach: the student's as they are, or its base with the adapters off."""
+        if not self.frozen_base:
+            yield
+            return
+        self.model.disable_adapters()
+        try:
+            yield
+        finally:
+            self.model.enable_adapters()
+
+    def sample(self, *args: Any, **kwargs: Any) -> Rollout:
+        with self.weights():
+            return super().sample(*args, **kwargs)
+
+    def logprobs(self, rollout: Rollout) -> Tensor:
+        with self.weights():
+            return super().logprobs(rollout)
+
+    def dense(self, rollout: Rollout, top_k: int | None = None) -> HeadLogits | TopKOfLogits:
+        with self.weights():
+            return super().dense(rollout, top_k)
+
+
+def load_self_teacher(
+    pair: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    student: PreTrainedModel,
+    benchmark: Benchmark,
+    logprob_chunk: int = 8192,
+    stop_ids: Sequence[int] | None = None,
+    weights: str = "current",
+    context: str = "reference",
+    strategy: str = "none",
+) -> SelfTeacher:
+    """``teacher=self`` (``SelfTeacher``) on ``benchmark``'s privileged prompts (``context``:
+    ``opdx.benchmarks.CONTEXTS``). ``weights``: ``current``, the student being trained; ``initial``,
+    its weights at the start: a LoRA student's frozen base (no copy), else a frozen copy of
+    ``pair.student``. ConfigError for a bad option, a context the benchmark cannot give, a mixture,
+    or FSDP2 where the teacher would run the sharded student outside its root."""
+    check(weights in SELF_WEIGHTS, f"teacher.weights={weights!r} is invalid; valid: {', '.join(SELF_WEIGHTS)}")
+    check(len(benchmark.components) == 1, "teacher=self with a mixture of benchmarks is not built yet")
+    frozen_base = weights == "initial" and has_adapters(student)
+    shares = weights == "current" or frozen_base
+    check(
+        not (shares and strategy == "fsdp2"),
+        "teacher=self scoring with the student's own (sharded) module under trainer.strategy=fsdp2 is not built yet: "
+        "use trainer.strategy=ddp, or teacher.weights=initial without model.lora (a frozen copy)",
+    )
+    try:
+        for problem in benchmark.eval[:1]:  # a context the benchmark cannot give fails here, before training
+            privileged(benchmark, problem, context)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    model = student if shares else load_model(pair.student, pair.dtype, device, tokenizer, trainable=False)
+    return SelfTeacher(
+        model, tokenizer, lambda problem: privileged(benchmark, problem, context), frozen_base, logprob_chunk, stop_ids
+    )

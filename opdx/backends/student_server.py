@@ -17,6 +17,11 @@ After each update the trainer's weights go to the server through vLLM's RL servi
 as one safetensors file in ``/dev/shm``, which the server's workers load. It needs the server on
 this host, and works on CPUs and GPUs alike; vLLM's own engines (nccl, ipc) need CUDA.
 
+Under torchrun all ranks share one server: rank 0 starts it (or checks ``rollout.url``), each
+rank samples its own share of the prompts from it, and rank 0 pushes the weights (gathered from
+the ranks) between two barriers (``ServedStudent.update_weights``). Every rank must be on the
+server's host.
+
 A server opdx starts is the run's: its process group is stopped when the trainer exits, and the
 kernel sends it SIGTERM if the trainer is killed (``PR_SET_PDEATHSIG``); a server that dies is
 reported by name with the end of its log.
@@ -48,7 +53,7 @@ from opdx.backends import ServerError, cpu_kv_cache_bytes, padding_rows_off, req
 from opdx.backends.http import ServerClient
 from opdx.benchmarks import Problem
 from opdx.config import check
-from opdx.dist import active
+from opdx.dist import barrier, broadcast, launched
 from opdx.policy import TokenScores, full_weights
 from opdx.prompts import encode_prompts
 from opdx.rollout import PLAIN_SAMPLING, Rollout, SamplingParams
@@ -160,7 +165,8 @@ class ServedStudent:
     further ``server_args``, and waits ``startup_timeout`` seconds for it. Else ``url`` is a server
     started by the user (same host: the weights go through ``/dev/shm``) serving ``model``.
     ``transfer``: the weight-transfer engine (``TRANSFERS``). ``timeout``, ``retries`` and
-    ``concurrency``: per request, as ``teacher=server``. ConfigError for a bad option; ServerError
+    ``concurrency``: per request, as ``teacher=server``. ConfigError for a bad option or ranks on
+    several hosts; ServerError
     (naming the URL and, for a server opdx started, the end of its log) when the server does not
     start, dies, serves another tokenizer, or refuses the weight transfer."""
 
@@ -191,10 +197,12 @@ class ServedStudent:
             f"rollout.transfer={transfer!r} is unknown; valid: {', '.join(TRANSFERS)} (vLLM's nccl and ipc "
             "engines are not wired in yet)",
         )
+        self.ranks = launched()
+        hosts_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.ranks.world))
         check(
-            not active(),
-            "rollout=server under torchrun is not supported yet: one trainer process drives the server (run without "
-            "torchrun, or use rollout=vllm)",
+            hosts_world == self.ranks.world,
+            f"rollout=server under torchrun needs every rank on one host (the weights travel through /dev/shm), "
+            f"but this host has {hosts_world} of the {self.ranks.world} ranks: use rollout=vllm across hosts",
         )
         self.tokenizer = tokenizer
         self.dtype = getattr(torch, compute_dtype) if compute_dtype else model.dtype
@@ -203,18 +211,22 @@ class ServedStudent:
         self.process: ServerProcess | None = None
         self.shm = Path(tempfile.mkdtemp(prefix="opdx-weights-", dir=SHM if SHM.is_dir() else None))
         atexit.register(shutil.rmtree, self.shm, ignore_errors=True)
-        if url is None:
+        if url is None and self.ranks.main:
             context = max_model_len or model.config.max_position_embeddings
             url = self._launch(model, port or free_port(), context, kv_cache_memory_bytes, threads,
                                cuda_visible_devices, list(server_args), startup_timeout)  # fmt: skip
+        url = str(broadcast(url))  # under torchrun every rank samples from rank 0's server
         self.client = ServerClient(url, "rollout", timeout, retries, concurrency)
         self.url = self.client.url
         self.model, max_model_len = self._checked(lambda: self.client.served_model(served_model))
         self.context = max_model_len
         self._checked(lambda: self.client.check_tokenizer(self.model, tokenizer))
-        self._checked(lambda: self._rl("/init_weight_transfer_engine", {"init_info": {}}))
+        if self.ranks.main:
+            self._checked(lambda: self._rl("/init_weight_transfer_engine", {"init_info": {}}))
+            self._take_over()
         self.update_weights(TokenScores(model), 0)  # a server the user started may hold other weights
-        print(f"rollout: the student served at {self.url}, weights pushed through {self.shm.parent} ({transfer})")
+        if self.ranks.main:
+            print(f"rollout: the student served at {self.url}, weights pushed through {self.shm.parent} ({transfer})")
 
     def _launch(
         self,
@@ -270,6 +282,19 @@ class ServedStudent:
                     error.status,
                 ) from None
             raise
+
+    def _take_over(self) -> None:
+        """Clear what a trainer killed mid-run may have left on the server: requests in flight
+        (``/pause?mode=abort``; the push that follows resumes) and a weight update begun but not
+        finished, after which vLLM refuses every ``/start_weight_update`` ("called while a weight
+        update is already active", ``vllm/v1/worker/gpu_worker.py``): it is finished, and the push
+        that follows loads every weight again."""
+        self._checked(lambda: self._rl("/pause?mode=abort"))
+        try:
+            self._rl("/finish_weight_update")
+        except ServerError as error:
+            if "without a matching start_weight_update" not in str(error):
+                raise
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
         """Each problem's prompt rendered by the student's chat template, as token ids."""
@@ -331,24 +356,31 @@ class ServedStudent:
         """Push the weights of the trainer's student module (``TokenScores``, maybe in DDP or
         FSDP2; ``full_weights`` in the server's dtype, tied tensors under each name) as
         ``version``: written to a safetensors file in ``/dev/shm``, loaded by the server between
-        ``/pause?mode=wait`` and ``/resume`` (the module's docstring), then deleted."""
+        ``/pause?mode=wait`` and ``/resume`` (the module's docstring), then deleted. Under torchrun
+        every rank calls it: a barrier (each rank's batches of the old weights are sampled), the
+        gathered weights pushed by rank 0, a barrier (no rank samples before they are in)."""
+        barrier()
         weights, storages = {}, set()
-        for name, tensor in full_weights(model, self.dtype):
+        for name, tensor in full_weights(model, self.dtype):  # under FSDP2 every rank joins each gather
+            if not self.ranks.main:
+                continue
             storage = tensor.untyped_storage().data_ptr()
             # tied embeddings go under both names, as rollout=vllm pushes them (the server's
             # lm_head takes its own copy on reload); safetensors refuses shared storage: a copy
             weights[name] = tensor.clone() if storage in storages else tensor.contiguous()
             storages.add(storage)
-        path = self.shm / f"v{version}.safetensors"
-        save_file(weights, path)
-        try:
-            self._checked(lambda: self._rl("/pause?mode=wait"))
-            self._checked(lambda: self._rl("/start_weight_update"))
-            self._checked(lambda: self._rl("/update_weights", {"update_info": {"path": str(path)}}))
-            self._checked(lambda: self._rl("/finish_weight_update", {"weight_version": str(version)}))
-            self._checked(lambda: self._rl("/resume"))
-        finally:
-            path.unlink(missing_ok=True)
+        if self.ranks.main:
+            path = self.shm / f"v{version}.safetensors"
+            save_file(weights, path)
+            try:
+                self._checked(lambda: self._rl("/pause?mode=wait"))
+                self._checked(lambda: self._rl("/start_weight_update"))
+                self._checked(lambda: self._rl("/update_weights", {"update_info": {"path": str(path)}}))
+                self._checked(lambda: self._rl("/finish_weight_update", {"weight_version": str(version)}))
+                self._checked(lambda: self._rl("/resume"))
+            finally:
+                path.unlink(missing_ok=True)
+        barrier()
 
     def close(self) -> None:
         """Stop the server opdx started (nothing for the user's)."""

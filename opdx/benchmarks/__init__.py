@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from opdx.benchmarks.arith import ArithBenchmark
-from opdx.benchmarks.base import Benchmark, Component, Problem, SingleComponent, Subset
+from opdx.benchmarks.base import CONTEXTS, Benchmark, Component, Problem, SingleComponent, Subset, privileged
 from opdx.benchmarks.bfcl import BfclBenchmark
 from opdx.benchmarks.math import MathBenchmark
 from opdx.benchmarks.mixture import Mixture, build_mixture
@@ -25,6 +25,7 @@ from opdx.config import check, load_option, typed
 
 __all__ = [
     "BENCHMARKS",
+    "CONTEXTS",
     "Benchmark",
     "Component",
     "Mixture",
@@ -33,6 +34,7 @@ __all__ = [
     "Subset",
     "build_benchmark",
     "get_benchmark",
+    "privileged",
 ]
 
 BENCHMARKS: dict[str, type[Benchmark]] = {

@@ -123,6 +123,13 @@ class ArithBenchmark(SingleComponent):
         """Exact match of the final answer (reasoning-gym gives 0.01 to any wrong number; we count 0)."""
         return float(self._dataset("eval").score_answer(final_answer(response), problem.entry) == 1.0)
 
+    def privileged_prompt(self, problem: Problem, context: str) -> str:
+        """The prompt a self-teacher sees (``opdx.benchmarks.base.privileged``), in the pair's own
+        characters: the solved expression first (``98+93-77=114;98+93-77=``), or the worked
+        solution (``98+93=191;191-77=114;98+93-77=``)."""
+        hint = f"{problem.prompt}{problem.answer}" if context == "reference" else self.worked_solution(problem)
+        return f"{hint};{problem.prompt}"
+
     def worked_solution(self, problem: Problem) -> str:
         """The step-by-step response of ``WORKED_SOLUTIONS``; ValueError for another generator."""
         if self.generator not in WORKED_SOLUTIONS:

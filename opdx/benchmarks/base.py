@@ -5,7 +5,7 @@ has several, each with its weight and teacher)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -109,3 +109,28 @@ class Subset(SingleComponent):
 
     def score(self, problem: Problem, response: str) -> float:
         return self.benchmark.score(problem, response)
+
+
+CONTEXTS = ("none", "reference", "worked")  # what a self-teacher sees beside the prompt (teacher.context)
+CONTEXT_LEADS = {"reference": "The correct final answer:", "worked": "A worked solution:"}
+
+
+def privileged(benchmark: Benchmark, problem: Problem, context: str) -> Problem:
+    """``problem`` as a self-teacher (``teacher=self``) sees it: the prompt alone (``none``), or
+    with the reference answer (``reference``) or a worked solution (``worked``, the benchmark's
+    ``worked_solution``) after it; in the benchmark's own form where it has one
+    (``privileged_prompt``: arith's compact expressions), else after a line that says what it is.
+    ValueError naming the benchmark when it has no worked solutions, or a bad ``context``."""
+    if context not in CONTEXTS:
+        raise ValueError(f"teacher.context={context!r} is invalid; valid: {', '.join(CONTEXTS)}")
+    while isinstance(benchmark, Subset):
+        benchmark = benchmark.benchmark
+    if context == "none":
+        return problem
+    own = getattr(benchmark, "privileged_prompt", None)
+    if own is not None:
+        return replace(problem, prompt=own(problem, context))
+    if context == "worked" and not hasattr(benchmark, "worked_solution"):
+        raise ValueError(f"teacher.context=worked: benchmark {benchmark.name} has no worked solutions; use reference")
+    hint = problem.answer if context == "reference" else benchmark.worked_solution(problem)
+    return replace(problem, prompt=f"{problem.prompt}\n\n{CONTEXT_LEADS[context]}\n{hint}")

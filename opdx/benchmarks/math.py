@@ -135,6 +135,16 @@ class MathBenchmark(SingleComponent):
             )
         return self._records[split]
 
+    def worked_solution(self, problem: Problem) -> str:
+        """The record's worked solution: a GSM8K answer's text before ``####``, else its
+        ``solution`` field (MATH); ValueError when the record has neither."""
+        raw = str(problem.entry.get(self.answer_key, ""))
+        if "####" in raw:
+            return raw.rsplit("####", 1)[0].strip()
+        if problem.entry.get("solution"):
+            return str(problem.entry["solution"])
+        raise ValueError(f"teacher.context=worked: benchmark {self.name}'s records have no worked solution")
+
     def _problem(self, record: dict[str, Any], split: str) -> Problem:
         missing = [key for key in (self.question_key, self.answer_key) if record.get(key) is None]
         if missing:

@@ -1,12 +1,17 @@
 """opdx.backends.hf: sampling with generate and the log-probs it records."""
 
+from dataclasses import replace
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from opdx.backends.hf import HFModel
+from opdx.benchmarks import privileged
 from opdx.config import asset_path
 from opdx.policy import TokenScores
-from opdx.rollout import SamplingParams, decode_responses
+from opdx.prompts import encode_prompts
+from opdx.rollout import SamplingParams, decode_responses, pad
 
 PROMPTS = ["12+7=", "3-45+6=", "9="]
 
@@ -36,10 +41,11 @@ def test_recorded_logprobs_are_those_of_the_sampling_distribution(student, param
 
 
 def test_a_bfloat16_model_samples_and_records_with_the_float32_head_of_the_scoring_forward(monkeypatch):
-    """A bfloat16 student: generate's head computes in float32 as TokenScores' does, so most
-    recorded log-probs equal the scoring forward's exactly (the rest differ by the bfloat16 body's
-    rounding between the cached decode and one forward); with generate's own bfloat16 head the
-    median difference is about 1e-3."""
+    """A bfloat16 student: generate's head computes in float32 as TokenScores' does (its logits
+    are float32), so the recorded log-probs differ from the scoring forward's only by the bfloat16
+    body's rounding between the cached decode and one forward: a median of at most 1e-6 where the
+    CPU emulates bfloat16, about 3e-4 where it has bfloat16 dot products (AVX512-BF16). With
+    generate's own bfloat16 head the median is about 1e-3 or more: at least 4 times larger."""
     import contextlib
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,17 +54,23 @@ def test_a_bfloat16_model_samples_and_records_with_the_float32_head_of_the_scori
 
     path = asset_path("tiny/student")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    medians = []
+    medians, head_dtypes = [], []
     for own_head in (False, True):
         if own_head:
             monkeypatch.setattr(opdx.policy, "float32_head", lambda lm_head: contextlib.nullcontext())
         sampler = HFModel(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), tokenizer)
+        head_dtypes.append(set())
+        hook = sampler.model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: head_dtypes[-1].add(output.dtype)
+        )
         torch.manual_seed(0)
         rollout = sampler.sample(PROMPTS * 4, 4, 16)
+        hook.remove()
         mask = rollout.response_mask_B_T
         medians.append((sampler.logprobs(rollout) - rollout.logp_sampling_B_T)[mask].abs().median().item())
     float32_head, bfloat16_head = medians
-    assert float32_head <= 1e-6 < 1e-4 < bfloat16_head, medians
+    assert float32_head <= 1e-3 < bfloat16_head and 4 * float32_head < bfloat16_head, medians
+    assert head_dtypes == [{torch.float32}, {torch.bfloat16}]
     assert sampler.model.get_output_embeddings().forward.__self__ is sampler.model.get_output_embeddings()
 
 
@@ -128,3 +140,88 @@ def test_a_model_with_non_finite_scores_is_named_not_a_traceback(student):
         broken.get_output_embeddings().weight[3] = float("nan")
     with pytest.raises(PairError, match="gives non-finite next-token scores"):
         HFModel(broken, tokenizer).sample(PROMPTS, 2, 4)
+
+
+def self_teacher_setup(**options):
+    """The tiny student, a self-teacher on arith with ``options``, and a rollout of the student's."""
+    from transformers import AutoTokenizer
+
+    from opdx.backends.hf import load_self_teacher
+    from opdx.benchmarks import get_benchmark
+    from opdx.config import ModelConfig
+
+    path = asset_path("tiny/student")
+    student, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    if options.pop("lora", False):
+        from opdx.config import LoraConfig
+        from opdx.lora import add_adapters
+
+        add_adapters(student, LoraConfig(r=4, alpha=8))
+        torch.manual_seed(1)
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.data.normal_(0, 0.2)
+    arith = get_benchmark("arith", train_size=50, eval_size=20)
+    pair = ModelConfig(name="tiny", teacher=asset_path("tiny/teacher"), student=path)
+    teacher = load_self_teacher(pair, tokenizer, torch.device("cpu"), student, arith, **options)
+    torch.manual_seed(0)
+    rollout = HFModel(student, tokenizer).sample(arith.eval[:3], 2, 8)
+    return student, tokenizer, arith, teacher, rollout
+
+
+def with_prompts(rollout, tokenizer, prompts):
+    """``rollout`` with its prompts replaced by ``prompts`` (text), left-padded."""
+    prompts_B_L, mask_B_L = pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id, True)
+    return replace(rollout, prompt_tokens_B_L=prompts_B_L, prompt_mask_B_L=mask_B_L)
+
+
+def test_a_self_teacher_scores_with_the_students_own_module_on_the_privileged_prompt():
+    student, tokenizer, arith, teacher, rollout = self_teacher_setup(weights="current", context="worked")
+    assert teacher.model is student  # no copy
+    shown = [privileged(arith, problem, "worked").prompt for problem in rollout.problems]
+    assert all(prompt.endswith(";" + problem.prompt) for prompt, problem in zip(shown, rollout.problems, strict=True))
+    scored = teacher.logprobs(rollout)
+    assert torch.equal(scored, TokenScores(student)(with_prompts(rollout, tokenizer, shown)).detach())
+    assert not torch.equal(scored, TokenScores(student)(rollout).detach())  # the context changes the scores
+    with torch.no_grad():
+        student.model.norm.weight.mul_(1.5)  # the current weights teach: a change shows at once
+    assert not torch.equal(teacher.logprobs(rollout), scored)
+
+
+def test_with_lora_the_initial_weights_teacher_is_the_frozen_base_and_the_adapters_come_back_on():
+    student, tokenizer, arith, teacher, rollout = self_teacher_setup(weights="initial", context="reference", lora=True)
+    assert teacher.model is student  # the base inside the LoRA student, no copy
+    shown = with_prompts(rollout, tokenizer, [privileged(arith, p, "reference").prompt for p in rollout.problems])
+    base = AutoModelForCausalLM.from_pretrained(asset_path("tiny/student"))
+    torch.testing.assert_close(teacher.logprobs(rollout), TokenScores(base)(shown).detach())
+    adapted = TokenScores(student)(shown).detach()
+    assert (adapted - TokenScores(base)(shown).detach()).abs().max() > 1e-3  # the adapters are on again
+
+
+def test_the_self_teacher_is_held_constant_in_the_students_gradient():
+    """Its scores come without grad: the student's gradient is that of a frozen copy as teacher."""
+    from opdx.backends import teacher_scores
+
+    student, tokenizer, arith, teacher, rollout = self_teacher_setup(weights="current", context="reference")
+    frozen = self_teacher_setup(weights="current", context="reference")[3]
+    frozen.model.load_state_dict(student.state_dict())
+    policy = TokenScores(student)
+    gradients = []
+    for scorer in (teacher, frozen):
+        student.zero_grad()
+        log_u = teacher_scores(scorer, rollout, "sampled", 0) - policy(rollout)
+        (-(log_u * rollout.response_mask_B_T).sum()).backward()
+        gradients.append([parameter.grad.clone() for parameter in student.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*gradients, strict=True))
+    assert not student.model.norm.weight.grad.eq(0).all()
+
+
+def test_bad_self_teacher_settings_are_refused_by_name():
+    from opdx.config import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher.weights='best' is invalid; valid: current, initial"):
+        self_teacher_setup(weights="best")
+    with pytest.raises(ConfigError, match="teacher.context='hint' is invalid"):
+        self_teacher_setup(context="hint")
+    with pytest.raises(ConfigError, match="under trainer.strategy=fsdp2 is not built yet"):
+        self_teacher_setup(strategy="fsdp2")

@@ -32,7 +32,7 @@ def pair() -> ModelConfig:
     return config
 
 
-def test_bad_settings_and_a_server_that_cannot_start_are_reported_by_name():
+def test_bad_settings_and_a_server_that_cannot_start_are_reported_by_name(monkeypatch):
     needs_server = "trainer.max_staleness=1 .* needs a sampler in another process: rollout=server"
     with pytest.raises(ConfigError, match=needs_server):
         validate(composed("trainer.max_staleness=1"))
@@ -42,6 +42,11 @@ def test_bad_settings_and_a_server_that_cannot_start_are_reported_by_name():
     student = load_model(config.student, "float32", torch.device("cpu"), load_tokenizer(config), trainable=False)
     with pytest.raises(ConfigError, match="rollout.transfer='nccl' is unknown; valid: opdx_shm"):
         ServedStudent(student, load_tokenizer(config), transfer="nccl")
+    with monkeypatch.context() as env:  # as torchrun sets them for rank 0 of 2 hosts with 1 rank each
+        for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+            env.setenv(name, value)
+        with pytest.raises(ConfigError, match="every rank on one host .* this host has 1 of the 2 ranks"):
+            ServedStudent(student, load_tokenizer(config))
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ServerError, match=f"no answer from {url}/models .*rollout.url={url}"):
         ServedStudent(student, load_tokenizer(config), url=url, retries=0)
@@ -85,11 +90,52 @@ def test_sampling_ahead_with_lag_0_is_the_synchronous_run_and_the_pushed_weights
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("vllm_student_server")
+def test_a_run_takes_over_a_server_its_killed_predecessor_left_paused_mid_update(student_server):
+    """The state a trainer SIGKILLed between /start_weight_update and /finish_weight_update leaves;
+    vLLM refuses the next /start_weight_update until the open update is finished."""
+    root = student_server.removesuffix("/v1")
+    for call in ("/pause?mode=wait", "/start_weight_update"):
+        requests.post(root + call, timeout=60).raise_for_status()
+    config = pair()
+    student = load_model(config.student, "float32", torch.device("cpu"), load_tokenizer(config), trainable=False)
+    served = ServedStudent(student, load_tokenizer(config), url=student_server)
+    rollout = served.sample(["1+1="], samples_per_prompt=2, max_new_tokens=4)
+    assert rollout.weight_version_B.tolist() == [0, 0]
+    assert requests.get(root + "/is_paused", timeout=60).json() == {"is_paused": False}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("vllm_student_server")
 def test_batch_j_of_an_async_run_is_sampled_with_the_weights_of_step_j_minus_k(student_server, tmp_path):
     """trainer.max_staleness=2; killed and resumed in tests/test_kill_resume.py."""
     async_run = [*FAST_TRAIN, *SERVED, "trainer.steps=5", "trainer.max_staleness=2"]
     run_opdx("train", *async_run, f"rollout.url={student_server}", f"hydra.run.dir={tmp_path}")
     assert [r.get("rollout/staleness_max") for r in train_metrics(tmp_path)[1:]] == [0, 1, 2, 2, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("vllm_student_server")
+def test_two_ranks_sample_from_one_server_with_the_exact_lag_and_resume_their_own_batches(student_server, tmp_path):
+    """Under torchrun (2 ranks, FSDP2, a LoRA student) each rank samples its share from one server,
+    and rank 0 pushes the gathered, merged weights between two barriers: batch j is sampled with
+    the weights of step j - k on every rank. Killed after the checkpoint of step 2 (the adapters
+    alone), with batches sampled ahead, each rank resumes with its own and the run reaches the
+    uninterrupted one's metrics."""
+    from test_dist import torchrun, torchrun_killed_at
+
+    job = [*FAST_TRAIN, *SERVED, f"rollout.url={student_server}", "trainer.steps=5", "trainer.max_staleness=2"]
+    job += ["trainer.strategy=fsdp2", "trainer.checkpoint_every=1", "model.lora.r=4"]
+    torchrun("-m", "opdx", "train", *job, f"hydra.run.dir={tmp_path / 'whole'}")
+    whole = train_metrics(tmp_path / "whole")
+    assert [r.get("rollout/staleness_max") for r in whole[1:]] == [0, 1, 2, 2, 2]
+    killed = tmp_path / "killed"
+    torchrun_killed_at(
+        killed / "checkpoints/step_000002.sha256", "-m", "opdx", "train", *job, f"hydra.run.dir={killed}"
+    )
+    assert not (killed / "summary.json").exists()
+    resumed = torchrun("-m", "opdx", "train", f"trainer.resume={killed}")
+    assert "sampled again" not in resumed.stdout
+    assert train_metrics(killed) == whole
 
 
 def test_a_server_opdx_starts_dies_with_its_trainer_even_by_sigkill(tmp_path):

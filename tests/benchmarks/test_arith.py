@@ -50,3 +50,17 @@ def test_products_worked_solutions_multiply_by_tens_then_ones_and_grade_right():
         assert products.score(problem, products.worked_solution(problem)) == 1.0
     with pytest.raises(ValueError, match="no worked solution for generator='basic_arithmetic'"):
         get_benchmark("arith", generator="basic_arithmetic").worked_solution(products.eval[0])
+
+
+def test_a_self_teacher_sees_the_solved_expression_or_the_worked_solution_in_the_pairs_characters(arith):
+    from opdx.benchmarks import Subset, privileged
+
+    problem = next(p for p in arith.eval if p.prompt.count("+") + p.prompt.count("-") == 2)
+    worked = running_sums(problem.prompt.rstrip("="))
+    assert privileged(arith, problem, "none") == problem
+    assert privileged(arith, problem, "reference").prompt == f"{problem.prompt}{problem.answer};{problem.prompt}"
+    assert privileged(arith, problem, "worked").prompt == f"{worked};{problem.prompt}"
+    assert privileged(arith, problem, "worked").answer == problem.answer
+    assert privileged(Subset(arith, [], [problem]), problem, "worked").prompt == f"{worked};{problem.prompt}"
+    with pytest.raises(ValueError, match="teacher.context='hint' is invalid; valid: none, reference, worked"):
+        privileged(arith, problem, "hint")

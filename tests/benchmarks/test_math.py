@@ -1,7 +1,7 @@
 import json
 import threading
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -326,3 +326,17 @@ def test_gsm8k_sample_solutions_score_one_and_wrong_answers_zero():
         assert bench.score(problem, problem.entry["answer"]) == 1.0  # the worked solution, ending '#### N'
         assert bench.score(problem, f"So the answer is $\\boxed{{{problem.answer}}}$.") == 1.0
         assert bench.score(problem, f"\\boxed{{{float(problem.answer) + 1:g}}}") == 0.0
+
+
+def test_a_self_teacher_sees_a_gsm8k_solution_or_its_answer_after_the_prompt():
+    from opdx.benchmarks import privileged
+
+    bench = get_benchmark("gsm8k", path=str(GSM8K_SAMPLE))
+    problem = bench.eval[0]
+    solution = problem.entry["answer"].rsplit("####", 1)[0].strip()
+    worked = privileged(bench, problem, "worked")
+    assert worked.prompt == f"{problem.prompt}\n\nA worked solution:\n{solution}" and "####" not in worked.prompt
+    reference = privileged(bench, problem, "reference")
+    assert reference.prompt == f"{problem.prompt}\n\nThe correct final answer:\n{problem.answer}"
+    with pytest.raises(ValueError, match="records have no worked solution"):
+        bench.worked_solution(replace(problem, entry={"answer": "7"}))
