@@ -539,6 +539,7 @@ class EvalRunConfig(SetupConfig):
 # how fast, how it is evaluated and logged, and which backend samples or serves a teacher (the
 # run's, or a mixture component's). Any other difference (a component's teacher_model, weight or
 # benchmark included) changes its meaning.
+SELF_TEACHER = "load_self_teacher"  # teacher=self's factory (opdx.backends.hf)
 RESUME_SAFE = (
     "trainer.steps",
     "trainer.resume",
@@ -575,8 +576,19 @@ def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
         f"{key}: {flat_saved.get(key, '<unset>')} -> {flat_new.get(key, '<unset>')}"
         for key in keys
         if flat_saved.get(key, defaults.get(key)) != flat_new.get(key)
-        and not any(fnmatchcase(key, safe) for safe in RESUME_SAFE)
+        and not resume_safe(key, flat_saved.get(key), flat_new.get(key))
     ]
+
+
+def resume_safe(key: str, saved: Any, new: Any) -> bool:
+    """Whether a resumed run may change ``key`` from ``saved`` to ``new`` (``RESUME_SAFE``), but
+    never who teaches: ``teacher=self`` and its settings (the student teaches itself) against a
+    teacher model served one way or another."""
+    if key.endswith(("teacher.weights", "teacher.context")):
+        return False
+    if key.endswith("teacher._target_") and any(str(value).endswith(SELF_TEACHER) for value in (saved, new)):
+        return False
+    return any(fnmatchcase(key, safe) for safe in RESUME_SAFE)
 
 
 @cache

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from opdx.checkpoint import CheckpointError, load_weights, usable_checkpoint
+from opdx.config import check
 from opdx.evaluation import eval_problem_count, evaluate_split, format_side_by_side
+from opdx.lora import has_adapters
 from opdx.policy import TokenScores
 from opdx.run import Setup, start
 from opdx.summary import components_table, markdown_table
@@ -42,13 +44,19 @@ def run_eval(run: Setup, out_dir: Path) -> dict[str, Any]:
     if cfg.eval.run:
         student_dir, checkpoint = student_of_run(Path(cfg.eval.run))
         if student_dir is not None:
+            check(
+                cfg.teacher.get("weights") != "initial" or (student_dir / "adapter_config.json").exists(),
+                f"teacher.weights=initial: {student_dir} is the trained student, not its initial weights; "
+                f"evaluate against them with teacher=hf model.teacher={cfg.model.student}",
+            )
             cfg.model.student = str(student_dir)
     began = time.perf_counter()
     parts = start(run)
+    student = TokenScores(parts.student)
     if checkpoint is not None:
-        student = TokenScores(parts.student)
         load_weights(checkpoint, student)
-        parts.rollout.update_weights(student, 0)  # a sampler holding its own copy (rollout=vllm) takes them
+    if checkpoint is not None or has_adapters(parts.student):
+        parts.rollout.update_weights(student, 0)  # a sampler with its own copy (rollout=vllm) takes them, merged
     load_seconds = time.perf_counter() - began
     results, seconds = {}, {}
     for role, sampler, teacher in (("teacher", parts.teacher, None), ("student", parts.rollout, parts.teacher)):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from opdx.config import LoraConfig
+from opdx.config import LoraConfig, check
 
 ADAPTER = "default"  # the one adapter opdx adds (peft's default name)
 ADAPTER_PARTS = (".lora_A.", ".lora_B.")  # state-dict names of the adapters' tensors
@@ -31,13 +31,21 @@ MERGED_DIR = "student_merged"  # a run's merged student, beside student/ (model.
 def add_adapters(model: PreTrainedModel, lora: LoraConfig) -> None:
     """LoRA adapters of ``lora`` on ``model``, in place; only they require grad afterwards (peft
     marks the base's tensors frozen). ``init_lora_weights`` stays peft's default: B = 0, so the
-    adapted model starts equal to the base."""
+    adapted model starts equal to the base. ConfigError naming an adapted layer that is not linear
+    (embeddings) or is the output layer tied to the embeddings (``merged_tensors`` merges neither)."""
     from peft import LoraConfig as PeftLoraConfig  # a training run with adapters alone needs peft
 
     model.add_adapter(
         PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.targets()),
         adapter_name=ADAPTER,
     )
+    embeddings = model.get_input_embeddings().weight
+    for name, layer in adapted_layers(model).items():
+        check(
+            isinstance(layer.base_layer, nn.Linear) and layer.base_layer.weight is not embeddings,
+            f"model.lora.target_modules={lora.target_modules!r} adapts {name}, which is not a linear layer or is the "
+            "output layer tied to the embeddings: opdx merges adapters of untied linear layers only",
+        )
 
 
 def has_adapters(model: nn.Module) -> bool:

@@ -246,7 +246,12 @@ def start(setup: Setup) -> Parts:
     if train:
         fill_plan(setup, memory_plan(setup, device, ranks.world, longest_prompt(setup, tokenizer)))
     student = load_model(config.model.student, weights_dtype(setup), device, tokenizer, trainable=True)
-    if config.model.lora.r and not has_adapters(student):  # a LoRA run's saved student/ brings its own
+    check(
+        not (train and has_adapters(student)),
+        f"model.student={config.model.student} is a LoRA adapter directory, which loads frozen: train from its run's "
+        "merged model (student_merged/, model.lora.save_merged=true) or from the base with model.lora.r",
+    )
+    if config.model.lora.r and not has_adapters(student):  # a LoRA run's saved student/ (opdx eval) brings its own
         add_adapters(student, config.model.lora)
     stops = stop_ids(
         config.model, tokenizer, [pair.teacher for pair, _ in teacher_nodes(config, setup.benchmark).values()]

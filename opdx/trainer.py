@@ -48,7 +48,7 @@ from opdx.dist import (
 from opdx.evaluation import eval_problem_count, evaluate_split
 from opdx.files import atomic_write_text
 from opdx.logits import DenseScores
-from opdx.lora import MERGED_DIR, save_merged
+from opdx.lora import MERGED_DIR, has_adapters, save_merged
 from opdx.metrics import LOGGERS, SilentLogger, nonfinite_names, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
 from opdx.objective import LossInputs, LossTerms, batch_totals, other_estimator
@@ -336,10 +336,13 @@ def pending_batches(extra: dict[str, Any], ranks: Ranks) -> dict[int, Rollout]:
     ``{step: rollout}``, by rank), or none when the checkpoint was saved on another number of
     ranks (each rank samples its own rows, with its own seed: they are sampled again)."""
     by_rank = extra.get(PENDING, [])
-    if by_rank and len(by_rank) != ranks.world:
+    if isinstance(by_rank, dict):  # saved by a one-process run before they were kept by rank
+        by_rank = [by_rank]
+    if len(by_rank) == ranks.world:
+        return by_rank[ranks.rank]
+    if any(by_rank):
         print(f"the batches sampled ahead on {len(by_rank)} ranks are sampled again on {ranks.world}")
-        return {}
-    return by_rank[ranks.rank] if by_rank else {}
+    return {}
 
 
 def train(run: Run, run_dir: Path) -> dict[str, Any]:
@@ -463,7 +466,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
 
     weights = get_model_state_dict(learner.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     export = getattr(torch, t.export_dtype) if t.export_dtype else None  # checkpoints keep the master dtype
-    merged = {}
+    merged: dict[str, Tensor] = {}
     if cfg.model.lora.r and cfg.model.lora.save_merged:  # every rank joins each gather, rank 0 keeps them
         for name, tensor in full_weights(learner.policy, export or parts.student.dtype):
             if ranks.main:
@@ -477,7 +480,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         if merged:
             save_merged(parts.student, merged, run_dir / MERGED_DIR)
             parts.tokenizer.save_pretrained(run_dir / MERGED_DIR)
-        if export is not None:  # config.json says the weights' dtype (save_pretrained wrote the module's)
+        if export is not None and not has_adapters(parts.student):  # config.json says the weights' dtype
             parts.student.config.dtype = export
             parts.student.config.save_pretrained(run_dir / "student")
         parts.tokenizer.save_pretrained(run_dir / "student")

@@ -255,6 +255,11 @@ def test_resume_conflicts_name_what_changes_a_run_and_allow_the_rest():
     with_lora = OmegaConf.to_container(composed("model.lora.r=8"), resolve=True)
     assert resume_conflicts(older, with_lora) == ["model.lora.r: <unset> -> 8"]
     assert resume_conflicts(saved, with_lora) == ["model.lora.r: 0 -> 8"]
+    served = OmegaConf.to_container(composed("teacher=server", "teacher.url=http://127.0.0.1:1/v1"), resolve=True)
+    assert resume_conflicts(saved, served) == []  # the same teacher served another way
+    self_taught = resume_conflicts(saved, OmegaConf.to_container(composed("teacher=self"), resolve=True))
+    assert "teacher._target_: opdx.backends.hf.load_teacher -> opdx.backends.hf.load_self_teacher" in self_taught
+    assert "teacher.context: <unset> -> reference" in self_taught
 
 
 def test_the_training_precision_follows_the_students_dtype_or_is_refused():

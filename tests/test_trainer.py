@@ -479,3 +479,17 @@ def test_the_probe_finds_reverse_kl_estimators_equal_under_a_batch_baseline(dive
         assert metrics["probe/grad_norm_other"] == pytest.approx(metrics["train/grad_norm"], rel=1e-5)
     else:
         assert metrics["probe/cosine"] < 0.99 and metrics["probe/relative_difference"] > 0.1
+
+
+def test_each_rank_resumes_its_own_batches_sampled_ahead_or_samples_them_again_on_another_world(capsys):
+    from opdx.dist import Ranks
+    from opdx.trainer import PENDING, pending_batches
+
+    one, second_of_two = Ranks(), Ranks(rank=1, world=2)
+    assert pending_batches({PENDING: [{5: "a"}]}, one) == {5: "a"}
+    assert pending_batches({PENDING: {5: "a"}}, one) == {5: "a"}  # a one-process checkpoint of the older format
+    assert pending_batches({PENDING: [{5: "a"}, {5: "b"}]}, second_of_two) == {5: "b"}
+    assert pending_batches({}, one) == {} and pending_batches({PENDING: [{}, {}]}, one) == {}
+    assert capsys.readouterr().out == ""
+    assert pending_batches({PENDING: [{5: "a"}, {5: "b"}]}, one) == {}
+    assert "sampled ahead on 2 ranks are sampled again on 1" in capsys.readouterr().out

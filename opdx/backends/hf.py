@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -274,32 +273,48 @@ class SelfTeacher(HFModel):
         self.privileged, self.frozen_base = privileged, frozen_base
 
     def renders_prompts(self) -> bool:
+        """Always: the privileged prompt is never the student's."""
         return True
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
+        """Each problem's privileged prompt (``privileged``) as token ids."""
         return super().prompt_ids([self.privileged(p) if isinstance(p, Problem) else p for p in problems])
 
     @contextmanager
     def weights(self) -> Iterator[None]:
-        """The weights that teach: the student's as they are, or its base with the adapters off."""
-        if not self.frozen_base:
-            yield
-            return
-        self.model.disable_adapters()
+        """The model as it teaches: in eval mode (no adapter dropout), with the adapters off for
+        ``frozen_base``; the student's mode and adapters as they were afterwards, even on error."""
+        training = self.model.training
+        self.model.eval()
+        if self.frozen_base:
+            self.model.disable_adapters()
         try:
             yield
         finally:
-            self.model.enable_adapters()
+            if self.frozen_base:
+                self.model.enable_adapters()
+            self.model.train(training)
 
-    def sample(self, *args: Any, **kwargs: Any) -> Rollout:
+    def sample(
+        self,
+        problems: Sequence[Problem | str],
+        samples_per_prompt: int,
+        max_new_tokens: int,
+        params: SamplingParams = PLAIN_SAMPLING,
+        greedy: bool = False,
+        on_step: Callable[[], object] | None = None,
+    ) -> Rollout:
+        """The teacher's own answers to the privileged prompts (``HFModel.sample``), for its eval."""
         with self.weights():
-            return super().sample(*args, **kwargs)
+            return super().sample(problems, samples_per_prompt, max_new_tokens, params, greedy, on_step)
 
     def logprobs(self, rollout: Rollout) -> Tensor:
+        """log q of the student's responses given the privileged prompts, [B, T]."""
         with self.weights():
             return super().logprobs(rollout)
 
     def dense(self, rollout: Rollout, top_k: int | None = None) -> HeadLogits | TopKOfLogits:
+        """The next-token distribution given the privileged prompts (``HFModel.dense``)."""
         with self.weights():
             return super().dense(rollout, top_k)
 

@@ -136,21 +136,29 @@ class ServerProcess:
         return f"{what} (exit status {self.exited()}); the end of {self.log}:\n{self.tail()}"
 
     def wait_until_healthy(self, root: str, timeout: float, name: str) -> None:
-        """Return once ``root``/health answers (vLLM's route, 200 when the engine is up); else
-        ServerError naming ``name`` and ``root`` (``died``) when the server exits first or
-        ``timeout`` seconds pass (then it is stopped)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.exited() is not None:
-                raise ServerError(self.died(f"{name} at {root} exited while starting"))
-            try:
-                if requests.get(f"{root}/health", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
+        """Return once ``root``/health answers (``healthy``); else ServerError naming ``name`` and
+        ``root`` (``died``) when the server exits first or ``timeout`` seconds pass (then it is
+        stopped)."""
+        if healthy(root, timeout, lambda: self.exited() is not None):
+            return
+        if self.exited() is not None:
+            raise ServerError(self.died(f"{name} at {root} exited while starting"))
         self.stop()
         raise ServerError(self.died(f"{name} at {root} did not start in {timeout:.0f} s"))
+
+
+def healthy(root: str, timeout: float, gone: Callable[[], bool] = lambda: False) -> bool:
+    """Whether ``root``/health answered (vLLM's route, 200 once the engine is up) within
+    ``timeout`` seconds, polled every second; False as soon as ``gone()`` says the server exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not gone():
+        try:
+            if requests.get(f"{root}/health", timeout=2).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    return False
 
 
 class ServedStudent:
@@ -211,11 +219,16 @@ class ServedStudent:
         self.process: ServerProcess | None = None
         self.shm = Path(tempfile.mkdtemp(prefix="opdx-weights-", dir=SHM if SHM.is_dir() else None))
         atexit.register(shutil.rmtree, self.shm, ignore_errors=True)
-        if url is None and self.ranks.main:
-            context = max_model_len or model.config.max_position_embeddings
-            url = self._launch(model, port or free_port(), context, kv_cache_memory_bytes, threads,
-                               cuda_visible_devices, list(server_args), startup_timeout)  # fmt: skip
-        url = str(broadcast(url))  # under torchrun every rank samples from rank 0's server
+        if url is None:  # under torchrun rank 0 starts it; every rank waits for it on its own (no collective)
+            port = int(broadcast((port or free_port()) if self.ranks.main else None))
+            root = f"http://127.0.0.1:{port}"
+            if self.ranks.main:
+                context = max_model_len or model.config.max_position_embeddings
+                self._launch(model, port, context, kv_cache_memory_bytes, threads, cuda_visible_devices,
+                             list(server_args), startup_timeout)  # fmt: skip
+            elif not healthy(root, startup_timeout):
+                raise ServerError(f"the student's vLLM server that rank 0 starts at {root} did not start")
+            url = f"{root}/v1"
         self.client = ServerClient(url, "rollout", timeout, retries, concurrency)
         self.url = self.client.url
         self.model, max_model_len = self._checked(lambda: self.client.served_model(served_model))
@@ -223,7 +236,7 @@ class ServedStudent:
         self._checked(lambda: self.client.check_tokenizer(self.model, tokenizer))
         if self.ranks.main:
             self._checked(lambda: self._rl("/init_weight_transfer_engine", {"init_info": {}}))
-            self._take_over()
+            self._checked(lambda: self._rl("/pause?mode=abort"))  # a killed trainer's requests, if any
         self.update_weights(TokenScores(model), 0)  # a server the user started may hold other weights
         if self.ranks.main:
             print(f"rollout: the student served at {self.url}, weights pushed through {self.shm.parent} ({transfer})")
@@ -238,8 +251,8 @@ class ServedStudent:
         cuda_visible_devices: str | None,
         server_args: list[str],
         startup_timeout: float,
-    ) -> str:
-        """Start the student's server (``ServerProcess``) and wait until ``/health`` answers; its URL."""
+    ) -> None:
+        """Start the student's server (``ServerProcess``) and wait until ``/health`` answers."""
         if kv_cache_memory_bytes is None and not torch.cuda.is_available():
             kv_cache_memory_bytes = cpu_kv_cache_bytes(model, context)
         args = server_args_for(model.name_or_path, self.dtype, port, context, kv_cache_memory_bytes) + server_args
@@ -252,7 +265,6 @@ class ServedStudent:
         root = f"http://127.0.0.1:{port}"
         print(f"rollout: starting the student's vLLM server at {root} (log: {self.process.log})")
         self.process.wait_until_healthy(root, startup_timeout, "the student's vLLM server")
-        return f"{root}/v1"
 
     def _died(self, what: str) -> str:
         """``what``, with the exit status and the end of the log of the server opdx started."""
@@ -283,18 +295,18 @@ class ServedStudent:
                 ) from None
             raise
 
-    def _take_over(self) -> None:
-        """Clear what a trainer killed mid-run may have left on the server: requests in flight
-        (``/pause?mode=abort``; the push that follows resumes) and a weight update begun but not
-        finished, after which vLLM refuses every ``/start_weight_update`` ("called while a weight
-        update is already active", ``vllm/v1/worker/gpu_worker.py``): it is finished, and the push
-        that follows loads every weight again."""
-        self._checked(lambda: self._rl("/pause?mode=abort"))
+    def _start_update(self) -> None:
+        """``/start_weight_update``; a trainer killed between it and ``/finish_weight_update``
+        leaves an update open, and vLLM refuses every start until it is finished ("called while
+        a weight update is already active", ``vllm/v1/worker/gpu_worker.py``): it is finished (the
+        push that follows loads every weight again) and the start made again."""
         try:
-            self._rl("/finish_weight_update")
+            self._rl("/start_weight_update")
         except ServerError as error:
-            if "without a matching start_weight_update" not in str(error):
+            if "already active" not in str(error):
                 raise
+            self._rl("/finish_weight_update")
+            self._rl("/start_weight_update")
 
     def prompt_ids(self, problems: Sequence[Problem | str]) -> list[list[int]]:
         """Each problem's prompt rendered by the student's chat template, as token ids."""
@@ -374,7 +386,7 @@ class ServedStudent:
             save_file(weights, path)
             try:
                 self._checked(lambda: self._rl("/pause?mode=wait"))
-                self._checked(lambda: self._rl("/start_weight_update"))
+                self._checked(self._start_update)
                 self._checked(lambda: self._rl("/update_weights", {"update_info": {"path": str(path)}}))
                 self._checked(lambda: self._rl("/finish_weight_update", {"weight_version": str(version)}))
                 self._checked(lambda: self._rl("/resume"))
