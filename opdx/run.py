@@ -171,11 +171,10 @@ def build_teachers(
 ) -> dict[str, Teacher]:
     """Each component's teacher backend by component name, its answers ending at ``stops``; each
     distinct (model, dtype, backend node) is built once and shared by the components that name it.
-    A factory that takes them also gets the ``student``, the benchmark and ``trainer.strategy``
-    (``teacher=self``)."""
+    A factory that takes them also gets the ``student`` and the benchmark (``teacher=self``)."""
     logprob_chunk = setup.config.runtime.logprob_chunk
     runtime = {"tokenizer": tokenizer, "device": device, "logprob_chunk": logprob_chunk, "stop_ids": stops}
-    runtime |= {"student": student, "benchmark": setup.benchmark, "strategy": setup.config.trainer.strategy}
+    runtime |= {"student": student, "benchmark": setup.benchmark}
     components = setup.benchmark.components
     groups: dict[str, tuple[ModelConfig, dict[str, Any], list[str]]] = {}  # one per (model, dtype, backend node)
     for component, (pair, node) in zip(components, teacher_nodes(setup.config, setup.benchmark).values(), strict=True):
@@ -289,19 +288,24 @@ def longest_prompt(setup: Setup, tokenizer: PreTrainedTokenizerBase | None) -> i
 
 
 def backend_memory(node: Mapping[str, Any]) -> str:
-    """Where a backend's model holds memory: its class's ``memory`` (``opdx.backends``), else local."""
+    """Where a backend's model holds memory: its class's or factory's ``memory`` (``opdx.backends``:
+    ``remote``, ``student``), else local."""
     return getattr(get_object(node["_target_"]), "memory", "local")
 
 
 def memory_plan(run: Run, device: torch.device, world: int, prompt_tokens: int, notes: list[str] | None = None) -> Plan:
     """The memory plan of ``run`` (``opdx.plan.plan_run``) with its backends' placement and the
-    local teachers (a mixture's distinct ones; ``model.teacher_config`` for ``model.teacher``)."""
+    local teachers (a mixture's distinct ones; ``model.teacher_config`` for ``model.teacher``). A
+    teacher whose memory is the ``student``'s (``teacher=self``) adds a frozen copy of it only with
+    ``weights: initial`` and no LoRA base to share."""
     model = run.config.model
-    teachers = {
-        pair.teacher: model.teacher_config if pair.teacher == model.teacher else None
-        for pair, node in teacher_nodes(run.config, run.benchmark).values()
-        if backend_memory(node) == "local"
-    }
+    teachers: dict[str, dict[str, Any] | None] = {}
+    for pair, node in teacher_nodes(run.config, run.benchmark).values():
+        placement = backend_memory(node)
+        if placement == "local":
+            teachers[pair.teacher] = model.teacher_config if pair.teacher == model.teacher else None
+        elif placement == "student" and node.get("weights") == "initial" and not model.lora.r:
+            teachers[model.student] = model.student_config
     rollout = backend_memory(run.config.rollout)
     dense = run.estimator.needs_dense
     return plan_run(run.config, device, world, prompt_tokens, dense, rollout, teachers, notes)

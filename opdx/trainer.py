@@ -128,6 +128,7 @@ def build_learner(run: Run, parts: Parts) -> Learner:
     mixed = compute_dtype if t.precision == "bf16-mixed" else None  # FSDP2 gathers bf16 copies of the weights
     policy = wrap(policy, t.strategy, layers, parts.device, forward_methods=("generate",), param_dtype=mixed)
     parts.rollout.update_weights(policy, 0)
+    parts.teacher.update_weights(policy, 0)  # a teacher sharing the student's model (teacher=self) scores through it
     trained = [parameter for parameter in policy.parameters() if parameter.requires_grad]  # a LoRA student's adapters
     optimizer = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t)

@@ -104,6 +104,20 @@ def test_torchrun_ddp_and_fsdp2_runs_write_one_run_the_same_way(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_self_taught_student_teaches_through_its_sharded_module_as_through_ddp(tmp_path):
+    """teacher=self shares the student's model: under FSDP2 it scores (and answers its eval)
+    through the trainer's root, which gathers the shards, and gives DDP's run."""
+    for strategy in ("ddp", "fsdp2"):
+        self_taught = ["teacher=self", "teacher.context=worked", "trainer.samples_per_prompt=1", "trainer.steps=3"]
+        torchrun("-m", "opdx", "train", *FAST_TRAIN, *self_taught, f"trainer.strategy={strategy}",
+                 f"hydra.run.dir={tmp_path / strategy}")  # fmt: skip
+    ddp, fsdp2 = train_metrics(tmp_path / "ddp"), train_metrics(tmp_path / "fsdp2")
+    assert len(ddp) == 4 and ddp[1]["div/reverse_kl"] > 0  # the context makes the teacher another distribution
+    for a, b in zip(ddp, fsdp2, strict=True):
+        assert [k for k in a if a[k] != pytest.approx(b[k], rel=1e-4, abs=1e-5)] == [], a["step"]
+
+
+@pytest.mark.slow
 def test_a_two_rank_run_killed_after_a_checkpoint_resumes_on_one_rank_and_back(tmp_path):
     run_dir = tmp_path / "run"
     args = [*FAST_TRAIN, "trainer.steps=8", "trainer.checkpoint_every=1", "trainer.strategy=ddp"]

@@ -128,6 +128,19 @@ def test_a_lora_student_has_gradients_and_adamw_state_for_its_adapters_alone(mon
         assert any(f"{count(adapters)} train" in note for note in lora.notes)
 
 
+def test_a_self_teacher_holds_a_copy_of_the_student_only_for_its_initial_weights_without_lora(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = [QWEN3, "benchmark=deepmath", "plan.gpu_memory_gib=80", "plan.prompt_tokens=512"]
+
+    def update(*overrides: str) -> dict[str, int]:
+        return {phase.name: phase.parts for phase in plan_of([*base, *overrides]).phases}["update"]
+
+    assert "teacher weights" not in update("teacher=self")  # the student itself
+    assert "teacher weights" not in update("teacher=self", "teacher.weights=initial", "model.lora.r=8")  # its base
+    copy = update("teacher=self", "teacher.weights=initial")  # a bfloat16 copy of the float32-master student
+    assert copy["teacher weights"] == copy["student weights"] // 2 < update()["teacher weights"]
+
+
 def test_a_run_that_cannot_fit_is_refused_before_any_weights_load_and_auto_sizes_are_filled(monkeypatch):
     import opdx.run
 

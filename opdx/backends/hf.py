@@ -272,6 +272,14 @@ class SelfTeacher(HFModel):
         super().__init__(model, tokenizer, logprob_chunk, stop_ids=stop_ids)
         self.privileged, self.frozen_base = privileged, frozen_base
 
+    def update_weights(self, model: nn.Module, version: int) -> None:
+        """Handed the trainer's student module (``TokenScores``, maybe in DDP or FSDP2) when this
+        teacher shares its model: score and answer through it, so FSDP2 gathers its shards and
+        ``trainer.precision`` applies as in training. A frozen copy takes nothing."""
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        if isinstance(module, TokenScores) and module.model is self.model:
+            self.scores = self.generator = module
+
     def renders_prompts(self) -> bool:
         """Always: the privileged prompt is never the student's."""
         return True
@@ -329,22 +337,17 @@ def load_self_teacher(
     stop_ids: Sequence[int] | None = None,
     weights: str = "current",
     context: str = "reference",
-    strategy: str = "none",
 ) -> SelfTeacher:
     """``teacher=self`` (``SelfTeacher``) on ``benchmark``'s privileged prompts (``context``:
     ``opdx.benchmarks.CONTEXTS``). ``weights``: ``current``, the student being trained; ``initial``,
     its weights at the start: a LoRA student's frozen base (no copy), else a frozen copy of
-    ``pair.student``. ConfigError for a bad option, a context the benchmark cannot give, a mixture,
-    or FSDP2 where the teacher would run the sharded student outside its root."""
+    ``pair.student``. Sharing the student, it scores through the trainer's module once handed it
+    (``SelfTeacher.update_weights``). ConfigError for a bad option, a context the benchmark cannot
+    give, or a mixture."""
     check(weights in SELF_WEIGHTS, f"teacher.weights={weights!r} is invalid; valid: {', '.join(SELF_WEIGHTS)}")
     check(len(benchmark.components) == 1, "teacher=self with a mixture of benchmarks is not built yet")
     frozen_base = weights == "initial" and has_adapters(student)
     shares = weights == "current" or frozen_base
-    check(
-        not (shares and strategy == "fsdp2"),
-        "teacher=self scoring with the student's own (sharded) module under trainer.strategy=fsdp2 is not built yet: "
-        "use trainer.strategy=ddp, or teacher.weights=initial without model.lora (a frozen copy)",
-    )
     try:
         for problem in benchmark.eval[:1]:  # a context the benchmark cannot give fails here, before training
             privileged(benchmark, problem, context)
@@ -354,3 +357,6 @@ def load_self_teacher(
     return SelfTeacher(
         model, tokenizer, lambda problem: privileged(benchmark, problem, context), frozen_base, logprob_chunk, stop_ids
     )
+
+
+load_self_teacher.memory = "student"  # opdx.run.memory_plan: the student's weights, shared or copied

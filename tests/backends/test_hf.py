@@ -223,5 +223,3 @@ def test_bad_self_teacher_settings_are_refused_by_name():
         self_teacher_setup(weights="best")
     with pytest.raises(ConfigError, match="teacher.context='hint' is invalid"):
         self_teacher_setup(context="hint")
-    with pytest.raises(ConfigError, match="under trainer.strategy=fsdp2 is not built yet"):
-        self_teacher_setup(strategy="fsdp2")
