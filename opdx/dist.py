@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 Item = TypeVar("Item")
@@ -94,6 +95,11 @@ def global_max(x: Tensor) -> Tensor:
 
 def global_min(x: Tensor) -> Tensor:
     return -global_max(-x)
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """A tensor as one piece: an FSDP2 shard gathered (a collective every rank joins), else itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def barrier() -> None:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from opdx.config import LoraConfig, check
+from opdx.dist import whole
 
 ADAPTER = "default"  # the one adapter opdx adds (peft's default name)
 ADAPTER_PARTS = (".lora_A.", ".lora_B.")  # state-dict names of the adapters' tensors
@@ -57,11 +57,6 @@ def adapted_layers(module: nn.Module) -> dict[str, nn.Module]:
     """The adapted layers of ``module`` (peft's ``LoraLayer``: those with ``lora_A``) by their
     state-dict prefix (``model.model.layers.0.self_attn.q_proj``); none without adapters."""
     return {name: layer for name, layer in module.named_modules() if hasattr(layer, "lora_A")}
-
-
-def whole(tensor: Tensor) -> Tensor:
-    """A tensor as one piece: an FSDP2 shard gathered (a collective every rank joins), else itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def delta_weight(layer: nn.Module) -> Tensor:

@@ -43,6 +43,7 @@ from opdx.dist import (
     gather,
     global_sum,
     micro_batches,
+    whole,
     wrap,
 )
 from opdx.evaluation import eval_problem_count, evaluate_split
@@ -193,7 +194,7 @@ def train_step(learner: Learner, step: int, samples: SampleLog | None = None) ->
     with timed(metrics, "update"):
         if not bad:
             grad_norm = torch.nn.utils.clip_grad_norm_(learner.policy.parameters(), t.grad_clip)
-            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # the global norm
+            grad_norm = whole(grad_norm)  # the global norm
             if not torch.isfinite(grad_norm):
                 bad["grad_norm"] = 1
         if not bad:

@@ -180,13 +180,11 @@ class HFModel:
         processors += ([] if greedy else list(params.warpers())) + [recorder]
         if on_step is not None:
             processors.append(DecodingProgress(on_step))
-        was_training = model.training
-        model.eval()
         sharded = isinstance(self.generator, FSDPModule)  # its parameters are gathered inside generate only
         prompt_tokens, prompt_mask = prompt_tokens_B_L.to(model.device), prompt_mask_B_L.to(model.device)
         shares = not sharded and self.cache == "dynamic"
-        cache = shared_prompt_cache(model, prompt_tokens, prompt_mask) if shares else None
-        with gathered(self.generator):  # FSDP2: each layer gathered once, not per token
+        with self.weights(), gathered(self.generator):  # FSDP2: each layer gathered once, not per token
+            cache = shared_prompt_cache(model, prompt_tokens, prompt_mask) if shares else None
             sequences_B_N = self.generator.generate(
                 input_ids=prompt_tokens,
                 attention_mask=prompt_mask,
@@ -195,7 +193,6 @@ class HFModel:
                 logits_processor=processors,
                 synced_gpus=sharded,  # every rank runs every decode step
             )
-        model.train(was_training)
         response_tokens_B_T = sequences_B_N[:, prompt_tokens_B_L.shape[1] :].cpu()
         logp_sampling_B_T = recorder.finish(sequences_B_N[:, -1]).cpu()
         mask_B_T, finished_B = response_mask(response_tokens_B_T, self.stop_ids)
@@ -210,13 +207,26 @@ class HFModel:
         if isinstance(module, TokenScores) and module.model is self.model:
             self.generator = module
 
+    @contextmanager
+    def weights(self) -> Iterator[None]:
+        """The model as it samples and scores: in eval mode, put back in its mode afterwards, even
+        on error."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(training)
+
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> Tensor:
-        return self.scores(self._own_prompts(rollout))
+        with self.weights():
+            return self.scores(self._own_prompts(rollout))
 
     @torch.no_grad()
     def dense(self, rollout: Rollout, top_k: int | None = None) -> HeadLogits | TopKOfLogits:
-        logits = self.scores(self._own_prompts(rollout), logits=True)
+        with self.weights():
+            logits = self.scores(self._own_prompts(rollout), logits=True)
         return logits if top_k is None else TopKOfLogits(logits, rollout.response_tokens_B_T, top_k)
 
     def renders_prompts(self) -> bool:
@@ -292,39 +302,15 @@ class SelfTeacher(HFModel):
     def weights(self) -> Iterator[None]:
         """The model as it teaches: in eval mode (no adapter dropout), with the adapters off for
         ``frozen_base``; the student's mode and adapters as they were afterwards, even on error."""
-        training = self.model.training
-        self.model.eval()
-        if self.frozen_base:
+        with super().weights():
+            if not self.frozen_base:
+                yield
+                return
             self.model.disable_adapters()
-        try:
-            yield
-        finally:
-            if self.frozen_base:
+            try:
+                yield
+            finally:
                 self.model.enable_adapters()
-            self.model.train(training)
-
-    def sample(
-        self,
-        problems: Sequence[Problem | str],
-        samples_per_prompt: int,
-        max_new_tokens: int,
-        params: SamplingParams = PLAIN_SAMPLING,
-        greedy: bool = False,
-        on_step: Callable[[], object] | None = None,
-    ) -> Rollout:
-        """The teacher's own answers to the privileged prompts (``HFModel.sample``), for its eval."""
-        with self.weights():
-            return super().sample(problems, samples_per_prompt, max_new_tokens, params, greedy, on_step)
-
-    def logprobs(self, rollout: Rollout) -> Tensor:
-        """log q of the student's responses given the privileged prompts, [B, T]."""
-        with self.weights():
-            return super().logprobs(rollout)
-
-    def dense(self, rollout: Rollout, top_k: int | None = None) -> HeadLogits | TopKOfLogits:
-        """The next-token distribution given the privileged prompts (``HFModel.dense``)."""
-        with self.weights():
-            return super().dense(rollout, top_k)
 
 
 def load_self_teacher(
