@@ -144,7 +144,7 @@ def train_task(cfg: DictConfig) -> float | None:
 def train_job(cfg: DictConfig, run_dir: Path, group: str | None = None) -> float:
     """Validate ``cfg`` and train into ``run_dir``; a config or start-up error exits in one line."""
     from opdx.run import validate
-    from opdx.trainer import NonFiniteError, train
+    from opdx.trainer import EarlyWarningStop, NonFiniteError, train
 
     try:
         run = validate(cfg)
@@ -154,7 +154,7 @@ def train_job(cfg: DictConfig, run_dir: Path, group: str | None = None) -> float
         run.config.logger.group = group
     try:
         summary = train(run, run_dir)
-    except (*run_errors(), NonFiniteError) as error:
+    except (*run_errors(), NonFiniteError, EarlyWarningStop) as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 

@@ -318,6 +318,7 @@ class TrainerConfig:
     # every this many steps, the other estimator's gradient on the step's batch beside the run's (probe/*:
     # opdx.trainer.probe_gradients); null: never
     probe_every: int | None = None
+    stop_on_warning: bool = False  # stop at the first early warning (opdx.monitor), its step's checkpoint saved
     # old names, kept working (each warns once): sampling.* and runtime.* are where these live now
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -477,6 +478,43 @@ class PlanConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Early warnings (``opdx.monitor``): each signal's mean over the last ``window`` steps against
+    its best so far in the run (drift: the factor it may move by) or a fixed level; null turns a
+    signal off. The defaults are the rules that separate the collapsing runs of the CPU Table 2
+    sweep from the others (docs/monitor.md); the signals off by default moved as far in healthy runs.
+    ``trainer.stop_on_warning`` stops the run at the first warning."""
+
+    window: int = 1
+    eos_rate: float | None = 1.5  # drift: falls to 1/factor of its highest
+    reverse_kl: float | None = 1.6  # drift: rises to factor x its lowest
+    length_rise: float | None = None  # drift: rises to factor x its lowest
+    length_fall: float | None = None  # drift: falls to 1/factor of its highest
+    grad_norm: float | None = None  # drift: rises to factor x its lowest
+    advantage: float | None = None  # drift: the largest |advantage| rises to factor x its lowest
+    forward_kl: float | None = None  # drift: rises to factor x its lowest
+    ess: float | None = 0.5  # level: the importance-weight ESS fraction falls below it
+    clip_fraction: float | None = 0.2  # level: the share of log u clipped rises above it
+
+    def __post_init__(self) -> None:
+        check(self.window > 0, f"monitor.window={self.window!r} is invalid; it must be a positive number of steps")
+        drifts = ("eos_rate", "reverse_kl", "length_rise", "length_fall", "grad_norm", "advantage", "forward_kl")
+        for key in drifts:
+            value = getattr(self, key)
+            check(
+                value is None or value > 1,
+                f"monitor.{key}={value!r} is invalid; use a factor above 1 (the rolling mean's move from its best "
+                "so far that warns) or null (off)",
+            )
+        for key in ("ess", "clip_fraction"):
+            value = getattr(self, key)
+            check(
+                value is None or 0 < value < 1,
+                f"monitor.{key}={value!r} is invalid; use a fraction in (0, 1) or null (off)",
+            )
+
+
+@dataclass
 class LoggerConfig:
     """``name``: jsonl or wandb (``opdx.metrics.LOGGERS``); wandb's ``project``, ``group`` and
     ``tags``. ``samples``: rollouts kept as text (``opdx.samples``) of each kind at each eval and
@@ -518,12 +556,13 @@ class SetupConfig:
 @dataclass
 class RunConfig(SetupConfig):
     """One training run (``conf/config.yaml``): the setup, the divergence (its YAML file's values),
-    the estimator, the trainer and the logger."""
+    the estimator, the trainer, the logger and the early warnings."""
 
     divergence: dict[str, Any] = field(default_factory=dict)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass
@@ -553,6 +592,8 @@ RESUME_SAFE = (
     "trainer.export_dtype",
     "trainer.strategy",
     "trainer.probe_every",
+    "trainer.stop_on_warning",
+    "monitor.*",
     "runtime.*",
     "eval.*",
     "logger.*",

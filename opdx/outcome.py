@@ -104,6 +104,32 @@ def collapse_reason(
     return None
 
 
+def collapse_step(records: Sequence[Mapping[str, Any]], max_new_tokens: int, initial_acc: float) -> int | None:
+    """The first step at which one of the collapse signatures of the module docstring holds
+    (``records``: a collapsed run's metrics.jsonl rows, in step order): a training metric not
+    finite, the first of ``COLLAPSE_WINDOW`` logged steps whose rollouts do not end, or an eval
+    with greedy accuracy 0 where the initial student's was above 0; None if none holds."""
+    steps = []
+    nonfinite = [r["step"] for r in records if any(not math.isfinite(float(r.get(k) or 0)) for k in FINITE_KEYS)]
+    steps += nonfinite[:1]
+    rollouts = [r for r in records if "rollout/eos_rate" in r]
+    for i in range(len(rollouts) - COLLAPSE_WINDOW + 1):
+        if not_ending(rollouts[: i + COLLAPSE_WINDOW], max_new_tokens):
+            steps.append(rollouts[i]["step"])
+            break
+    if initial_acc > 0:
+        steps += [r["step"] for r in records if r["step"] > 0 and is_zero_accuracy(r)][:1]
+    return min(steps, default=None)
+
+
+def is_zero_accuracy(record: Mapping[str, Any]) -> bool:
+    """Whether a metrics row holds a student eval with greedy accuracy 0."""
+    accuracies = [
+        v for k, v in record.items() if k.startswith("eval/") and k.endswith("/greedy_acc") and "/teacher/" not in k
+    ]
+    return bool(accuracies) and max(accuracies) == 0
+
+
 def not_ending(records: Sequence[Mapping[str, Any]], max_new_tokens: int, first: bool = False) -> str | None:
     """The EOS rate and response length of the last ``COLLAPSE_WINDOW`` logged steps (``first``:
     of the first logged step) where they show responses that do not end (mean EOS rate below

@@ -16,6 +16,10 @@ sampled token):
 - ``rollout/logprob_mismatch``: the largest |log p_sampler - log p_trainer| of a sampled token;
   ``rollout/sequence_log_ratio_max``: the largest |log rho_1:n| of a response prefix, rho_1:n =
   prod_{k<=n} p_trainer / p_sampler (the weights of ``rollout_correction=per_decision``);
+  ``rollout/importance_ess``: Kish's effective sample size of the whole responses' weights rho_1:N,
+  as a fraction of the sequences;
+- ``div/log_ratio_clip_fraction`` with ``estimator.log_ratio_clip``: the share of response tokens
+  whose log u was clipped;
 - ``rollout/len_mean``, ``rollout/eos_rate``;
 - ``rollout/staleness_mean``, ``rollout/staleness_max``: where the sampler records the weight
   version of each row, how many updates older than the step's weights the rows' are;
@@ -84,10 +88,13 @@ def mean_std_min_max(values: Tensor) -> tuple[float, float, float, float]:
     return mean, variance**0.5, low.item(), high.item()
 
 
-def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict[str, float]:
+def rollout_metrics(
+    rollout: Rollout, terms: LossTerms, div: Divergence, log_ratio_clip: float | None = None
+) -> dict[str, float]:
     """Reward, advantage and sampled divergence statistics over the response tokens of all ranks,
     the largest gap between the sampler's and the trainer's log-probs of a sampled token, and of
-    their sums over a response prefix."""
+    their sums over a response prefix, the importance weights' ESS, and with ``log_ratio_clip``
+    (the estimator's) the share of response tokens whose log u it clipped."""
     mask_B_T = rollout.response_mask_B_T
     log_u = terms.log_u_B_T[mask_B_T].double()
     adv_mean, adv_std, adv_min, adv_max = mean_std_min_max(terms.advantages_B_T[mask_B_T])
@@ -111,7 +118,29 @@ def rollout_metrics(rollout: Rollout, terms: LossTerms, div: Divergence) -> dict
         "div/log_u_mean": log_u_sum / tokens,
         "rollout/logprob_mismatch": global_max(log_ratio_B_T.abs().max()).item(),
         "rollout/sequence_log_ratio_max": global_max(log_ratio_B_T.cumsum(-1).abs().max()).item(),
-    }
+        "rollout/importance_ess": importance_ess(log_ratio_B_T.sum(-1)),
+    } | ({} if log_ratio_clip is None else {"div/log_ratio_clip_fraction": clip_fraction(log_u, log_ratio_clip)})
+
+
+def importance_ess(log_weight_B: Tensor) -> float:
+    """Kish's effective sample size of the sequences' importance weights w_b = exp(log_weight_b), over
+    all ranks, as a fraction of the sequences: (sum w)^2 / (B sum w^2), 1 when all weights are equal
+    (a sampler with the trainer's weights), 1/B when one sequence carries all the weight. The weights
+    are rescaled by the largest first, so none overflows."""
+    log_weight_B = log_weight_B.double()
+    top = global_max(log_weight_B.max() if log_weight_B.numel() else log_weight_B.new_tensor(-torch.inf))
+    weight_B = (log_weight_B - top).exp()
+    sums = torch.stack([weight_B.sum(), weight_B.square().sum(), weight_B.new_tensor(float(weight_B.numel()))])
+    total, squares, count = global_sum(sums).tolist()
+    return total * total / (count * squares)
+
+
+def clip_fraction(log_u: Tensor, log_ratio_clip: float) -> float:
+    """The share of the response tokens of all ranks whose log u was clipped to +-``log_ratio_clip``
+    (``log_u``: after the clip, 1-D)."""
+    clipped = (log_u.abs() >= log_ratio_clip).sum().double()
+    clipped, tokens = global_sum(torch.stack([clipped, clipped.new_tensor(float(log_u.numel()))])).tolist()
+    return clipped / tokens
 
 
 def component_metrics(rollout: Rollout, terms: LossTerms, div: Divergence, components: list[str]) -> dict[str, float]:

@@ -27,8 +27,9 @@ SUMMARY_FILE = "summary.json"
 @dataclass
 class LoopState:
     """The training loop's state between steps: wall time so far, the non-finite steps skipped
-    (in all, and in a row), and the evals (the teacher's at step 0, the student's initial, best
-    and latest, each a metrics dict with its ``step`` except the teacher's)."""
+    (in all, and in a row), the evals (the teacher's at step 0, the student's initial, best
+    and latest, each a metrics dict with its ``step`` except the teacher's) and the early
+    warnings' state (``opdx.monitor.Monitor.to_dict``)."""
 
     elapsed: float = 0.0
     skipped_steps: int = 0
@@ -37,6 +38,7 @@ class LoopState:
     initial_eval: dict[str, float] = field(default_factory=dict)
     best_eval: dict[str, float] = field(default_factory=dict)
     final_eval: dict[str, float] | None = None
+    monitor: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a checkpoint stores it (plain Python values)."""
@@ -55,7 +57,8 @@ class LoopState:
 def make_summary(
     config: RunConfig, names: Mapping[str, str], state: LoopState, run_dir: Path, eval_problems: int
 ) -> dict[str, Any]:
-    """Initial / final / best eval beside the teacher's, key choices, wall time, step-time split.
+    """Initial / final / best eval beside the teacher's, key choices, the collapse and truncation
+    verdicts, the early warnings ({signal: step}), wall time, step-time split.
 
     ``names``: the built ``divergence``, ``estimator`` and ``benchmark`` names; ``eval_problems``
     the problems each eval graded (a mixture's weighted mean is treated as one pool of them,
@@ -86,6 +89,7 @@ def make_summary(
         "below_start": change.below_start,
         "collapse": collapse_reason(records, config.sampling.max_new_tokens, before, after),
         "truncation": truncation(records, config.sampling.max_new_tokens),
+        "early_warnings": state.monitor.get("fired", {}),
         "wall_time_s": round(state.elapsed, 1),
         "mean_step_time_s": {k.removeprefix("time/"): round(v, 4) for k, v in mean.items()},
     }
@@ -114,6 +118,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("truncation"):  # summaries written before truncation was told apart have none
         print(f"truncation: {summary['truncation']}")
     print(f"collapse: {summary['collapse'] or 'no (rollouts end, accuracy above 0, metrics finite)'}")
+    if "early_warnings" in summary:  # summaries written before opdx.monitor have none
+        fired = ", ".join(f"{signal} at step {step}" for signal, step in summary["early_warnings"].items())
+        print(f"early warnings: {fired or 'none'}")
     if summary["skipped_steps"]:
         skipped = summary["skipped_steps"]
         print(f"skipped steps: {skipped} (non-finite values, nothing of them applied; see nonfinite/*)")

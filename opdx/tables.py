@@ -11,7 +11,9 @@ step they logged. Cells are the mean and the 95% confidence interval over seeds 
 the paired difference OPD+ minus OPD is taken per seed within each row. A finished run is marked
 collapsed (†) only by the collapse signature of ``opdx.outcome`` (rollouts that stopped ending,
 accuracy fallen to 0, non-finite metrics) and, otherwise, below its start (↓) only when its
-final greedy accuracy is below the initial student's beyond eval noise.
+final greedy accuracy is below the initial student's beyond eval noise. A run with an early
+warning (``opdx.monitor``) is counted (⚠) and listed with the warnings' steps and, where it
+collapsed, the step its collapse began.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from opdx.config import RENAMED, upgrade
+from opdx.config import RENAMED, MonitorConfig, upgrade
 from opdx.metrics import nonfinite_names, read_metrics
-from opdx.outcome import accuracy_change, collapse_reason, truncation
+from opdx.monitor import replay
+from opdx.outcome import accuracy_change, collapse_reason, collapse_step, truncation
 
 GROUP_KEYS = ("model", "divergence", "estimator", "benchmark", "logger")
 # the two estimators a table compares, by their registry names (opdx.objective.ESTIMATORS; a test checks):
@@ -103,6 +106,7 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
         row["last_nonfinite"] = nonfinite_names(metrics[-1]) if metrics else ""
         row["support"] = support_label(config)
         row |= {"status": "incomplete", "collapsed": False, "collapse": None, "truncation": None}
+        row |= early_warnings(metrics, config)
         row |= {"below_start": False, "change": None}
         summary_path = run_dir / "summary.json"
         if summary_path.exists():
@@ -123,6 +127,15 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
     return runs
 
 
+def early_warnings(metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """A run's early warnings (``opdx.monitor``, replayed over its metrics with its own
+    ``monitor`` settings, the defaults for runs saved before they existed): ``warnings``, each
+    signal with its step (None if none fired), and ``first_warning``, the earliest step."""
+    fired = replay(metrics, MonitorConfig(**config.get("monitor", {})))
+    text = ", ".join(f"{warning.signal} at step {warning.step}" for warning in fired) or None
+    return {"warnings": text, "first_warning": min((w.step for w in fired), default=None)}
+
+
 def support_label(config: dict[str, Any]) -> str:
     """Where a run's divergence is taken, as one table key: ``sampled``, ``topk K=<top_k>`` or
     ``full`` (runs saved before ``estimator.support`` existed are ``sampled``)."""
@@ -138,9 +151,11 @@ def outcome(summary: dict[str, Any], metrics: list[dict[str, Any]], config: dict
     n = summary.get("eval_problems") or config.get("eval", {}).get("problems")
     reason = collapse_reason(metrics, config["sampling"]["max_new_tokens"], before, after)
     change = accuracy_change(before, after, n) if n and reason is None else None
+    onset = collapse_step(metrics, config["sampling"]["max_new_tokens"], before) if reason else None
     return {
         "collapsed": reason is not None,
         "collapse": reason,
+        "collapse_step": onset,
         "truncation": truncation(metrics, config["sampling"]["max_new_tokens"]),
         "below_start": change is not None and change.below_start,
         "change": None if change is None else str(change),
@@ -178,9 +193,10 @@ def ablation_table(
 
     Columns: for each value of ``cols``, the final and the best ``metric`` (mean ± 95% CI over
     seeds; ``†k``: k of the cell's runs collapsed, ``↓k``: k others ended below their initial
-    student beyond eval noise), with ``step_time`` the mean seconds per training step (rollout,
-    teacher and update, evals excluded; ``summary.json``'s ``mean_step_time_s``); when ``cols`` is
-    the estimator, the paired OPD+ minus OPD difference of the final metric, matched by seed.
+    student beyond eval noise, ``⚠k``: k of them had an early warning), with ``step_time`` the
+    mean seconds per training step (rollout, teacher and update, evals excluded; ``summary.json``'s
+    ``mean_step_time_s``); when ``cols`` is the estimator, the paired OPD+ minus OPD difference of
+    the final metric, matched by seed.
     """
     row_key, col_key = config_key(rows), config_key(cols)
     complete = runs[runs["status"] == "complete"]
@@ -190,7 +206,9 @@ def ablation_table(
         for stage in ("final", "best"):
             mean, half, n = mean_ci(group[f"{stage}/{metric}"])
             collapsed, below = int(group["collapsed"].sum()), int(group["below_start"].sum())
+            warned = int(group["first_warning"].notna().sum())
             flags = (f" †{collapsed}" if collapsed else "") + (f" ↓{below}" if below else "")
+            flags += f" ⚠{warned}" if warned else ""
             flags = flags if stage == "final" else ""
             display.setdefault((str(col_value), stage), {})[str(row_value)] = format_cell(mean, half, n, flags=flags)
             numeric.setdefault((str(col_value), stage), {})[str(row_value)] = mean
@@ -233,7 +251,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 
 RUN_COLUMNS = (
     *("run_dir", "status", "steps_done", "collapsed", "collapse", "truncation", "below_start", "change", "seed"),
-    *("support", "step_time_s", "last_nonfinite"),
+    *("support", "step_time_s", "last_nonfinite", "warnings", "first_warning", "collapse_step"),
 )
 NOT_A_SETTING = ("trainer.resume", "runtime.threads", "runtime.device", *RENAMED)
 
@@ -261,6 +279,14 @@ def status_report(runs: pd.DataFrame) -> str:
     for _, run in runs[runs["below_start"]].iterrows():
         below = "below the initial student beyond eval noise"
         lines.append(f"- {below}: {run['run_dir']} (greedy accuracy {run['change']})")
+    for _, run in runs[runs["first_warning"].notna()].iterrows():
+        onset, lead = run.get("collapse_step"), ""
+        if onset is not None and not pd.isna(onset):
+            steps = onset - run["first_warning"]
+            lead = f"; its collapse began at step {onset:.0f}, " + (
+                f"{steps:.0f} steps after the first warning" if steps > 0 else "before the first warning"
+            )
+        lines.append(f"- early warnings: {run['run_dir']} ({run['warnings']}{lead})")
     return "\n".join(lines)
 
 
@@ -313,7 +339,7 @@ def table_main(argv: list[str]) -> int:
             print(
                 f"\n{args.facet} = {facet_value}: {args.metric}, % (mean ± 95% CI over seeds; "
                 f"{n_complete} of {len(facet_runs)} runs complete; †k: k runs collapsed, ↓k: k runs below "
-                "their initial student beyond eval noise; see the list below)\n"
+                "their initial student beyond eval noise, ⚠k: k runs with an early warning; see the list below)\n"
             )
             pooled = pooled_keys(facet_runs, [config_key(k) for k in (args.rows, args.cols, args.facet)])
             if pooled:
@@ -362,14 +388,28 @@ def learning_curves(runs: pd.DataFrame, line_keys: list[str]) -> dict[str, pd.Da
     return {key: pd.concat(frames, ignore_index=True) for key, frames in curves.items()}
 
 
+def run_events(runs: pd.DataFrame, line_keys: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per line label, the steps of its runs' first early warnings and collapse onsets (the ones
+    that have them)."""
+    events: dict[str, dict[str, list[float]]] = {}
+    for _, run in runs.iterrows():
+        label = " / ".join(str(run[config_key(k)]) for k in line_keys)
+        for key in ("first_warning", "collapse_step"):
+            if pd.notna(run.get(key)):
+                events.setdefault(label, {}).setdefault(key, []).append(float(run[key]))
+    return events
+
+
 def plot_runs(runs: pd.DataFrame, out_dir: Path, line_keys: list[str]) -> list[Path]:
-    """One figure, a panel per metric, a line per config: mean over seeds with a min-max band."""
+    """One figure, a panel per metric, a line per config: mean over seeds with a min-max band, and
+    in every panel a mark at each run's first early warning (top) and collapse onset (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves, panels = learning_curves(runs, line_keys), plot_panels(runs)
+    events = run_events(runs, line_keys)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = sorted({label for frame in curves.values() for label in frame["label"]})
@@ -390,7 +430,13 @@ def plot_runs(runs: pd.DataFrame, out_dir: Path, line_keys: list[str]) -> list[P
             seeds = frame[frame["label"] == label]["seed"].nunique()
             ax.plot(mean.index, mean.values, color=color, label=f"{label} (n={seeds})", lw=1.6)
             ax.fill_between(mean.index, low.values, high.values, color=color, alpha=0.18, lw=0)
+            marks = events.get(label, {})
+            for key, marker, y in (("first_warning", "v", 0.98), ("collapse_step", "x", 0.02)):
+                steps = marks.get(key, [])
+                ax.scatter(steps, [y] * len(steps), marker=marker, color=color, transform=ax.get_xaxis_transform())
     axes[0].legend(fontsize=8, title=" / ".join(line_keys), title_fontsize=8)
+    if events:
+        fig.suptitle("▼ a run's first early warning (opdx.monitor)   ✕ the step a run's collapse began", fontsize=9)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "learning_curves.png", out_dir / "learning_curves.svg"]
     for path in paths:

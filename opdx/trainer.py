@@ -52,6 +52,7 @@ from opdx.logits import DenseScores
 from opdx.lora import MERGED_DIR, has_adapters, save_merged
 from opdx.metrics import LOGGERS, SilentLogger, nonfinite_names, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
+from opdx.monitor import Monitor
 from opdx.objective import LossInputs, LossTerms, batch_totals, other_estimator
 from opdx.pipeline import Ahead, InStep
 from opdx.policy import TokenScores, full_weights
@@ -72,6 +73,10 @@ from opdx.summary import SUMMARY_FILE, LoopState, make_summary, print_summary
 
 class NonFiniteError(Exception):
     """``trainer.max_bad_steps`` steps in a row had non-finite values; the message names them."""
+
+
+class EarlyWarningStop(Exception):
+    """``trainer.stop_on_warning``: an early warning (``opdx.monitor``) fired; the message names it."""
 
 
 def nonfinite_advice(parts: str, estimator: EstimatorConfig) -> str:
@@ -210,7 +215,7 @@ def train_step(learner: Learner, step: int, samples: SampleLog | None = None) ->
         samples.add(run.benchmark, rollout, "train", "sampled", None if bad else terms.log_u_B_T)
     if bad:
         return metrics | {f"nonfinite/{name}": float(count) for name, count in bad.items()}
-    metrics |= rollout_metrics(rollout, terms, run.divergence)
+    metrics |= rollout_metrics(rollout, terms, run.divergence, run.estimator.config.log_ratio_clip)
     components = run.benchmark.components
     if len(components) > 1:
         metrics |= component_metrics(rollout, terms, run.divergence, [c.name for c in components])
@@ -414,7 +419,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
         )
     elif restored:
         print(f"the {len(restored)} batches the run had sampled ahead are sampled again (trainer.max_staleness=null)")
-    started = time.perf_counter() - state.elapsed
+    started, monitor = time.perf_counter() - state.elapsed, Monitor(cfg.monitor, state.monitor)
     progress = tqdm(
         range(start_step, t.steps), initial=start_step, total=t.steps, desc="opdx train", mininterval=1,
         disable=not ranks.main,
@@ -452,14 +457,24 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
                 progress.set_postfix(**postfix, acc=f"{result['greedy_acc']:.3f}")
             else:
                 progress.set_postfix(**postfix, refresh=False)
+            monitored, warnings = monitor.update(done, metrics)
+            metrics |= monitored
+            for warning in warnings if ranks.main else []:
+                progress.write(str(warning))
             if samples is not None:
                 logger.samples(samples.rows, step=done)
             logger.log(metrics, step=done)
-            state.elapsed = time.perf_counter() - started
-            if done % t.checkpoint_every == 0 or done == t.steps:
+            state.elapsed, state.monitor = time.perf_counter() - started, monitor.to_dict()
+            stop = bool(warnings) and t.stop_on_warning
+            if done % t.checkpoint_every == 0 or done == t.steps or stop:
                 extra = {"scheduler": learner.scheduler.state_dict(), "state": state.to_dict()}
                 extra[PENDING] = gather(learner.rollouts.pending())  # sampled ahead: resumed, not resampled
                 save_checkpoint(run_dir, done, learner.policy, learner.optimizer, extra, ranks)
+            if stop:
+                raise EarlyWarningStop(
+                    f"{warnings[0]} (trainer.stop_on_warning). The checkpoint of step {done} is in "
+                    f"{run_dir / CHECKPOINT_DIR}; resume with trainer.resume={run_dir} (a warning fires once per run)"
+                )
     finally:
         learner.rollouts.close()
     progress.close()

@@ -6,6 +6,7 @@ from opdx.outcome import (
     COLLAPSE_WINDOW,
     accuracy_change,
     collapse_reason,
+    collapse_step,
     difference_interval,
     truncation,
     wilson_interval,
@@ -75,3 +76,18 @@ def test_responses_that_never_ended_are_truncation_not_collapse():
     assert truncation(ended_for_a_while, 16) is None
     assert collapse_reason(ended_for_a_while, 16, 0.0, 0.0).startswith("responses stopped ending: EOS rate 0.000")
     assert truncation([], 16) is None
+
+
+def test_a_collapse_begins_at_the_first_step_any_of_its_signatures_holds():
+    records = [{"step": 0, "eval/arith/greedy_acc": 0.1, "eval/arith/teacher/greedy_acc": 0.9}]
+    records += [
+        {"step": s, "rollout/eos_rate": 1.0 if s < 5 else 0.0, "rollout/len_mean": 12.0 if s < 5 else 24.0}
+        for s in range(1, 20)
+    ]
+    assert collapse_step(records, 24, 0.1) == 5  # the first 10-step window without EOS at the limit
+    assert collapse_step(records[:14], 24, 0.1) is None  # steps 5-13: no full window yet
+    records[3]["train/loss"] = float("nan")
+    assert collapse_step(records, 24, 0.1) == 3
+    records[2]["eval/arith/greedy_acc"] = 0.0
+    assert collapse_step(records, 24, 0.1) == 2
+    assert collapse_step(records, 24, 0.0) == 3  # accuracy 0 from the start is no collapse

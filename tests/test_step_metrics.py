@@ -1,5 +1,7 @@
 """The per-step metrics: each reduction against its plain formula on one process."""
 
+import math
+
 import pytest
 import torch
 
@@ -7,7 +9,14 @@ from opdx.benchmarks import Problem
 from opdx.divergences import get_divergence
 from opdx.objective import LossTerms
 from opdx.rollout import Rollout
-from opdx.step_metrics import component_metrics, eval_metrics, mean_std_min_max, rollout_metrics, sequence_metrics
+from opdx.step_metrics import (
+    component_metrics,
+    eval_metrics,
+    importance_ess,
+    mean_std_min_max,
+    rollout_metrics,
+    sequence_metrics,
+)
 
 
 def rollout_and_terms():
@@ -44,10 +53,37 @@ def test_rollout_metrics_equal_their_plain_formulas():
             for b in range(mask.shape[0])
             for n in range(mask.shape[1])
         ),
+        "rollout/importance_ess": kish_ess(
+            [
+                math.exp(
+                    sum(
+                        terms.logp_student_B_T[b, k] - rollout.logp_sampling_B_T[b, k]
+                        for k in range(mask.shape[1])
+                        if mask[b, k]
+                    )
+                )
+                for b in range(mask.shape[0])
+            ]
+        ),
     }
     assert set(metrics) == set(expected)
     for key, value in expected.items():
-        assert metrics[key] == pytest.approx(value.item(), rel=1e-6), key
+        assert metrics[key] == pytest.approx(float(value), rel=1e-6), key
+    clip = float(log_u.abs().median())
+    clipped = rollout_metrics(rollout, terms, js, log_ratio_clip=clip)["div/log_ratio_clip_fraction"]
+    assert clipped == pytest.approx(sum(abs(v) >= clip for v in log_u.tolist()) / len(log_u))
+    assert 0 < clipped < 1
+
+
+def kish_ess(weights: list[float]) -> float:
+    """Kish's effective sample size over the count: (sum w)^2 / (n sum w^2)."""
+    return sum(weights) ** 2 / (len(weights) * sum(w * w for w in weights))
+
+
+def test_the_importance_ess_is_one_for_equal_weights_and_one_over_b_for_one_dominant_weight():
+    assert importance_ess(torch.zeros(5)) == pytest.approx(1.0)
+    assert importance_ess(torch.tensor([0.0, -800.0, -900.0, -1000.0])) == pytest.approx(0.25)  # no underflow trouble
+    assert importance_ess(torch.tensor([900.0, 0.0])) == pytest.approx(0.5)  # nor overflow
 
 
 def test_sequence_metrics_and_the_statistics_of_values():

@@ -194,7 +194,9 @@ def test_a_mixtures_components_sit_beside_runs_on_one_of_them(tmp_path, capsys):
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
     cells = {row[1].strip(): row[2].strip() for row in rows}
     assert cells["mixture"] == "20.0" and cells["products"] == "**30.0**"
-    assert "warning" not in out  # one run a cell: nothing pooled, though the two differ in their benchmark's keys
+    assert (
+        "warning: cells pool" not in out
+    )  # one run a cell: nothing pooled, though the two differ in their benchmark's keys
     assert [panel[0] for panel in plot_panels(load_runs([tmp_path]))][-2:] == [
         "eval/arith/greedy_acc",
         "eval/products/greedy_acc",
@@ -230,7 +232,7 @@ def test_support_rows_name_top_k_and_the_step_time_is_the_mean_of_the_cells_runs
     assert table.at["full", ("unbiased", "s/step")] == "0.65"  # (0.6 + 0.7) / 2
     assert table_main([str(tmp_path), "--rows", "support", "--step-time"]) == 0
     out = capsys.readouterr().out
-    assert "unbiased (s/step)" in out and "warning" not in out
+    assert "unbiased (s/step)" in out and "warning: cells pool" not in out
 
 
 def test_a_run_stopped_for_non_finite_steps_says_what_was_not_finite(tmp_path, capsys):
@@ -242,3 +244,35 @@ def test_a_run_stopped_for_non_finite_steps_says_what_was_not_finite(tmp_path, c
     out = capsys.readouterr().out
     assert out.startswith("opdx table: none of the 1 runs is complete")
     assert "diverged at step 6 of 10, whose last step was skipped for non-finite advantages,loss" in out
+
+
+def test_early_warnings_are_counted_in_the_cells_and_listed_with_the_collapse_they_came_before(tmp_path, capsys):
+    """The monitor's rules (the run's own ``monitor`` settings) replayed over its metrics: the EOS
+    rate's rolling mean over 2 steps falls to 1/2 of its highest at step 8 (0.3 against 1), one
+    step before the rollouts stop ending (the first 10-step window without EOS at the limit)."""
+    others = {name: None for name in ("reverse_kl", "ess")}
+    monitor = {"window": 2, "eos_rate": 2.0, "clip_fraction": None, **others}
+    for name, estimator in (("collapsing", "stopgrad"), ("healthy", "unbiased")):
+        write_run(tmp_path / name, "forward_kl", estimator, 0, 0.0 if name == "collapsing" else 0.2, steps=20)
+        config_path = tmp_path / name / ".hydra" / "config.yaml"
+        config = OmegaConf.load(config_path)
+        config.monitor = monitor
+        config_path.write_text(OmegaConf.to_yaml(config))
+    metrics_path = tmp_path / "collapsing" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    for record in records[1:]:
+        step = record["step"]
+        record["rollout/eos_rate"] = 1.0 if step <= 6 else 0.3 if step <= 9 else 0.0
+        record["rollout/len_mean"] = 12.0 if step <= 6 else 24.0
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    runs = load_runs([tmp_path]).set_index("run_dir")
+    collapsing, healthy = runs.loc[str(tmp_path / "collapsing")], runs.loc[str(tmp_path / "healthy")]
+    assert (collapsing.warnings, collapsing.first_warning, collapsing.collapse_step) == ("eos_rate at step 8", 8, 9)
+    assert pd.isna(healthy.warnings) and pd.isna(healthy.first_warning)
+    assert table_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.0 †1 ⚠1" in out and "⚠k: k runs with an early warning" in out
+    expected = "its collapse began at step 9, 1 steps after the first warning"
+    assert f"- early warnings: {tmp_path / 'collapsing'} (eos_rate at step 8; {expected})" in out
+    assert plot_main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0  # the marks drawn

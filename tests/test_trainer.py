@@ -493,3 +493,36 @@ def test_each_rank_resumes_its_own_batches_sampled_ahead_or_samples_them_again_o
     assert capsys.readouterr().out == ""
     assert pending_batches({PENDING: [{5: "a"}, {5: "b"}]}, one) == {}
     assert "sampled ahead on 2 ranks are sampled again on 1" in capsys.readouterr().out
+
+
+def test_an_early_warning_stops_the_run_at_its_step_and_the_resumed_run_is_the_uninterrupted_one(opdx_cli, tmp_path):
+    """trainer.stop_on_warning: the run stops at the warning's step with that step's checkpoint; the
+    monitor's state resumes with it, so the warning does not fire twice and the metrics are the
+    uninterrupted run's (window 1 and a factor just above 1: the first step whose gradient norm
+    rises above its lowest so far warns)."""
+    others = ("eos_rate", "reverse_kl", "ess", "clip_fraction")
+    rules = ["monitor.window=1", "monitor.grad_norm=1.001", *(f"monitor.{name}=null" for name in others)]
+    common = [*FAST_TRAIN, "trainer.steps=6", "trainer.eval_every=6", "trainer.checkpoint_every=6", *rules]
+    whole = opdx_cli("train", *common, f"hydra.run.dir={tmp_path / 'whole'}")
+    records = read_metrics(tmp_path / "whole")
+    fired = [r["step"] for r in records if "warning/grad_norm" in r]
+    assert len(fired) == 1 and 1 < fired[0] < 6
+    assert f"warning at step {fired[0]}: gradient norm (before clipping)" in whole.stdout
+    assert all(r["monitor/grad_norm"] >= 1 for r in records[1:])  # the factor from its lowest
+    assert json.loads((tmp_path / "whole" / "summary.json").read_text())["early_warnings"] == {"grad_norm": fired[0]}
+    assert f"early warnings: grad_norm at step {fired[0]}\n" in whole.stdout
+
+    stop = tmp_path / "stop"
+    stopped = opdx_cli("train", *common, "trainer.stop_on_warning=true", f"hydra.run.dir={stop}", check=False)
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
+    assert f"warning at step {fired[0]}: gradient norm" in stopped.stderr
+    assert f"(trainer.stop_on_warning). The checkpoint of step {fired[0]}" in stopped.stderr
+    assert read_extra(usable_checkpoint(stop))["step"] == fired[0] and not (stop / "summary.json").exists()
+    opdx_cli("train", f"trainer.resume={stop}")
+    resumed = read_metrics(stop)
+    assert [r["step"] for r in resumed] == list(range(7))
+    for a, b in zip(resumed, records, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if not key.startswith(("time/", "perf/")):
+                assert value == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
