@@ -27,12 +27,12 @@ def test_a_models_parameters_are_counted_on_the_meta_device_as_loaded(role):
 
 def test_the_qwen3_files_carry_their_models_sizes(monkeypatch):
     """No hub: the sizes come from the model files' config; they match Qwen3's model cards
-    (0.6B / 0.44B non-embedding; 1.7B / 1.4B; 8.2B / 6.95B) and the KV bytes per token of the GPU
+    (0.6B / 0.44B non-embedding; 1.7B / 1.4B; 8.2B / 6.95B; 4.0B / 3.6B) and the KV bytes per token of the GPU
     review (112 KiB for 1.7B, 144 KiB for 8B in bf16)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cards = {"0.6B": ("0.6", "0.44"), "1.7B": ("1.7", "1.4"), "8B": ("8.2", "6.95")}  # as the cards round them
+    cards = {"0.6B": ("0.6", "0.44"), "1.7B": ("1.7", "1.4"), "8B": ("8.2", "6.95"), "4B-Instruct-2507": ("4.0", "3.6")}
     seen = {}
-    for name in ("qwen3_1p7b_to_0p6b_base", "qwen3_8b_to_8b_base"):
+    for name in ("qwen3_1p7b_to_0p6b_base", "qwen3_8b_to_8b_base", "qwen3_4b_instruct_to_0p6b_base"):
         model = composed(f"model={name}").model
         for path, carried in ((model.student, model.student_config), (model.teacher, model.teacher_config)):
             shape = model_shape(path, carried)
@@ -110,6 +110,25 @@ def test_the_shipped_qwen3_pair_on_one_80_gb_gpu(monkeypatch):
     assert vllm.fits and vllm.micro_batch_size < vllm.rows
     eight = plan_of([*base, "plan.gpus=8", "trainer.strategy=fsdp2"])
     assert eight.fits and eight.rows == eight.rollout_batch_size == 16
+
+
+@pytest.mark.parametrize(
+    ("experiment", "gib", "shape"),
+    [
+        ("opdplus_replication", 40, ("qwen3_4b_instruct_to_0p6b_base", "gsm8k", 16, 4, 288)),
+        ("trl_distillation_1b", 80, ("llama3p2_1b", "gsm8k", 8, 4, 1024)),
+    ],
+)
+def test_the_public_anchors_experiments_have_their_shape_and_fit_their_gpu(monkeypatch, experiment, gib, shape):
+    """The OPD+ replication's shape on its A100-40GB (which measured a 29.7 GB peak) and TRL's 1B
+    benchmark's on an H100: each composes as one command and the planner says it fits."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = composed(f"experiment={experiment}")
+    t = config.trainer
+    assert (config.model.name, config.benchmark["name"], t.prompts_per_step, t.samples_per_prompt) == shape[:4]
+    assert config.sampling.max_new_tokens == shape[4]
+    plan = plan_of([f"experiment={experiment}", f"plan.gpu_memory_gib={gib}"])
+    assert plan.fits and plan.rows == shape[2] * shape[3]
 
 
 def test_a_lora_student_has_gradients_and_adamw_state_for_its_adapters_alone(monkeypatch):
