@@ -501,6 +501,23 @@ def other_estimator(estimator: Estimator, plain_sampling: bool = True) -> Estima
     return build_estimator(replace(estimator.config, name=name), plain_sampling, estimator.chunk_size)
 
 
+def reference_estimator(estimator: Estimator, plain_sampling: bool = True) -> Estimator | None:
+    """The reference ``trainer.probe_every`` sets beside ``estimator`` where the teacher gives its
+    logits: OPD+ on the full support with the same ``gamma``, ``token_mean`` and chunk size, its
+    other switches off. Each visited state's divergence is differentiated exactly over the whole
+    vocabulary, so at gamma 0 its gradient is the expectation, over each state's next token, of
+    the sampled-token OPD+ gradient at the same states (docs/opd-math.md, "What the probe
+    measures"). None with warped sampling (a dense support needs the student's own distribution)
+    or when ``estimator`` is that reference already."""
+    if not plain_sampling or (estimator.name == "unbiased" and estimator.config.support == "full"):
+        return None
+    exact = replace(
+        estimator.config, name="unbiased", support="full", log_ratio_clip=None, batch_baseline=False, whiten=False,
+        rollout_correction=None, state_baseline=False,
+    )  # fmt: skip
+    return build_estimator(exact, plain_sampling, estimator.chunk_size)
+
+
 def discounted_future_sum(rewards_B_T: Tensor, gamma: float) -> Tensor:
     """sum_{m>n} gamma^(m-n) r_m for every n, i.e. gamma * G_{n+1} with G_n = r_n + gamma G_{n+1}."""
     future_B_T = torch.zeros_like(rewards_B_T)

@@ -53,7 +53,7 @@ from opdx.lora import MERGED_DIR, has_adapters, save_merged
 from opdx.metrics import LOGGERS, SilentLogger, nonfinite_names, timed, track_cpu_memory
 from opdx.models import checkpoint_activations
 from opdx.monitor import Monitor
-from opdx.objective import LossInputs, LossTerms, batch_totals, other_estimator
+from opdx.objective import Estimator, LossInputs, LossTerms, batch_totals, other_estimator, reference_estimator
 from opdx.pipeline import Ahead, InStep
 from opdx.policy import TokenScores, full_weights
 from opdx.rollout import Rollout
@@ -232,7 +232,10 @@ def probe_gradients(learner: Learner, rollout: Rollout, metrics: dict[str, float
     to the run's own, which stays in place for the update. Adds ``probe/cosine`` (of the two),
     ``probe/relative_difference`` (||g_other - g_run|| / ||g_run||) and ``probe/grad_norm_other``,
     before clipping and over all ranks, and the probe's seconds as ``time/probe``; a probe whose
-    gradient is not finite adds ``probe/skipped`` 1 instead.
+    gradient is not finite adds ``probe/skipped`` 1 instead. Where the teacher gives its logits
+    (``full`` in its ``supports``), also the gradient of the exact reference (``reference_estimator``:
+    OPD+ on the full support) and the cosines of the run's and the other's with it,
+    ``probe/reference_cosine`` and ``probe/reference_cosine_other``.
 
     For reverse_kl the two estimators have the same expectation (w_f(u) = -f(u) - 1: a baseline),
     so the figures measure the batch's sampling noise; for every other f they add the bias of
@@ -240,31 +243,57 @@ def probe_gradients(learner: Learner, rollout: Rollout, metrics: dict[str, float
     run = learner.run
     params = [param for group in learner.optimizer.param_groups for param in group["params"]]  # FSDP2: the shards
     run_grads = [param.grad for param in params]
-    for param in params:
-        param.grad = None
     other = other_estimator(run.estimator, run.sampling.is_plain)
+    reference = reference_estimator(run.estimator, run.sampling.is_plain)
+    probed = [other] + ([reference] if reference is not None and "full" in learner.teacher.supports else [])
     with timed(metrics, "probe"):
-        _, bad = accumulate_gradients(learner.policy, learner.teacher, replace(run, estimator=other), rollout, {})
-    other_grads = [param.grad for param in params]
+        grads = [estimator_gradients(learner, rollout, estimator, params) for estimator in probed]
     for param, grad in zip(params, run_grads, strict=True):  # every gradient as it was, None included
         param.grad = grad
-    if bad:
+    if any(g is None for g in grads):
         metrics["probe/skipped"] = 1.0
         return
-    pairs = [(ours, theirs) for ours, theirs in zip(run_grads, other_grads, strict=True) if ours is not None]
-    sums = torch.zeros(4, dtype=torch.float64, device=pairs[0][0].device)
-    for ours, theirs in pairs:  # float32 products summed in float64: no float64 copy of a large gradient
-        a, b = ((x.to_local() if isinstance(x, DTensor) else x).float() for x in (ours, theirs))
-        squares = [(a * b).sum(dtype=torch.float64), a.square().sum(dtype=torch.float64)]
-        squares += [b.square().sum(dtype=torch.float64), (a - b).square().sum(dtype=torch.float64)]
-        sums += torch.stack(squares)
-    if isinstance(pairs[0][0], DTensor):  # FSDP2: each rank holds a shard (DDP: every rank the whole gradient)
-        sums = global_sum(sums)
-    dot, run_square, other_square, difference = sums.tolist()
+    dot, run_square, other_square, difference = gradient_products(run_grads, grads[0])
     both = run_square * other_square
     metrics["probe/cosine"] = dot / math.sqrt(both) if both > 0 else math.nan  # nan: a zero gradient
     metrics["probe/relative_difference"] = math.sqrt(difference / run_square) if run_square > 0 else math.nan
     metrics["probe/grad_norm_other"] = math.sqrt(other_square)
+    if len(grads) > 1:
+        for key, ours in (("probe/reference_cosine", run_grads), ("probe/reference_cosine_other", grads[0])):
+            dot, square, reference_square, _ = gradient_products(ours, grads[1])
+            both = square * reference_square
+            metrics[key] = dot / math.sqrt(both) if both > 0 else math.nan
+
+
+def estimator_gradients(
+    learner: Learner, rollout: Rollout, estimator: Estimator, params: list[Tensor]
+) -> list[Tensor | None] | None:
+    """The gradients of ``params`` that ``estimator``'s loss on ``rollout`` gives (they replace the
+    parameters' own, which the caller keeps and restores); None where a part was not finite."""
+    for param in params:
+        param.grad = None
+    _, bad = accumulate_gradients(
+        learner.policy, learner.teacher, replace(learner.run, estimator=estimator), rollout, {}
+    )
+    return None if bad else [param.grad for param in params]
+
+
+def gradient_products(first: list[Tensor | None], second: list[Tensor | None]) -> tuple[float, float, float, float]:
+    """<a, b>, ||a||^2, ||b||^2 and ||a - b||^2 of two gradients given as lists over the same
+    parameters (None: a parameter without gradient in ``first``, left out), over all ranks: float32
+    products summed in float64, with no float64 copy of a large gradient; under FSDP2 each rank's
+    shards summed over the ranks (DDP: every rank holds the whole gradient)."""
+    pairs = [(a, b) for a, b in zip(first, second, strict=True) if a is not None]
+    sums = torch.zeros(4, dtype=torch.float64, device=pairs[0][0].device)
+    for ours, theirs in pairs:
+        a, b = ((x.to_local() if isinstance(x, DTensor) else x).float() for x in (ours, theirs))
+        squares = [(a * b).sum(dtype=torch.float64), a.square().sum(dtype=torch.float64)]
+        squares += [b.square().sum(dtype=torch.float64), (a - b).square().sum(dtype=torch.float64)]
+        sums += torch.stack(squares)
+    if isinstance(pairs[0][0], DTensor):
+        sums = global_sum(sums)
+    dot, first_square, second_square, difference = sums.tolist()
+    return dot, first_square, second_square, difference
 
 
 def accumulate_gradients(

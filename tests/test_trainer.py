@@ -481,6 +481,37 @@ def test_the_probe_finds_reverse_kl_estimators_equal_under_a_batch_baseline(dive
         assert metrics["probe/cosine"] < 0.99 and metrics["probe/relative_difference"] > 0.1
 
 
+@pytest.mark.parametrize(("divergence", "support"), [("reverse_kl", "full"), ("forward_kl", "full"), ("js", "sampled")])
+def test_the_probes_reference_is_opd_plus_on_the_full_support(divergence, support):
+    """A stop-gradient run's probe beside the exact reference (OPD+ on the full support). On the
+    full support stop-gradient reverse_kl's gradient is OPD+'s exactly (the advantages differ by -1,
+    and sum_c p_c grad log p_c = 0 at every state); forward_kl's is not. On the sampled token the
+    reference is another estimator than the run's OPD+ beside it, and both cosines are < 1."""
+    from test_config import composed
+
+    from opdx.run import start, validate
+    from opdx.trainer import build_learner, train_step
+
+    settings = [*FAST_TRAIN, f"divergence={divergence}", "estimator=stopgrad", f"estimator.support={support}"]
+    run = validate(composed(*settings, "trainer.probe_every=1", "trainer.prompts_per_step=8"))
+    metrics = train_step(build_learner(run, start(run)), 0)
+    if support == "full":  # the other estimator is the reference itself
+        assert metrics["probe/reference_cosine_other"] == pytest.approx(1.0, abs=1e-6)
+        assert metrics["probe/reference_cosine"] == pytest.approx(metrics["probe/cosine"], abs=1e-6)
+    else:
+        assert -1 <= metrics["probe/reference_cosine_other"] < 0.999
+    if divergence == "reverse_kl":
+        assert metrics["probe/reference_cosine"] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert -1 <= metrics["probe/reference_cosine"] < 0.99
+    opd_plus = validate(
+        composed(*settings[:1], f"divergence={divergence}", "estimator.support=full", "trainer.probe_every=1")
+    )
+    assert "probe/reference_cosine" not in train_step(
+        build_learner(opd_plus, start(opd_plus)), 0
+    )  # it is the reference
+
+
 def test_each_rank_resumes_its_own_batches_sampled_ahead_or_samples_them_again_on_another_world(capsys):
     from opdx.dist import Ranks
     from opdx.trainer import PENDING, pending_batches
