@@ -487,7 +487,7 @@ class MonitorConfig:
 
     window: int = 1
     eos_rate: float | None = 1.5  # drift: falls to 1/factor of its highest
-    reverse_kl: float | None = 1.6  # drift: rises to factor x its lowest
+    reverse_kl: float | None = 1.75  # drift: rises to factor x its lowest
     length_rise: float | None = None  # drift: rises to factor x its lowest
     length_fall: float | None = None  # drift: falls to 1/factor of its highest
     grad_norm: float | None = None  # drift: rises to factor x its lowest

@@ -132,7 +132,8 @@ class Monitor:
             if beyond and signal.name not in self.fired:
                 self.fired[signal.name] = step
                 logged[f"warning/{signal.name}"] = 1.0
-                text = f"{signal.what} {mean:.4g} over the last {len(window)} steps ({detail})"
+                over = f" over the last {len(window)} steps" if len(window) > 1 else ""
+                text = f"{signal.what} {mean:.4g}{over} ({detail})"
                 fired.append(EarlyWarning(signal.name, step, text))
         return logged, fired
 
