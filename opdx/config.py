@@ -572,6 +572,10 @@ class EvalRunConfig(SetupConfig):
     ``upgrade`` moves); evaluation reads nothing else of it."""
 
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    samples: int = 4  # rollouts of each model and kind kept as text in samples.jsonl (opdx.samples); 0: none
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 0, f"samples={self.samples!r} is invalid; use 0 (none) or more")
 
 
 # Settings a resumed run may change (fnmatch patterns of config keys): how long it runs, where and

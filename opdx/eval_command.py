@@ -4,8 +4,9 @@
     opdx eval eval.run=outputs/2026-11-26/10-00-00      # a trained run's student
 
 Prints a markdown table (greedy accuracy, avg@n, pass@k, the student's per-token KL(p || q)) and
-writes ``eval.json`` into the output directory. The trainer's periodic eval is the same
-``opdx.evaluation.evaluate_split`` with the same ``eval.*`` settings.
+writes ``eval.json`` into the output directory, with ``samples.jsonl``: ``samples`` (4) greedy and
+sampled rollouts of each model as text (``opdx samples <output dir>`` prints them). The trainer's
+periodic eval is the same ``opdx.evaluation.evaluate_split`` with the same ``eval.*`` settings.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from typing import Any
 from opdx.checkpoint import CheckpointError, load_weights, usable_checkpoint
 from opdx.config import check
 from opdx.evaluation import eval_problem_count, evaluate_split, format_side_by_side
+from opdx.files import atomic_write_text
 from opdx.lora import has_adapters
+from opdx.metrics import SAMPLES_FILE
 from opdx.policy import TokenScores
 from opdx.run import Setup, start
+from opdx.samples import SampleLog
 from opdx.summary import components_table, markdown_table
 
 EVAL_FILE = "eval.json"
@@ -58,14 +62,16 @@ def run_eval(run: Setup, out_dir: Path) -> dict[str, Any]:
     if checkpoint is not None or has_adapters(parts.student):
         parts.rollout.update_weights(student, 0)  # a sampler with its own copy (rollout=vllm) takes them, merged
     load_seconds = time.perf_counter() - began
-    results, seconds = {}, {}
+    results, seconds, rows = {}, {}, []
     for role, sampler, teacher in (("teacher", parts.teacher, None), ("student", parts.rollout, parts.teacher)):
         began = time.perf_counter()
+        samples = SampleLog(parts.tokenizer, cfg.samples, role) if cfg.samples and parts.ranks.main else None
         results[role] = evaluate_split(
             sampler, parts.tokenizer, run.benchmark, cfg.eval, run.sampling, cfg.sampling.max_new_tokens, teacher,
-            parts.ranks.main, parts.ranks,
+            parts.ranks.main, parts.ranks, samples,
         )  # fmt: skip
         seconds[role] = round(time.perf_counter() - began, 1)
+        rows += [] if samples is None else samples.rows
     record = {
         "model": cfg.model.name,
         "teacher": cfg.model.teacher,
@@ -82,10 +88,12 @@ def run_eval(run: Setup, out_dir: Path) -> dict[str, Any]:
         return record
     path = out_dir / EVAL_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
+    if rows:
+        atomic_write_text(out_dir / SAMPLES_FILE, "".join(json.dumps({"step": 0, **row}) + "\n" for row in rows))
     print(f"\n{record['benchmark']}: {record['problems']} problems, n={record['n']} ({cfg.model.name})")
     per_component = components_table(results)
     if per_component is not None:
         print(markdown_table(per_component) + "\n")
     print(format_side_by_side({role: {k: v for k, v in one.items() if "/" not in k} for role, one in results.items()}))
-    print(f"written to {path}")
+    print(f"written to {path}" + (f"; sample texts: opdx samples {out_dir}" if rows else ""))
     return record

@@ -5,7 +5,10 @@ steps, kept in ``samples.jsonl`` (and a wandb Table where wandb is on) and print
     opdx samples outputs/2026-12-07/12-00-00            # the latest step's samples
     opdx samples <run dir> --step all --split train     # every step's training rollouts
 
-A row: ``step``; ``split`` (train: a step's rollout; eval: the held-out eval's) and ``kind``
+``opdx eval`` writes the same rows, the teacher's beside the student's, into its output directory.
+
+A row: ``step``; ``model`` (student, or teacher in ``opdx eval``'s; rows written before it
+existed are the student's); ``split`` (train: a step's rollout; eval: the held-out eval's) and ``kind``
 (sampled, or greedy in eval); ``prompt``, ``response`` and ``reference`` (the benchmark's answer);
 ``score`` (the benchmark's grade of the response); ``stop`` (eos: the response ended; length: it
 hit the token limit); ``tokens`` (each response token's text) and ``log_u`` (log u = log q(y_n) -
@@ -36,10 +39,12 @@ if TYPE_CHECKING:  # reading and printing samples (`opdx samples`) loads no torc
 @dataclass
 class SampleLog:
     """Rows of ``count`` rollouts of each (split, kind) at most, spread over the rollout's prompts,
-    decoded with the student's ``tokenizer``."""
+    decoded with the student's ``tokenizer``; ``model`` says whose rollouts they are (``opdx eval``
+    keeps the teacher's too)."""
 
     tokenizer: PreTrainedTokenizerBase
     count: int
+    model: str = "student"
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def add(
@@ -62,6 +67,7 @@ class SampleLog:
             problem = rollout.problems[b]
             response = self.tokenizer.decode(ids, skip_special_tokens=True)
             self.rows.append({
+                "model": self.model,
                 "split": split,
                 "kind": kind,
                 "prompt": problem.prompt,
@@ -102,8 +108,10 @@ def format_samples(rows: list[dict[str, Any]], colour: bool) -> str:
         log_u = row.get("log_u")
         mean = f", mean log u {sum(log_u) / len(log_u):+.3f}" if log_u else ""
         response = coloured_tokens(row["tokens"], log_u) if colour and log_u else row["response"]
+        model = "" if row.get("model", "student") == "student" else f" ({row['model']})"
+        head = f"-- step {row['step']} {row['split']} {row['kind']}{model}"
         blocks.append(
-            f"-- step {row['step']} {row['split']} {row['kind']}: score {row['score']:g}, stop {row['stop']}{mean}\n"
+            f"{head}: score {row['score']:g}, stop {row['stop']}{mean}\n"
             f"prompt:    {row['prompt']}\nreference: {row['reference']}\nresponse:  {response}"
         )
     return "\n\n".join(blocks)
@@ -111,23 +119,31 @@ def format_samples(rows: list[dict[str, Any]], colour: bool) -> str:
 
 def main(argv: list[str]) -> int:
     """``opdx samples RUN_DIR [--step N|last|all] [--split train|eval] [--kind greedy|sampled]
-    [--colour auto|always|never]``: the run's sample rows (``format_samples``); exit status 1 when
-    the run has none or none match, 2 for a bad option (argparse)."""
+    [--model student|teacher] [--colour auto|always|never]``: the run's sample rows
+    (``format_samples``); exit status 1 when the run has none or none match, 2 for a bad option
+    (argparse)."""
     parser = argparse.ArgumentParser(prog="opdx samples", description="the sample texts of a run (samples.jsonl)")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--step", default="last", help="a step, last (the latest with samples; default) or all")
     parser.add_argument("--split", choices=["train", "eval"])
     parser.add_argument("--kind", choices=["greedy", "sampled"])
+    parser.add_argument("--model", choices=["student", "teacher"], help="whose rollouts (opdx eval keeps both)")
     parser.add_argument("--colour", choices=["auto", "always", "never"], default="auto", help="colour tokens by log u")
     args = parser.parse_args(argv)
     rows = read_samples(args.run_dir)
     if not rows:
         print(f"opdx samples: {args.run_dir} has no {SAMPLES_FILE} (runs write it while logger.samples > 0)")
         return 1
-    rows = [row for row in rows if args.split in (None, row["split"]) and args.kind in (None, row["kind"])]
+    rows = [
+        row
+        for row in rows
+        if args.split in (None, row["split"])
+        and args.kind in (None, row["kind"])
+        and args.model in (None, row.get("model", "student"))
+    ]
     steps = sorted({row["step"] for row in rows})
     if not steps or (args.step not in ("last", "all") and not (args.step.isdigit() and int(args.step) in steps)):
-        shown = " ".join(name for name in (args.split, args.kind) if name)
+        shown = " ".join(name for name in (args.model, args.split, args.kind) if name)
         print(
             f"opdx samples: --step {args.step} has no {shown + ' ' if shown else ''}samples; steps with them: {steps}"
         )

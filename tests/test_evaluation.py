@@ -2,6 +2,7 @@ import itertools
 import json
 import math
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from opdx.benchmarks import get_benchmark
 from opdx.config import asset_path
 from opdx.evaluation import evaluate, format_side_by_side, pass_at_k, pass_at_k_values
 from opdx.rollout import decode_responses
+from opdx.samples import read_samples
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,16 @@ def test_opdx_eval_of_a_trained_run_matches_its_own_evals(opdx_cli, tmp_path):
     assert record["results"]["teacher"]["greedy_acc"] == summary["teacher_eval"]["greedy_acc"]
     assert {"avg@2", "pass@2", "reverse_kl_per_token"} <= set(record["results"]["student"])
     assert row(result.stdout, "metric", "teacher", "student")
-    base = opdx_cli("eval", "eval.problems=16", "eval.n=0", f"hydra.run.dir={tmp_path / 'base'}")
+    samples = read_samples(tmp_path / "eval")  # 4 rows of each model and kind, the teacher's without log u
+    assert Counter((r["model"], r["kind"]) for r in samples) == {
+        (model, kind): 4 for model in ("teacher", "student") for kind in ("greedy", "sampled")
+    }
+    assert all((r["log_u"] is None) == (r["model"] == "teacher" or r["kind"] == "greedy") for r in samples)
+    assert f"sample texts: opdx samples {tmp_path / 'eval'}" in result.stdout
+    shown = opdx_cli("samples", str(tmp_path / "eval"), "--model", "teacher", "--kind", "greedy")
+    assert shown.stdout.count("-- step 0 eval greedy (teacher): score") == 4 and "student" not in shown.stdout
+    base = opdx_cli("eval", "eval.problems=16", "eval.n=0", "samples=0", f"hydra.run.dir={tmp_path / 'base'}")
+    assert not (tmp_path / "base" / "samples.jsonl").exists()
     initial = json.loads((tmp_path / "base" / "eval.json").read_text())["results"]["student"]
     assert initial == {"greedy_acc": summary["initial_eval"]["greedy_acc"]}, base.stdout
     missing = opdx_cli("eval", f"eval.run={tmp_path / 'nothing'}", check=False)
