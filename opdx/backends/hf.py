@@ -328,15 +328,15 @@ def load_self_teacher(
     ``opdx.benchmarks.CONTEXTS``). ``weights``: ``current``, the student being trained; ``initial``,
     its weights at the start: a LoRA student's frozen base (no copy), else a frozen copy of
     ``pair.student``. Sharing the student, it scores through the trainer's module once handed it
-    (``SelfTeacher.update_weights``). ConfigError for a bad option, a context the benchmark cannot
-    give, or a mixture."""
+    (``SelfTeacher.update_weights``). In a mixture each problem gets its own component's privileged
+    prompt. ConfigError for a bad option or a context a benchmark cannot give."""
     check(weights in SELF_WEIGHTS, f"teacher.weights={weights!r} is invalid; valid: {', '.join(SELF_WEIGHTS)}")
-    check(len(benchmark.components) == 1, "teacher=self with a mixture of benchmarks is not built yet")
     frozen_base = weights == "initial" and has_adapters(student)
     shares = weights == "current" or frozen_base
     try:
-        for problem in benchmark.eval[:1]:  # a context the benchmark cannot give fails here, before training
-            privileged(benchmark, problem, context)
+        for component in benchmark.components:  # a context a benchmark cannot give fails here, before training
+            for problem in component.eval[:1]:
+                privileged(benchmark, problem, context)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     model = student if shares else load_model(pair.student, pair.dtype, device, tokenizer, trainable=False)

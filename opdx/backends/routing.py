@@ -104,4 +104,7 @@ class RoutedTeacher:
         return groups[0][0].sample(problems, samples_per_prompt, max_new_tokens, params, greedy, on_step)
 
     def update_weights(self, model: nn.Module, version: int) -> None:
-        """Nothing: the teachers are frozen."""
+        """Each teacher takes what it takes of the trainer's module: nothing for a frozen one, the
+        module itself for one that shares the student's model (``teacher=self``)."""
+        for teacher in self.distinct:
+            teacher.update_weights(model, version)

@@ -120,10 +120,13 @@ def privileged(benchmark: Benchmark, problem: Problem, context: str) -> Problem:
     with the reference answer (``reference``) or a worked solution (``worked``, the benchmark's
     ``worked_solution``) after it; in the benchmark's own form where it has one
     (``privileged_prompt``: arith's compact expressions), else after a line that says what it is.
-    ValueError naming the benchmark when it has no worked solutions, or a bad ``context``."""
+    In a mixture, the benchmark of the problem's component (``Problem.source``) says. ValueError
+    naming the benchmark when it has no worked solutions, or a bad ``context``."""
     if context not in CONTEXTS:
         raise ValueError(f"teacher.context={context!r} is invalid; valid: {', '.join(CONTEXTS)}")
-    while isinstance(benchmark, Subset):
+    if hasattr(benchmark, "component"):  # a mixture (opdx.benchmarks.mixture)
+        benchmark = benchmark.component(problem.source).benchmark
+    while hasattr(benchmark, "benchmark"):  # a Subset's, or a mixture component's tagged benchmark
         benchmark = benchmark.benchmark
     if context == "none":
         return problem

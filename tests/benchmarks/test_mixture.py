@@ -1,5 +1,6 @@
 """benchmark=mixture: the components, their weighted draws, per-component eval and the config."""
 
+import math
 from collections import Counter
 
 import pytest
@@ -203,3 +204,23 @@ def test_a_mixture_run_logs_each_component_and_resume_refuses_another_teacher(op
         check=False,
     )
     assert refused.returncode == 1 and "benchmark.components.products.teacher_model:" in refused.stderr
+
+
+def test_a_self_teacher_in_a_mixture_sees_each_components_privileged_prompt_and_trains(opdx_cli, tmp_path):
+    """teacher=self on a mixture: each problem gets its own component's privileged prompt, and the
+    self-teachers (one per distinct teacher node: the products component names another teacher
+    model, which a self-teacher does not load) score through the trainer's module."""
+    from opdx.benchmarks import privileged
+
+    bench = mixture()
+    for component in bench.components:
+        problem = component.eval[0]
+        shown = privileged(bench, problem, "reference")
+        assert shown == privileged(component.benchmark.benchmark, problem, "reference") and shown != problem
+    overrides = ["benchmark=mixture", "teacher=self", "teacher.context=reference", *SMALL, *FAST_TRAIN]
+    opdx_cli("train", *overrides, "sampling.max_new_tokens=32", f"hydra.run.dir={tmp_path}")
+    trained = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert all(math.isfinite(r["train/loss"]) for r in trained)
+    assert any("reward/products/token_mean" in r for r in trained) and any(
+        "reward/arith/token_mean" in r for r in trained
+    )
