@@ -15,6 +15,7 @@ opdx samples <run dir> [--step N|last|all] [--split train|eval]   # the run's sa
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -142,7 +143,9 @@ def train_task(cfg: DictConfig) -> float | None:
 
 
 def train_job(cfg: DictConfig, run_dir: Path, group: str | None = None) -> float:
-    """Validate ``cfg`` and train into ``run_dir``; a config or start-up error exits in one line."""
+    """Validate ``cfg`` and train into ``run_dir``; a config or start-up error exits in one line.
+    ``group``: the sweep's name under ``-m``, where a run that stops itself (non-finite steps,
+    ``trainer.stop_on_warning``) says why and returns nan, so the sweep goes on with its other runs."""
     from opdx.run import validate
     from opdx.trainer import EarlyWarningStop, NonFiniteError, train
 
@@ -154,7 +157,12 @@ def train_job(cfg: DictConfig, run_dir: Path, group: str | None = None) -> float
         run.config.logger.group = group
     try:
         summary = train(run, run_dir)
-    except (*run_errors(), NonFiniteError, EarlyWarningStop) as error:
+    except (NonFiniteError, EarlyWarningStop) as error:
+        if group is None:
+            sys.exit(f"opdx train: {error}")
+        print(f"opdx train: {run_dir}: {error}", file=sys.stderr)
+        return math.nan
+    except run_errors() as error:
         sys.exit(f"opdx train: {error}")
     return summary["final_eval"]["greedy_acc"]
 

@@ -481,8 +481,9 @@ class PlanConfig:
 class MonitorConfig:
     """Early warnings (``opdx.monitor``): each signal's mean over the last ``window`` steps against
     its best so far in the run (drift: the factor it may move by) or a fixed level; null turns a
-    signal off. The defaults are the rules that separate the collapsing runs of the CPU Table 2
-    sweep from the others (docs/monitor.md); the signals off by default moved as far in healthy runs.
+    signal off. On by default are the two rules that separated collapsing from healthy runs of the
+    default job on the seeds they were chosen on (docs/monitor.md); the drift signals off by
+    default moved as far in healthy runs there, and no run there reached the levels' values.
     ``trainer.stop_on_warning`` stops the run at the first warning."""
 
     window: int = 1
@@ -493,8 +494,8 @@ class MonitorConfig:
     grad_norm: float | None = None  # drift: rises to factor x its lowest
     advantage: float | None = None  # drift: the largest |advantage| rises to factor x its lowest
     forward_kl: float | None = None  # drift: rises to factor x its lowest
-    ess: float | None = 0.5  # level: the importance-weight ESS fraction falls below it
-    clip_fraction: float | None = 0.2  # level: the share of log u clipped rises above it
+    ess: float | None = None  # level: the importance-weight ESS fraction falls below it (e.g. 0.5)
+    clip_fraction: float | None = None  # level: the share of log u clipped rises above it (e.g. 0.2)
 
     def __post_init__(self) -> None:
         check(self.window > 0, f"monitor.window={self.window!r} is invalid; it must be a positive number of steps")

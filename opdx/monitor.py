@@ -10,8 +10,9 @@ that rolling mean with where it has been in the run:
 - ``drift``: the rolling mean has moved by a factor of at least the signal's setting from its
   best so far: the lowest rolling mean for a signal whose rise is bad, the highest for one whose
   fall is bad. It is a change-point rule with the run's own best as the reference, so it needs no
-  scale per task; it starts once the first window is full, and a best of 0 or less gives no
-  factor (nothing fires).
+  scale per task; it starts once the first window is full. A rise is measured from the lowest
+  value or the signal's ``floor``, whichever is larger (a sampled KL near 0, or below it by
+  noise, is no scale to multiply); a fall to 0 is an infinite factor.
 - ``level``: the rolling mean is beyond a fixed value (the signal's setting), for quantities that
   have a scale of their own (fractions).
 
@@ -40,6 +41,7 @@ def advantage_extreme(metrics: Mapping[str, Any]) -> float | None:
 
 
 def metric(key: str) -> Callable[[Mapping[str, Any]], float | None]:
+    """The reader of one step metric by its key (None where the step did not log it)."""
     return lambda metrics: metrics.get(key)
 
 
@@ -47,23 +49,27 @@ def metric(key: str) -> Callable[[Mapping[str, Any]], float | None]:
 class Signal:
     """One monitored quantity: its ``name`` (the ``monitor.<name>`` setting and the
     ``monitor/<name>`` metric), how it is ``read`` from a step's metrics (None: not this step),
-    whether it is bad when it ``rises`` (else when it falls), and its ``rule``: drift or level."""
+    whether it is bad when it ``rises`` (else when it falls), its ``rule`` (drift or level), what
+    it is in words, and for a rising drift the ``floor`` its factor is measured from at least (in
+    the metric's units)."""
 
     name: str
     read: Callable[[Mapping[str, Any]], float | None]
     rises: bool
     rule: str
     what: str
+    floor: float = 0.0
 
 
+KL_FLOOR = 0.1  # nats per token: below it the student is as good as the teacher; a rise from there is no alarm
 SIGNALS = (
     Signal("eos_rate", metric("rollout/eos_rate"), False, "drift", "EOS rate"),
-    Signal("length_rise", metric("rollout/len_mean"), True, "drift", "response length"),
+    Signal("length_rise", metric("rollout/len_mean"), True, "drift", "response length", floor=1.0),
     Signal("length_fall", metric("rollout/len_mean"), False, "drift", "response length"),
-    Signal("grad_norm", metric("train/grad_norm"), True, "drift", "gradient norm (before clipping)"),
-    Signal("advantage", advantage_extreme, True, "drift", "largest |advantage|"),
-    Signal("reverse_kl", metric("div/reverse_kl"), True, "drift", "sampled reverse KL(p||q) per token"),
-    Signal("forward_kl", metric("div/forward_kl"), True, "drift", "sampled forward KL(q||p) per token"),
+    Signal("grad_norm", metric("train/grad_norm"), True, "drift", "gradient norm (before clipping)", floor=1e-8),
+    Signal("advantage", advantage_extreme, True, "drift", "largest |advantage|", floor=1e-8),
+    Signal("reverse_kl", metric("div/reverse_kl"), True, "drift", "sampled reverse KL(p||q) per token", KL_FLOOR),
+    Signal("forward_kl", metric("div/forward_kl"), True, "drift", "sampled forward KL(q||p) per token", KL_FLOOR),
     Signal("ess", metric("rollout/importance_ess"), False, "level", "importance-weight ESS fraction"),
     Signal("clip_fraction", metric("div/log_ratio_clip_fraction"), True, "level", "log-ratio clip fraction"),
 )
@@ -122,13 +128,21 @@ class Monitor:
                 best = self.best.get(signal.name, mean)
                 best = min(best, mean) if signal.rises else max(best, mean)
                 self.best[signal.name] = best
-                if best <= 0 or mean <= 0:
+                if signal.rises:
+                    reference = max(best, signal.floor)
+                    factor = mean / reference
+                elif best <= 0:  # never above 0: it cannot fall
                     continue
-                factor = mean / best if signal.rises else best / mean
-                logged[f"monitor/{signal.name}"] = factor
+                else:
+                    reference = best
+                    factor = best / mean if mean > 0 else math.inf
+                if math.isfinite(factor):  # a fall to 0 warns but logs no factor (JSON has no infinity)
+                    logged[f"monitor/{signal.name}"] = factor
                 beyond = factor >= threshold
-                lowest = "lowest" if signal.rises else "highest"
-                detail = f"{factor:.2f}x its {lowest} so far, {best:.4g}; monitor.{signal.name}={threshold:g}"
+                best_so_far = f"its {'lowest' if signal.rises else 'highest'} so far"
+                measured = best_so_far if reference == best else f"the floor ({best_so_far} is below it)"
+                moved = f"{factor:.2f}x" if math.isfinite(factor) else "down to 0 from"
+                detail = f"{moved} {measured}, {reference:.4g}; monitor.{signal.name}={threshold:g}"
             if beyond and signal.name not in self.fired:
                 self.fired[signal.name] = step
                 logged[f"warning/{signal.name}"] = 1.0

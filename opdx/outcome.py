@@ -113,10 +113,14 @@ def collapse_step(records: Sequence[Mapping[str, Any]], max_new_tokens: int, ini
     nonfinite = [r["step"] for r in records if any(not math.isfinite(float(r.get(k) or 0)) for k in FINITE_KEYS)]
     steps += nonfinite[:1]
     rollouts = [r for r in records if "rollout/eos_rate" in r]
-    for i in range(len(rollouts) - COLLAPSE_WINDOW + 1):
-        if not_ending(rollouts[: i + COLLAPSE_WINDOW], max_new_tokens):
-            steps.append(rollouts[i]["step"])
-            break
+    if truncation(records, max_new_tokens) is None:  # responses that never ended are no collapse
+        eos = [r["rollout/eos_rate"] for r in rollouts]
+        length = [r["rollout/len_mean"] for r in rollouts]
+        for i in range(len(rollouts) - COLLAPSE_WINDOW + 1):
+            window = slice(i, i + COLLAPSE_WINDOW)
+            if ends_not(sum(eos[window]) / COLLAPSE_WINDOW, sum(length[window]) / COLLAPSE_WINDOW, max_new_tokens):
+                steps.append(rollouts[i]["step"])
+                break
     if initial_acc > 0:
         steps += [r["step"] for r in records if r["step"] > 0 and is_zero_accuracy(r)][:1]
     return min(steps, default=None)
@@ -140,10 +144,16 @@ def not_ending(records: Sequence[Mapping[str, Any]], max_new_tokens: int, first:
         return None
     eos_rate = sum(r["rollout/eos_rate"] for r in rollouts) / len(rollouts)
     length = sum(r["rollout/len_mean"] for r in rollouts) / len(rollouts)
-    if eos_rate >= EOS_RATE_COLLAPSED or length < LENGTH_AT_LIMIT * max_new_tokens:
+    if not ends_not(eos_rate, length, max_new_tokens):
         return None
     steps = "the first step" if first else f"the last {len(rollouts)} steps"
     return f"EOS rate {eos_rate:.3f}, length {length:.1f} of {max_new_tokens} over {steps}"
+
+
+def ends_not(eos_rate: float, length: float, max_new_tokens: int) -> bool:
+    """Whether a window's mean EOS rate and response length are those of responses that do not
+    end: EOS rate below ``EOS_RATE_COLLAPSED``, length at least ``LENGTH_AT_LIMIT`` of the limit."""
+    return eos_rate < EOS_RATE_COLLAPSED and length >= LENGTH_AT_LIMIT * max_new_tokens
 
 
 def truncation(records: Sequence[Mapping[str, Any]], max_new_tokens: int) -> str | None:

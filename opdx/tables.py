@@ -127,11 +127,14 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
     return runs
 
 
-def early_warnings(metrics: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+def early_warnings(
+    metrics: list[dict[str, Any]], config: dict[str, Any], override: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A run's early warnings (``opdx.monitor``, replayed over its metrics with its own
-    ``monitor`` settings, the defaults for runs saved before they existed): ``warnings``, each
-    signal with its step (None if none fired), and ``first_warning``, the earliest step."""
-    fired = replay(metrics, MonitorConfig(**config.get("monitor", {})))
+    ``monitor`` settings, the defaults for runs saved before they existed, then ``override``):
+    ``warnings``, each signal with its step (None if none fired), and ``first_warning``, the
+    earliest step. ConfigError for a bad setting."""
+    fired = replay(metrics, MonitorConfig(**{**config.get("monitor", {}), **(override or {})}))
     text = ", ".join(f"{warning.signal} at step {warning.step}" for warning in fired) or None
     return {"warnings": text, "first_warning": min((w.step for w in fired), default=None)}
 
@@ -253,15 +256,29 @@ RUN_COLUMNS = (
     *("run_dir", "status", "steps_done", "collapsed", "collapse", "truncation", "below_start", "change", "seed"),
     *("support", "step_time_s", "last_nonfinite", "warnings", "first_warning", "collapse_step"),
 )
-NOT_A_SETTING = ("trainer.resume", "runtime.threads", "runtime.device", *RENAMED)
+# what does not change a run's trajectory: where it resumes and runs, what it watches and probes
+NOT_A_SETTING = (
+    "trainer.resume", "runtime.threads", "runtime.device", "trainer.stop_on_warning", "trainer.probe_every", *RENAMED,
+)  # fmt: skip
 
 
 def pooled_keys(runs: pd.DataFrame, shown: list[str]) -> list[str]:
     """Config keys, besides the shown ones and the seed, on which runs pooled in one cell (the
     same values of the ``shown`` keys) differ."""
-    config_columns = [c for c in runs if c not in RUN_COLUMNS + NOT_A_SETTING and "/" not in c and c not in shown]
+    config_columns = [
+        c
+        for c in runs
+        if c not in RUN_COLUMNS + NOT_A_SETTING and "/" not in c and c not in shown and not c.startswith("monitor.")
+    ]
     differ = runs.astype(str).groupby(shown, sort=False)[config_columns].nunique().max() > 1
     return [c for c in config_columns if differ[c]]
+
+
+def stops_on_warning(run: pd.Series) -> bool:
+    """Whether the run was set to stop at its first early warning (False for runs saved before
+    ``trainer.stop_on_warning`` existed)."""
+    value = run.get("trainer.stop_on_warning")
+    return bool(value) if pd.notna(value) else False
 
 
 def status_report(runs: pd.DataFrame) -> str:
@@ -271,6 +288,9 @@ def status_report(runs: pd.DataFrame) -> str:
         line = f"- incomplete (crashed or running): {run['run_dir']} at step {run['steps_done']} of {total}"
         if run["last_nonfinite"]:  # the trainer stops after trainer.max_bad_steps of these
             line += f", whose last step was skipped for non-finite {run['last_nonfinite']}"
+        elif stops_on_warning(run) and run["first_warning"] == run["steps_done"]:
+            line = f"- stopped at its early warning (trainer.stop_on_warning): {run['run_dir']} at step "
+            line += f"{run['steps_done']} of {total} ({run['warnings']}); resume with trainer.resume=<run dir>"
         lines.append(line)
     for _, run in runs[runs["collapsed"]].iterrows():
         lines.append(f"- collapsed: {run['run_dir']} ({run['collapse']})")
@@ -282,9 +302,10 @@ def status_report(runs: pd.DataFrame) -> str:
     for _, run in runs[runs["first_warning"].notna()].iterrows():
         onset, lead = run.get("collapse_step"), ""
         if onset is not None and not pd.isna(onset):
-            steps = onset - run["first_warning"]
+            steps = int(onset - run["first_warning"])
+            after = f"{steps} step{'s' if steps > 1 else ''} after the first warning"
             lead = f"; its collapse began at step {onset:.0f}, " + (
-                f"{steps:.0f} steps after the first warning" if steps > 0 else "before the first warning"
+                after if steps > 0 else "at the step of the first warning" if steps == 0 else "before the first warning"
             )
         lines.append(f"- early warnings: {run['run_dir']} ({run['warnings']}{lead})")
     return "\n".join(lines)
@@ -368,6 +389,11 @@ def plot_panels(runs: pd.DataFrame) -> list[tuple[str, str, int]]:
     return [*PLOT_PANELS, *extra]
 
 
+def line_label(run: pd.Series, line_keys: list[str]) -> str:
+    """The plot line a run belongs to: its values of ``line_keys``, joined by " / "."""
+    return " / ".join(str(run[config_key(k)]) for k in line_keys)
+
+
 def learning_curves(runs: pd.DataFrame, line_keys: list[str]) -> dict[str, pd.DataFrame]:
     """Per panel metric: a long frame of (config label, seed, step, value), train metrics smoothed
     by a rolling mean over ``window`` steps."""
@@ -376,7 +402,7 @@ def learning_curves(runs: pd.DataFrame, line_keys: list[str]) -> dict[str, pd.Da
         records = pd.DataFrame(read_metrics(Path(run["run_dir"])))
         if records.empty:
             continue
-        label = " / ".join(str(run[config_key(k)]) for k in line_keys)
+        label = line_label(run, line_keys)
         for template, _, window in plot_panels(runs):
             key = template.format(benchmark=run.get("benchmark.name", ""))
             if key not in records:
@@ -393,7 +419,7 @@ def run_events(runs: pd.DataFrame, line_keys: list[str]) -> dict[str, dict[str, 
     that have them)."""
     events: dict[str, dict[str, list[float]]] = {}
     for _, run in runs.iterrows():
-        label = " / ".join(str(run[config_key(k)]) for k in line_keys)
+        label = line_label(run, line_keys)
         for key in ("first_warning", "collapse_step"):
             if pd.notna(run.get(key)):
                 events.setdefault(label, {}).setdefault(key, []).append(float(run[key]))

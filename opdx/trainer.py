@@ -245,9 +245,11 @@ def probe_gradients(learner: Learner, rollout: Rollout, metrics: dict[str, float
     run_grads = [param.grad for param in params]
     other = other_estimator(run.estimator, run.sampling.is_plain)
     reference = reference_estimator(run.estimator, run.sampling.is_plain)
-    probed = [other] + ([reference] if reference is not None and "full" in learner.teacher.supports else [])
     with timed(metrics, "probe"):
-        grads = [estimator_gradients(learner, rollout, estimator, params) for estimator in probed]
+        grads = [estimator_gradients(learner, rollout, other, params)]
+        if reference is not None and "full" in learner.teacher.supports:
+            same = reference.config == other.config  # stop-gradient OPD on the full support: OPD+ there is both
+            grads.append(grads[0] if same else estimator_gradients(learner, rollout, reference, params))
     for param, grad in zip(params, run_grads, strict=True):  # every gradient as it was, None included
         param.grad = grad
     if any(g is None for g in grads):
@@ -469,6 +471,7 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
                 postfix = {"loss": f"{metrics['train/loss']:.3f}", "rkl": f"{metrics['div/reverse_kl']:.2f}"}
             if state.bad_streak >= t.max_bad_steps:
                 logger.log(metrics, step=done)
+                logger.finish()
                 advice = nonfinite_advice(postfix["skipped"], run.estimator.config)
                 raise NonFiniteError(
                     f"{state.bad_streak} steps in a row (to step {done}) were skipped because {postfix['skipped']} "
@@ -494,12 +497,13 @@ def train(run: Run, run_dir: Path) -> dict[str, Any]:
                 logger.samples(samples.rows, step=done)
             logger.log(metrics, step=done)
             state.elapsed, state.monitor = time.perf_counter() - started, monitor.to_dict()
-            stop = bool(warnings) and t.stop_on_warning
+            stop = bool(warnings) and t.stop_on_warning and done < t.steps  # at the last step the run is done anyway
             if done % t.checkpoint_every == 0 or done == t.steps or stop:
                 extra = {"scheduler": learner.scheduler.state_dict(), "state": state.to_dict()}
                 extra[PENDING] = gather(learner.rollouts.pending())  # sampled ahead: resumed, not resampled
                 save_checkpoint(run_dir, done, learner.policy, learner.optimizer, extra, ranks)
             if stop:
+                logger.finish()
                 raise EarlyWarningStop(
                     f"{warnings[0]} (trainer.stop_on_warning). The checkpoint of step {done} is in "
                     f"{run_dir / CHECKPOINT_DIR}; resume with trainer.resume={run_dir} (a warning fires once per run)"

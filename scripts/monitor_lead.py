@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
-from opdx.config import MonitorConfig
+from opdx.config import ConfigError, MonitorConfig, upgrade
 from opdx.metrics import read_metrics
-from opdx.monitor import replay
-from opdx.tables import load_runs
+from opdx.tables import early_warnings, load_runs
 
 
 def settings(pairs: list[str]) -> dict[str, float | int | None]:
@@ -33,7 +32,10 @@ def settings(pairs: list[str]) -> dict[str, float | int | None]:
         key, _, value = pair.partition("=")
         if key not in known:
             sys.exit(f"monitor_lead.py: no monitor setting {key!r}; valid: {', '.join(sorted(known))}")
-        parsed[key] = None if value == "null" else (int(value) if key == "window" else float(value))
+        try:
+            parsed[key] = None if value == "null" else (int(value) if key == "window" else float(value))
+        except ValueError:
+            sys.exit(f"monitor_lead.py: --set {pair}: {value!r} is not a number or null")
     return parsed
 
 
@@ -44,24 +46,30 @@ def main() -> int:
     args = parser.parse_args()
     override = settings(args.set)
     runs = load_runs(args.paths)
+    complete = runs[runs["status"] == "complete"]
+    if complete.empty:
+        print(f"monitor_lead.py: none of the {len(runs)} runs is complete")
+        return 1
     rows = []
-    for _, run in runs[runs["status"] == "complete"].iterrows():
-        saved = OmegaConf.to_container(OmegaConf.load(Path(run["run_dir"]) / ".hydra" / "config.yaml"))
-        config = replace(MonitorConfig(**saved.get("monitor", {})), **override)
-        fired = replay(read_metrics(Path(run["run_dir"])), config)
-        first = min((w.step for w in fired), default=None)
-        onset = run["collapse_step"] if run["collapsed"] else None
+    for _, run in complete.iterrows():
+        run_dir = Path(run["run_dir"])
+        config = upgrade(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml")), warn=False)
+        try:
+            warned = early_warnings(read_metrics(run_dir), config, override)
+        except ConfigError as error:
+            sys.exit(f"monitor_lead.py: {error}")
+        onset, first = run.get("collapse_step"), warned["first_warning"]
         rows.append({
             "run": f"{run['divergence.name']} / {run['estimator.name']} / s{run['seed']}",
+            "collapsed": bool(run["collapsed"]),
             "collapse began": onset,
             "first warning": first,
-            "lead, steps": None if onset is None or first is None else onset - first,
-            "warnings": ", ".join(f"{w.signal}@{w.step}" for w in fired) or "-",
+            "lead, steps": None if pd.isna(onset) or first is None else onset - first,
+            "warnings": warned["warnings"] or "-",
         })  # fmt: skip
     table = pd.DataFrame(rows)
     print(table.to_markdown(index=False, floatfmt=".0f"))
-    collapsed = table[table["collapse began"].notna()]
-    healthy = table[table["collapse began"].isna()]
+    collapsed, healthy = table[table["collapsed"]], table[~table["collapsed"]]
     warned_first = int((collapsed["lead, steps"] > 0).sum())
     print(f"\ncollapsed runs: {len(collapsed)}, warned before the collapse began: {warned_first}")
     false_alarms = int(healthy["first warning"].notna().sum())

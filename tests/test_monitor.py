@@ -38,10 +38,16 @@ def test_each_signal_fires_once_and_a_null_setting_or_a_missing_metric_is_silent
     assert replay(rows("div/forward_kl", [1, 5, 9]), only(window=1, reverse_kl=2.0)) == []
 
 
-def test_a_best_of_zero_or_less_gives_no_factor():
-    records = rows("div/forward_kl", [-0.01, -0.02, 0.5, 3.0])
-    warnings = replay(records, only(window=1, forward_kl=2.0))
-    assert warnings == []  # the lowest, -0.02, is no scale to compare with
+def test_a_fall_to_zero_warns_and_a_rise_is_measured_from_the_floor_at_least():
+    """An EOS rate that drops straight to 0 is the collapse's signature: an infinite factor. A KL
+    near 0, or below it by noise, is no scale: the rise is measured from the floor (0.1 nats)."""
+    eos = replay(rows("rollout/eos_rate", [1, 1, 0, 0]), only(eos_rate=1.5))
+    assert [w.step for w in eos] == [3] and "down to 0 from its highest so far, 1" in eos[0].text
+    kl = rows("div/reverse_kl", [0.01, -0.02, 0.15, 0.2, 0.5])
+    warnings = replay(kl, only(reverse_kl=1.75))
+    assert [w.step for w in warnings] == [4]  # 0.2 / 0.1 = 2; 0.15 / 0.1 = 1.5 is not
+    assert "2.00x the floor (its lowest so far is below it), 0.1" in warnings[0].text
+    assert replay(rows("rollout/eos_rate", [0, 0, 0]), only(eos_rate=1.5)) == []  # never above 0: it cannot fall
 
 
 def test_the_advantage_signal_is_the_largest_magnitude_of_either_end():

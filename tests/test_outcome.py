@@ -91,3 +91,13 @@ def test_a_collapse_begins_at_the_first_step_any_of_its_signatures_holds():
     records[2]["eval/arith/greedy_acc"] = 0.0
     assert collapse_step(records, 24, 0.1) == 2
     assert collapse_step(records, 24, 0.0) == 3  # accuracy 0 from the start is no collapse
+
+
+def test_responses_that_never_ended_are_no_collapse_onset():
+    """A run cut by the token limit from its first step on is truncation: its onset is its other
+    signature (here the eval at 0 on step 30), not step 1."""
+    records = [{"step": 0, "eval/arith/greedy_acc": 0.1}]
+    records += [{"step": s, "rollout/eos_rate": 0.0, "rollout/len_mean": 24.0} for s in range(1, 41)]
+    records[30]["eval/arith/greedy_acc"] = 0.0
+    assert truncation(records, 24) is not None
+    assert collapse_step(records, 24, 0.1) == 30

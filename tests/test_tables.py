@@ -273,6 +273,6 @@ def test_early_warnings_are_counted_in_the_cells_and_listed_with_the_collapse_th
     assert table_main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "0.0 †1 ⚠1" in out and "⚠k: k runs with an early warning" in out
-    expected = "its collapse began at step 9, 1 steps after the first warning"
+    expected = "its collapse began at step 9, 1 step after the first warning"
     assert f"- early warnings: {tmp_path / 'collapsing'} (eos_rate at step 8; {expected})" in out
     assert plot_main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0  # the marks drawn
