@@ -22,7 +22,9 @@ reverse_kl. Results go to stdout and to outputs/verify/ as markdown and CSV.
 A second table samples from the student as it was one and two updates earlier and takes the
 loss and the true gradient at the current one (``stale_table``): with
 ``rollout_correction=per_decision`` the estimators must match as above; the current token's ratio
-alone (``tis``, uncapped) and no correction are shown beside, biased.
+alone (``tis``, uncapped) and no correction are shown beside, biased. A third scores the text of
+each response with a teacher of another tokenizer, span by span (``cross_tokenizer_table``,
+``opdx.spans``).
 
 ``--loss module:function`` checks anyone's OPD loss the same way (``conformance_table``). The
 function is called once per response with
@@ -51,6 +53,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +65,7 @@ from opdx.divergences import DIVERGENCES, Divergence, build_divergence, paramete
 from opdx.logits import HeadLogits, TopKOfLogits
 from opdx.objective import ESTIMATORS, LossInputs
 from opdx.rollout import gather_logprobs
+from opdx.spans import shared_spans, span_advantages, span_sums, token_ends
 
 TOLERANCE = 1e-9
 TOP_K = 1  # of the tabular policy's 3 tokens: the teacher's most likely one and a tail of two
@@ -289,6 +293,137 @@ def stale_table(vocab: int = 3, length: int = 3, seed: int = 0, params: dict[str
     return pd.DataFrame(rows)
 
 
+CHARS = "abc"  # the toy student's tokens: one character each
+# the toy teachers' tokenizations (span_teacher_pieces): boundaries by position alone, or by content too
+TEACHER_TOKENIZERS = ("pairs", "merges")
+# the span estimators of the cross-tokenizer table: (own term unbiased, whole return) by label
+SPAN_ESTIMATORS = {"causal stopgrad": (False, False), "causal unbiased": (True, False), "whole unbiased": (True, True)}
+
+
+def span_teacher_pieces(text: str, tokenizer: str) -> list[str]:
+    """A toy teacher's canonical tokenization of ``text``: ``pairs`` cuts it into pieces of two
+    characters (the last one shorter), at places the position alone decides; ``merges`` makes
+    every "ab" one token, left to right, so whether a token ends after an "a" depends on the
+    character after it (as a BPE merge does)."""
+    if tokenizer == "pairs":
+        return [text[i : i + 2] for i in range(0, len(text), 2)]
+    pieces, i = [], 0
+    while i < len(text):
+        size = 2 if text[i : i + 2] == "ab" else 1
+        pieces.append(text[i : i + size])
+        i += size
+    return pieces
+
+
+@dataclass
+class SpanProblem:
+    """The tabular student of ``problem`` over ``CHARS`` and a tabular teacher over its own
+    pieces (``vocab``; a row of random logits per prefix of pieces, ``teacher``), each response's
+    text tokenized by the teacher (``pieces_Y``), the span of each student token and of each
+    teacher piece (``spans_Y``: ``opdx.spans.shared_spans``) and the teacher's log-prob of each
+    span (``logq_Y_J``)."""
+
+    problem: TabularProblem
+    vocab: list[str]
+    teacher: dict[tuple[str, ...], Tensor]
+    pieces_Y: list[list[str]]
+    spans_Y: list[tuple[list[int], list[int]]]
+    logq_Y_J: list[Tensor]
+
+    @cached_property
+    def state_of(self) -> dict[tuple[int, ...], int]:
+        """The row of the student's logit table of each prefix of characters (``TabularProblem.random``'s order)."""
+        length = self.problem.responses_Y_T.shape[1]
+        prefixes = [p for n in range(length) for p in itertools.product(range(len(CHARS)), repeat=n)]
+        return {prefix: i for i, prefix in enumerate(prefixes)}
+
+    @classmethod
+    def random(cls, tokenizer: str, length: int = 3, seed: int = 0) -> SpanProblem:
+        problem = TabularProblem.random(len(CHARS), length, seed)
+        texts = ["".join(CHARS[c] for c in y) for y in problem.responses_Y_T.tolist()]
+        pieces_Y = [span_teacher_pieces(text, tokenizer) for text in texts]
+        vocab = sorted({piece for pieces in pieces_Y for piece in pieces} | set(CHARS))
+        contexts = sorted({tuple(pieces[:m]) for pieces in pieces_Y for m in range(len(pieces))})
+        generator = torch.Generator().manual_seed(seed + 1)
+        teacher = {c: torch.randn(len(vocab), generator=generator, dtype=torch.float64) for c in contexts}
+        spans_Y = [
+            shared_spans(token_ends(text), token_ends(pieces)) for text, pieces in zip(texts, pieces_Y, strict=True)
+        ]
+        span = cls(problem, vocab, teacher, pieces_Y, spans_Y, [])
+        for pieces, (_, teacher_spans) in zip(pieces_Y, spans_Y, strict=True):
+            logq_M = torch.stack([span.logq(tuple(pieces[:m]), piece) for m, piece in enumerate(pieces)])
+            span.logq_Y_J.append(span_sums(logq_M, teacher_spans, teacher_spans[-1] + 1))
+        return span
+
+    def logq(self, context: tuple[str, ...], piece: str) -> Tensor:
+        """log q(piece | the pieces before it)."""
+        return torch.log_softmax(self.teacher[context], -1)[self.vocab.index(piece)]
+
+    def terms(self, theta: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Each response's token log-probs [Y, T] under the logit table ``theta`` and its spans' log u [J]."""
+        logp_Y_T = self.problem.token_logprobs(theta)
+        log_u_Y = [logq - span_sums(logp_Y_T[y], self.spans_Y[y][0], len(logq)) for y, logq in enumerate(self.logq_Y_J)]
+        return logp_Y_T, log_u_Y
+
+    def span_divergence(self, theta: Tensor, y: int, j: int, div: Divergence) -> Tensor:
+        """D_j = sum_w p(w | s_j) f(q(w | s_j) / p(w | s_j)) at response y's span j, over every text
+        w of the span's length (with ``pairs``, a span is one teacher piece)."""
+        student_spans, teacher_spans = self.spans_Y[y]
+        start, size = student_spans.index(j), student_spans.count(j)
+        context = tuple(self.pieces_Y[y][: teacher_spans.index(j)])
+        prefix = tuple(self.problem.responses_Y_T[y, :start].tolist())
+        total = theta.new_zeros(())
+        for w in itertools.product(range(len(CHARS)), repeat=size):
+            logp = sum(torch.log_softmax(theta[self.state_of[prefix + w[:k]]], -1)[w[k]] for k in range(size))
+            log_u = self.logq(context, "".join(CHARS[c] for c in w)) - logp
+            total = total + logp.exp() * div.f(log_u)
+        return total
+
+
+def cross_tokenizer_table(length: int = 3, seed: int = 0, params: dict[str, float] | None = None) -> pd.DataFrame:
+    """The span estimators (``opdx.spans``) against the exact gradient, by enumeration over a
+    ``SpanProblem`` of each of ``TEACHER_TOKENIZERS``. The truth at gamma = 1: autograd of
+    J = sum_y p(y) sum_j f(u_j(y)). At gamma = 0, for ``pairs`` alone (whose spans are fixed
+    pieces of text, hence actions), autograd of sum_y pbar(y) sum_j D_j(s_j), pbar frozen. One row
+    per tokenizer x divergence x gamma x estimator; OPD+ with the whole return must be exact at
+    gamma = 1 for both, causal OPD+ for ``pairs``, stop-gradient OPD for ``pairs`` and reverse_kl."""
+    rows = []
+    for tokenizer in TEACHER_TOKENIZERS:
+        span = SpanProblem.random(tokenizer, length, seed)
+        for name, gamma in itertools.product(DIVERGENCES, (0.0, 1.0)):
+            if gamma == 0 and tokenizer == "merges":  # a span there is no action: its end depends on later text
+                continue
+            div = divergence_for(name, params)
+            theta = span.problem.logits_student_S_V.clone().requires_grad_(True)
+            logp_Y_T, log_u_Y = span.terms(theta)
+            if gamma == 1:
+                objective = sum(logp_Y_T[y].sum().exp() * div.f(log_u).sum() for y, log_u in enumerate(log_u_Y))
+            else:
+                weight_Y = logp_Y_T.sum(-1).detach().exp()
+                objective = sum(
+                    weight_Y[y] * sum(span.span_divergence(theta, y, j, div) for j in range(len(log_u)))
+                    for y, log_u in enumerate(log_u_Y)
+                )
+            (truth,) = torch.autograd.grad(objective, theta)
+            for label, (unbiased, whole) in SPAN_ESTIMATORS.items():
+                if whole and gamma == 0:
+                    continue
+                theta = span.problem.logits_student_S_V.clone().requires_grad_(True)
+                logp_Y_T, log_u_Y = span.terms(theta)
+                weight_Y = logp_Y_T.sum(-1).detach().exp()
+                loss = theta.new_zeros(())
+                for y, log_u in enumerate(log_u_Y):  # every student token takes its span's advantage
+                    advantages_T = span_advantages(log_u, div, unbiased, gamma, whole)[span.spans_Y[y][0]]
+                    loss = loss - weight_Y[y] * (advantages_T * logp_Y_T[y]).sum()
+                (estimate,) = torch.autograd.grad(loss, theta)
+                exact = (unbiased and (whole or tokenizer == "pairs")) or (
+                    name == "reverse_kl" and tokenizer == "pairs"
+                )
+                keys = {"teacher tokenizer": tokenizer, "divergence": name, "gamma": gamma}
+                rows.append(checked(estimate, truth, exact, **keys, estimator=label))
+    return pd.DataFrame(rows)
+
+
 def monte_carlo_table(
     samples: int,
     vocab: int = 3,
@@ -447,7 +582,30 @@ def run(
         f"{token_ratio.min():.2f} to {token_ratio.max():.2f} (biased: the states stay distributed as under the "
         "sampling policy)."
     )
-    failures = pd.concat([frame for frame in (failures, stale[~stale["ok"]]) if len(frame)] or [failures])
+    spans = cross_tokenizer_table(seed=seed, params=params)
+    spans_wide = spans.pivot_table(
+        index=["teacher tokenizer", "divergence", "gamma"], columns="estimator", values="rel_error", sort=False
+    )
+    spans_wide = spans_wide[list(SPAN_ESTIMATORS)].reset_index().assign(gamma=lambda t: t["gamma"].map("{:g}".format))
+    spans_wide = spans_wide.astype(object).where(spans_wide.notna(), None)  # no whole return at gamma 0
+    spans_markdown = spans_wide.to_markdown(index=False, floatfmt=[""] * 3 + [".1e"] * 3, missingval="—")
+    print(
+        "\nA teacher with another tokenizer: the toy student writes characters, the teacher scores the text in its "
+        "own pieces (pairs: cut every two characters; merges: every 'ab' one piece), and each student token takes "
+        "the advantage of its span (the text between two places where both tokenizations end a token); relative "
+        "error of E[grad L] (docs/opd-math.md, 'Teachers with another tokenizer')\n"
+    )
+    print(spans_markdown)
+    (out_dir / "cross_tokenizer.md").write_text(spans_markdown + "\n")
+    spans.to_csv(out_dir / "cross_tokenizer.csv", index=False)
+    causal = spans[(spans["teacher tokenizer"] == "merges") & (spans.estimator == "causal unbiased")].rel_error
+    print(
+        f"\nwhere exact: max rel.err {spans[spans.must_be_exact].rel_error.max():.1e}; causal OPD+ with the merges "
+        f"tokenizer {causal.min():.3f} to {causal.max():.3f} (biased: a span's end depends on the text after it)."
+    )
+    failures = pd.concat(
+        [frame for frame in (failures, stale[~stale["ok"]], spans[~spans["ok"]]) if len(frame)] or [failures]
+    )
     if samples:
         mc = monte_carlo_table(samples, seed=seed, gamma=gamma, params=params)
         mc_wide = mc.pivot_table(

@@ -7,6 +7,7 @@ from opdx.divergences import DIVERGENCES
 from opdx.verify import (
     VARIANTS,
     TabularProblem,
+    cross_tokenizer_table,
     divergence_for,
     exact_table,
     main,
@@ -89,7 +90,16 @@ def test_cli_writes_tables_and_exits_zero(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--samples", "64"]) == 0
     out = capsys.readouterr().out
     assert "forward_kl" in out and "OK:" in out and "Monte-Carlo" in out and "stale policy" in out
-    for name in ("exact.md", "exact.csv", "stale.md", "stale.csv", "monte_carlo.md", "monte_carlo.csv"):
+    assert "A teacher with another tokenizer" in out
+    for name in (
+        "exact.md",
+        "exact.csv",
+        "stale.md",
+        "stale.csv",
+        "monte_carlo.md",
+        "monte_carlo.csv",
+        "cross_tokenizer.md",
+    ):
         assert (tmp_path / name).stat().st_size > 100
 
 
@@ -163,3 +173,18 @@ def test_per_decision_weights_make_a_stale_policys_samples_exact_and_the_token_r
     # two updates old is further off than one when nothing or the token's ratio alone corrects it
     for weighting in ("none", "token ratio"):
         assert unbiased.loc[(weighting, 2)].rel_error.mean() > unbiased.loc[(weighting, 1)].rel_error.mean()
+
+
+def test_span_estimators_are_exact_where_spans_are_actions_and_the_whole_return_everywhere():
+    """Another seed than the command's default. With the teacher's pieces cut by position alone,
+    causal OPD+ on spans is exact at gamma 0 and 1 (stop-gradient only for reverse_kl); with a
+    merge whose boundary depends on the next character, causal OPD+ is biased for every f at
+    gamma 1 (reverse_kl included) and OPD+ with the whole return is exact."""
+    spans = cross_tokenizer_table(seed=2)
+    assert spans[spans.must_be_exact].rel_error.max() < 1e-12
+    causal = spans[spans.estimator == "causal unbiased"].set_index(["teacher tokenizer", "divergence", "gamma"])
+    assert (causal.loc["merges"].rel_error > 1e-3).all() and (causal.loc["pairs"].rel_error < 1e-12).all()
+    stopgrad = spans[(spans.estimator == "causal stopgrad") & (spans["teacher tokenizer"] == "pairs")]
+    assert (stopgrad[stopgrad.divergence != "reverse_kl"].rel_error > 0.1).all()
+    whole = spans[spans.estimator == "whole unbiased"]
+    assert set(whole["teacher tokenizer"]) == {"pairs", "merges"} and set(whole.gamma) == {1.0}
