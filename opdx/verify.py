@@ -535,6 +535,22 @@ def render_exact(table: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
+def report(table: pd.DataFrame, index: list[str], columns: list[str], title: str, path: Path) -> None:
+    """Print ``title`` and ``table``'s relative errors wide (a row per ``index`` value, a column per
+    ``columns`` value, — where a case does not exist) and write them to ``path``.md and the long
+    table to ``path``.csv."""
+    wide = table.pivot_table(index=index, columns=columns, values="rel_error", sort=False)
+    wide.columns = [" ".join(map(str, key)) if isinstance(key, tuple) else key for key in wide.columns]
+    wide = wide.reset_index().assign(gamma=lambda t: t["gamma"].map("{:g}".format))
+    wide = wide.astype(object).where(wide.notna(), None)
+    markdown = wide.to_markdown(
+        index=False, floatfmt=[""] * len(index) + [".1e"] * (len(wide.columns) - len(index)), missingval="—"
+    )
+    print(f"\n{title}\n\n{markdown}")
+    path.with_suffix(".md").write_text(markdown + "\n")
+    table.to_csv(path.with_suffix(".csv"), index=False)
+
+
 def run(
     samples: int | None, out_dir: Path, seed: int = 0, params: dict[str, float] | None = None, gamma: float = 1.0
 ) -> int:
@@ -560,20 +576,12 @@ def run(
         f"divergences: rel.err {biased.min():.2f} to {biased.max():.2f} (biased)."
     )
     stale = stale_table(seed=seed, params=params)
-    stale_wide = stale.pivot_table(
-        index=["updates", "divergence", "gamma"], columns=["weighting", "estimator"], values="rel_error", sort=False
-    )
-    stale_wide.columns = [f"{weighting} {estimator}" for weighting, estimator in stale_wide.columns]
-    stale_wide = stale_wide.reset_index().assign(gamma=lambda t: t["gamma"].map("{:g}".format))
-    stale_markdown = stale_wide.to_markdown(index=False, floatfmt=[""] * 3 + [".1e"] * (len(stale_wide.columns) - 3))
-    print(
-        "\nSamples from a stale policy: responses sampled by the student as it was 1 or 2 updates before, the "
+    title = (
+        "Samples from a stale policy: responses sampled by the student as it was 1 or 2 updates before, the "
         "loss and the true gradient at the current one; relative error of E[grad L] per weighting of the "
-        "samples (rollout_correction: none, the current token's ratio, per_decision)\n"
+        "samples (rollout_correction: none, the current token's ratio, per_decision)"
     )
-    print(stale_markdown)
-    (out_dir / "stale.md").write_text(stale_markdown + "\n")
-    stale.to_csv(out_dir / "stale.csv", index=False)
+    report(stale, ["updates", "divergence", "gamma"], ["weighting", "estimator"], title, out_dir / "stale")
     per_decision = stale[(stale.weighting == "per_decision") & stale.must_be_exact].rel_error.max()
     token_ratio = stale[(stale.weighting == "token ratio") & (stale.estimator == "unbiased")].rel_error
     print(
@@ -583,21 +591,13 @@ def run(
         "sampling policy)."
     )
     spans = cross_tokenizer_table(seed=seed, params=params)
-    spans_wide = spans.pivot_table(
-        index=["teacher tokenizer", "divergence", "gamma"], columns="estimator", values="rel_error", sort=False
-    )
-    spans_wide = spans_wide[list(SPAN_ESTIMATORS)].reset_index().assign(gamma=lambda t: t["gamma"].map("{:g}".format))
-    spans_wide = spans_wide.astype(object).where(spans_wide.notna(), None)  # no whole return at gamma 0
-    spans_markdown = spans_wide.to_markdown(index=False, floatfmt=[""] * 3 + [".1e"] * 3, missingval="—")
-    print(
-        "\nA teacher with another tokenizer: the toy student writes characters, the teacher scores the text in its "
+    title = (
+        "A teacher with another tokenizer: the toy student writes characters, the teacher scores the text in its "
         "own pieces (pairs: cut every two characters; merges: every 'ab' one piece), and each student token takes "
         "the advantage of its span (the text between two places where both tokenizations end a token); relative "
-        "error of E[grad L] (docs/opd-math.md, 'Teachers with another tokenizer')\n"
+        "error of E[grad L] (docs/opd-math.md, 'Teachers with another tokenizer')"
     )
-    print(spans_markdown)
-    (out_dir / "cross_tokenizer.md").write_text(spans_markdown + "\n")
-    spans.to_csv(out_dir / "cross_tokenizer.csv", index=False)
+    report(spans, ["teacher tokenizer", "divergence", "gamma"], ["estimator"], title, out_dir / "cross_tokenizer")
     causal = spans[(spans["teacher tokenizer"] == "merges") & (spans.estimator == "causal unbiased")].rel_error
     print(
         f"\nwhere exact: max rel.err {spans[spans.must_be_exact].rel_error.max():.1e}; causal OPD+ with the merges "
