@@ -332,13 +332,15 @@ class SpanProblem:
 
     @cached_property
     def state_of(self) -> dict[tuple[int, ...], int]:
-        """The row of the student's logit table of each prefix of characters (``TabularProblem.random``'s order)."""
-        length = self.problem.responses_Y_T.shape[1]
-        prefixes = [p for n in range(length) for p in itertools.product(range(len(CHARS)), repeat=n)]
-        return {prefix: i for i, prefix in enumerate(prefixes)}
+        """The row of the student's logit table of each prefix of characters (from the responses'
+        own states: the prefix y_<n of a response is at ``states_Y_T[y, n]``)."""
+        responses, states = self.problem.responses_Y_T.tolist(), self.problem.states_Y_T.tolist()
+        return {tuple(y[:n]): row[n] for y, row in zip(responses, states, strict=True) for n in range(len(y))}
 
     @classmethod
     def random(cls, tokenizer: str, length: int = 3, seed: int = 0) -> SpanProblem:
+        """A random tabular student over ``CHARS`` (responses of ``length``) and teacher of
+        ``tokenizer``'s pieces (``span_teacher_pieces``), seeded by ``seed``."""
         problem = TabularProblem.random(len(CHARS), length, seed)
         texts = ["".join(CHARS[c] for c in y) for y in problem.responses_Y_T.tolist()]
         pieces_Y = [span_teacher_pieces(text, tokenizer) for text in texts]
@@ -346,14 +348,19 @@ class SpanProblem:
         contexts = sorted({tuple(pieces[:m]) for pieces in pieces_Y for m in range(len(pieces))})
         generator = torch.Generator().manual_seed(seed + 1)
         teacher = {c: torch.randn(len(vocab), generator=generator, dtype=torch.float64) for c in contexts}
+
+        def logq_M(pieces: list[str]) -> Tensor:
+            rows = [torch.log_softmax(teacher[tuple(pieces[:m])], -1)[vocab.index(p)] for m, p in enumerate(pieces)]
+            return torch.stack(rows)
+
         spans_Y = [
             shared_spans(token_ends(text), token_ends(pieces)) for text, pieces in zip(texts, pieces_Y, strict=True)
         ]
-        span = cls(problem, vocab, teacher, pieces_Y, spans_Y, [])
-        for pieces, (_, teacher_spans) in zip(pieces_Y, spans_Y, strict=True):
-            logq_M = torch.stack([span.logq(tuple(pieces[:m]), piece) for m, piece in enumerate(pieces)])
-            span.logq_Y_J.append(span_sums(logq_M, teacher_spans, teacher_spans[-1] + 1))
-        return span
+        logq_Y_J = [
+            span_sums(logq_M(pieces), teacher_spans, teacher_spans[-1] + 1)
+            for pieces, (_, teacher_spans) in zip(pieces_Y, spans_Y, strict=True)
+        ]
+        return cls(problem, vocab, teacher, pieces_Y, spans_Y, logq_Y_J)
 
     def logq(self, context: tuple[str, ...], piece: str) -> Tensor:
         """log q(piece | the pieces before it)."""
@@ -369,6 +376,8 @@ class SpanProblem:
         """D_j = sum_w p(w | s_j) f(q(w | s_j) / p(w | s_j)) at response y's span j, over every text
         w of the span's length (with ``pairs``, a span is one teacher piece)."""
         student_spans, teacher_spans = self.spans_Y[y]
+        if teacher_spans.count(j) != 1:
+            raise ValueError(f"span {j} of response {y} holds {teacher_spans.count(j)} teacher pieces, not one")
         start, size = student_spans.index(j), student_spans.count(j)
         context = tuple(self.pieces_Y[y][: teacher_spans.index(j)])
         prefix = tuple(self.problem.responses_Y_T[y, :start].tolist())
@@ -536,9 +545,9 @@ def render_exact(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def report(table: pd.DataFrame, index: list[str], columns: list[str], title: str, path: Path) -> None:
-    """Print ``title`` and ``table``'s relative errors wide (a row per ``index`` value, a column per
-    ``columns`` value, — where a case does not exist) and write them to ``path``.md and the long
-    table to ``path``.csv."""
+    """Print ``title`` and ``table``'s relative errors wide (a row per ``index`` value, which must
+    include ``gamma``, a column per ``columns`` value, — where a case does not exist) and write
+    them to ``path``.md and the long table to ``path``.csv."""
     wide = table.pivot_table(index=index, columns=columns, values="rel_error", sort=False)
     wide.columns = [" ".join(map(str, key)) if isinstance(key, tuple) else key for key in wide.columns]
     wide = wide.reset_index().assign(gamma=lambda t: t["gamma"].map("{:g}".format))

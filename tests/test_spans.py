@@ -12,8 +12,15 @@ def test_spans_end_where_both_tokenizations_end_a_token():
     assert shared_spans(student, teacher) == ([0, 0, 0], [0, 0])
     # "abc": a|b|c against ab|c: spans "ab" and "c"
     assert shared_spans([1, 2, 3], [2, 3]) == ([0, 0, 1], [0, 1])
-    with pytest.raises(ValueError, match="cover \\[3\\] and \\[2\\] characters: not the same text"):
+    with pytest.raises(ValueError, match="end at characters 3 and 2: not of the same text"):
         shared_spans([1, 2, 3], [2])
+
+
+def test_a_token_of_no_text_joins_the_span_its_offset_ends():
+    """An end-of-sequence token that decodes to "" (at the end, or alone) and one in the middle."""
+    assert shared_spans([1, 2, 2], [1, 2]) == ([0, 1, 1], [0, 1])
+    assert shared_spans([0], []) == ([0], [])
+    assert shared_spans([1, 1, 2], [1, 2]) == ([0, 0, 1], [0, 1])
 
 
 def test_span_sums_add_each_spans_tokens():
@@ -37,3 +44,6 @@ def test_span_advantages_are_the_token_estimators_with_spans_for_tokens():
     torch.testing.assert_close(span_advantages(log_u, js, unbiased=False, gamma=0.0), reward)
     whole = span_advantages(log_u, js, unbiased=True, gamma=1.0, whole_return=True)
     torch.testing.assert_close(whole, own - reward + reward.sum())
+    torch.testing.assert_close(span_advantages(log_u, js, False, 1.0, whole_return=True), reward.sum().expand(3))
+    with pytest.raises(ValueError, match="at gamma = 1 only, not at gamma=0.5"):
+        span_advantages(log_u, js, unbiased=True, gamma=0.5, whole_return=True)

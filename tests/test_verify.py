@@ -99,6 +99,7 @@ def test_cli_writes_tables_and_exits_zero(tmp_path, capsys):
         "monte_carlo.md",
         "monte_carlo.csv",
         "cross_tokenizer.md",
+        "cross_tokenizer.csv",
     ):
         assert (tmp_path / name).stat().st_size > 100
 
