@@ -391,7 +391,8 @@ class SpanProblem:
 
 def cross_tokenizer_table(length: int = 3, seed: int = 0, params: dict[str, float] | None = None) -> pd.DataFrame:
     """The span estimators (``opdx.spans``) against the exact gradient, by enumeration over a
-    ``SpanProblem`` of each of ``TEACHER_TOKENIZERS``. The truth at gamma = 1: autograd of
+    ``SpanProblem`` of each of ``TEACHER_TOKENIZERS``, and the variance of one response's gradient
+    (E_y ||grad L(y) - E grad L||^2, ``variance``). The truth at gamma = 1: autograd of
     J = sum_y p(y) sum_j f(u_j(y)). At gamma = 0, for ``pairs`` alone (whose spans are fixed
     pieces of text, hence actions), autograd of sum_y pbar(y) sum_j D_j(s_j), pbar frozen. One row
     per tokenizer x divergence x gamma x estimator; OPD+ with the whole return must be exact at
@@ -420,16 +421,19 @@ def cross_tokenizer_table(length: int = 3, seed: int = 0, params: dict[str, floa
                 theta = span.problem.logits_student_S_V.clone().requires_grad_(True)
                 logp_Y_T, log_u_Y = span.terms(theta)
                 weight_Y = logp_Y_T.sum(-1).detach().exp()
-                loss = theta.new_zeros(())
+                grads_Y_S_V = []
                 for y, log_u in enumerate(log_u_Y):  # every student token takes its span's advantage
                     advantages_T = span_advantages(log_u, div, unbiased, gamma, whole)[span.spans_Y[y][0]]
-                    loss = loss - weight_Y[y] * (advantages_T * logp_Y_T[y]).sum()
-                (estimate,) = torch.autograd.grad(loss, theta)
+                    loss = -(advantages_T * logp_Y_T[y]).sum()
+                    grads_Y_S_V.append(torch.autograd.grad(loss, theta, retain_graph=True)[0])
+                grads_Y_S_V = torch.stack(grads_Y_S_V)
+                estimate = torch.einsum("y,ysv->sv", weight_Y, grads_Y_S_V)
+                variance = torch.einsum("y,y->", weight_Y, (grads_Y_S_V - estimate).square().sum((1, 2))).item()
                 exact = (unbiased and (whole or tokenizer == "pairs")) or (
                     name == "reverse_kl" and tokenizer == "pairs"
                 )
                 keys = {"teacher tokenizer": tokenizer, "divergence": name, "gamma": gamma}
-                rows.append(checked(estimate, truth, exact, **keys, estimator=label))
+                rows.append(checked(estimate, truth, exact, **keys, estimator=label) | {"variance": variance})
     return pd.DataFrame(rows)
 
 
@@ -608,9 +612,15 @@ def run(
     )
     report(spans, ["teacher tokenizer", "divergence", "gamma"], ["estimator"], title, out_dir / "cross_tokenizer")
     causal = spans[(spans["teacher tokenizer"] == "merges") & (spans.estimator == "causal unbiased")].rel_error
+    at_one = spans[spans.gamma == 1].pivot_table(
+        index=["teacher tokenizer", "divergence"], columns="estimator", values="variance"
+    )
+    ratio = at_one["whole unbiased"] / at_one["causal unbiased"]
     print(
         f"\nwhere exact: max rel.err {spans[spans.must_be_exact].rel_error.max():.1e}; causal OPD+ with the merges "
-        f"tokenizer {causal.min():.3f} to {causal.max():.3f} (biased: a span's end depends on the text after it)."
+        f"tokenizer {causal.min():.3f} to {causal.max():.3f} (biased: a span's end depends on the text after it). "
+        f"Variance of one response's gradient at gamma 1, whole return over causal: {ratio.min():.2f} to "
+        f"{ratio.max():.2f}."
     )
     failures = pd.concat(
         [frame for frame in (failures, stale[~stale["ok"]], spans[~spans["ok"]]) if len(frame)] or [failures]
