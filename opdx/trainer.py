@@ -256,15 +256,18 @@ def probe_gradients(learner: Learner, rollout: Rollout, metrics: dict[str, float
         metrics["probe/skipped"] = 1.0
         return
     dot, run_square, other_square, difference = gradient_products(run_grads, grads[0])
-    both = run_square * other_square
-    metrics["probe/cosine"] = dot / math.sqrt(both) if both > 0 else math.nan  # nan: a zero gradient
+    metrics["probe/cosine"] = cosine(dot, run_square, other_square)
     metrics["probe/relative_difference"] = math.sqrt(difference / run_square) if run_square > 0 else math.nan
     metrics["probe/grad_norm_other"] = math.sqrt(other_square)
     if len(grads) > 1:
         for key, ours in (("probe/reference_cosine", run_grads), ("probe/reference_cosine_other", grads[0])):
-            dot, square, reference_square, _ = gradient_products(ours, grads[1])
-            both = square * reference_square
-            metrics[key] = dot / math.sqrt(both) if both > 0 else math.nan
+            metrics[key] = cosine(*gradient_products(ours, grads[1])[:3])
+
+
+def cosine(dot: float, first_square: float, second_square: float) -> float:
+    """<a, b> / (||a|| ||b||) from the inner product and the squared norms; nan for a zero gradient."""
+    both = first_square * second_square
+    return dot / math.sqrt(both) if both > 0 else math.nan
 
 
 def estimator_gradients(
